@@ -1,0 +1,5 @@
+import sys
+
+from kvdirect.cli import main
+
+sys.exit(main())
