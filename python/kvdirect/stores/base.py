@@ -1,0 +1,136 @@
+"""The one store interface every L3 pool implements.
+
+Contract (all stores, tested in tests/test_stores_contract.py):
+
+* Keys are ``str`` page keys, ASCII, at most ``MAX_KEY_BYTES`` bytes (MemCache's
+  limit is 256 including the terminator).
+* A *scatter list* names where one page's bytes live in (device or host) memory:
+  ``ScatterList.addrs[i, j]`` / ``ScatterList.sizes[i, j]`` is segment ``j`` of key
+  ``i``. The pool object for key ``i`` is the concatenation of its segments in
+  order; every segment list of one layout has the same shape, so instances with
+  the same layout fingerprint read each other's objects byte for byte.
+* ``put`` / ``get`` return one status per key (``numpy.int32``): ``0`` (OK) means
+  the whole object was written / every byte was delivered; anything else is a
+  failure for that key and the caller must treat the page as absent. Codes are
+  ``kvdirect._core.Status`` values (NOT_FOUND=1, ... UNAVAILABLE=7).
+* Puts are atomic per key: a reader sees nothing or the whole object.
+* ``exists_prefix`` counts leading keys present, stopping at the first miss.
+* ``register`` is called once per memory region a store reads or writes
+  (device KV pool, staging buffer); never per call.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from kvdirect.errors import ConfigError
+
+MAX_KEY_BYTES = 255
+
+OK = 0
+NOT_FOUND = 1
+INVALID_ARGUMENT = 2
+NO_SPACE = 3
+CORRUPT = 4
+BUSY = 5
+TIMEOUT = 6
+UNAVAILABLE = 7
+IO_ERROR = 8
+TOO_LARGE = 9
+
+
+@dataclass(frozen=True)
+class ScatterList:
+    """Per-key memory segments: ``addrs`` and ``sizes`` are uint64 arrays of shape (keys, segments)."""
+
+    addrs: np.ndarray
+    sizes: np.ndarray
+
+    def __post_init__(self):
+        a = np.ascontiguousarray(self.addrs, dtype=np.uint64)
+        s = np.ascontiguousarray(self.sizes, dtype=np.uint64)
+        if a.ndim == 1:
+            a = a.reshape(-1, 1)
+        if s.ndim == 1:
+            s = s.reshape(-1, 1)
+        if a.shape != s.shape:
+            raise ConfigError(f"scatter list addrs {a.shape} and sizes {s.shape} must have the same shape")
+        object.__setattr__(self, "addrs", a)
+        object.__setattr__(self, "sizes", s)
+
+    def __len__(self) -> int:
+        return self.addrs.shape[0]
+
+    @property
+    def object_sizes(self) -> np.ndarray:
+        return self.sizes.sum(axis=1, dtype=np.uint64)
+
+    def take(self, idx) -> "ScatterList":
+        return ScatterList(self.addrs[idx], self.sizes[idx])
+
+
+def check_keys(keys: Sequence[str]) -> list[str]:
+    """Validate page keys once at the boundary; returns them as a list."""
+    keys = list(keys)
+    for k in keys:
+        if not isinstance(k, str):
+            raise ConfigError(f"store keys must be str, got {type(k).__name__}")
+        if not k or len(k.encode()) > MAX_KEY_BYTES:
+            raise ConfigError(f"store key must be 1..{MAX_KEY_BYTES} bytes, got {len(k.encode())}: {k[:40]!r}...")
+    return keys
+
+
+class Store(abc.ABC):
+    """Abstract L3 pool. Subclasses: ShmStore, MooncakeStore, MemcacheStore."""
+
+    #: URL scheme this store is opened with (shm, mooncake, memcache)
+    scheme: str = ""
+    #: True when put/get can read/write accelerator memory addresses directly
+    #: (RDMA/SDMA). False: the cache manager stages device pages through host memory.
+    supports_device_memory: bool = False
+
+    @abc.abstractmethod
+    def exists(self, keys: Sequence[str]) -> np.ndarray:
+        """bool array, one per key."""
+
+    def exists_prefix(self, keys: Sequence[str]) -> int:
+        """How many leading keys are present (stops at the first miss)."""
+        present = self.exists(keys)
+        miss = np.flatnonzero(~present)
+        return int(miss[0]) if miss.size else len(present)
+
+    @abc.abstractmethod
+    def put(self, keys: Sequence[str], scatter: ScatterList) -> np.ndarray:
+        """Write each key's object from its segments; int32 status per key (0 = stored)."""
+
+    @abc.abstractmethod
+    def get(self, keys: Sequence[str], scatter: ScatterList) -> np.ndarray:
+        """Read each key's object into its segments; int32 status per key (0 = every byte delivered)."""
+
+    def register(self, addr: int, length: int) -> None:
+        """Register memory the store will DMA from/to; once per region. Default: nothing needed."""
+
+    @abc.abstractmethod
+    def remove(self, keys: Sequence[str]) -> int:
+        """Remove keys; returns how many were present."""
+
+    @abc.abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> bool: ...
+
+    @abc.abstractmethod
+    def get_bytes(self, key: str) -> bytes | None: ...
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
