@@ -1,0 +1,99 @@
+"""One place for kvdirect's options: ``CacheConfig``.
+
+Loaded from keyword arguments, a JSON string, a JSON file, or the
+``KVDIRECT_CONFIG`` environment variable (a JSON string or a path to a JSON
+file). Unknown keys are errors, so a typo never silently does nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvdirect.errors import ConfigError
+
+ENV_VAR = "KVDIRECT_CONFIG"
+
+
+@dataclass
+class CacheConfig:
+    #: store URL (``shm://NAME?size=...``, ``mooncake://...``, ``memcache://...``); None: no pool
+    store: str | None = "shm://kvdirect?size=1GiB"
+    #: run without the pool when the store cannot be opened (logged), instead of failing
+    allow_no_store: bool = True
+    #: model identity for the layout fingerprint (instances with other models never share pages)
+    model: str = "unknown"
+    #: write finished pages back to the pool asynchronously
+    write_back: bool = True
+    #: skip the store existence query when fewer uncached full pages than this remain
+    min_query_pages: int = 1
+    #: bound on keys sent in one existence query (pages beyond are treated as misses)
+    max_query_pages: int = 2048
+    #: bound on pages being written at once; see ``backpressure``
+    max_inflight_pages: int = 8192
+    #: what write_back does when the in-flight bound is reached: "wait" or "drop"
+    backpressure: str = "wait"
+    #: threads issuing puts
+    writer_threads: int = 1
+    #: after a store failure, skip the store for this long, doubling up to retry_max_s
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0
+    #: pages the index remembers as pool-only (evicted from device, still in the pool)
+    max_pool_only_pages: int = 1 << 20
+    #: stage device pages through host memory: None = when the store cannot address device memory
+    stage: bool | None = None
+    #: layer-by-layer loading with per-layer completion (see KVDirectCache.load_layerwise)
+    layerwise: bool = False
+    #: seconds between repeated log lines for the same error kind
+    log_interval_s: float = 30.0
+    #: latency samples kept for percentiles
+    latency_window: int = 4096
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.backpressure not in ("wait", "drop"):
+            raise ConfigError(f"backpressure must be 'wait' or 'drop', got {self.backpressure!r}")
+        for name in ("min_query_pages", "max_query_pages", "max_inflight_pages", "writer_threads",
+                     "max_pool_only_pages", "latency_window"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "min_query_pages" else 1):
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
+            raise ConfigError("need 0 < retry_initial_s <= retry_max_s")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CacheConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown kvdirect config key(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> "CacheConfig":
+        s = text_or_path.strip()
+        if not s.startswith("{"):
+            p = Path(s)
+            if not p.is_file():
+                raise ConfigError(f"kvdirect config {s!r} is neither a JSON object nor a readable file")
+            s = p.read_text()
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"kvdirect config is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError("kvdirect config must be a JSON object")
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_env(cls, **overrides) -> "CacheConfig":
+        """``KVDIRECT_CONFIG`` (JSON or path) with keyword overrides on top."""
+        raw = os.environ.get(ENV_VAR)
+        base = dataclasses.asdict(cls.from_json(raw)) if raw else {}
+        base.update(overrides)
+        return cls.from_dict(base)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

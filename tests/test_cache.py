@@ -1,0 +1,458 @@
+"""KVDirectCache: load path, write-back, the reference design's defects, faults."""
+import multiprocessing as mp
+import os
+import threading
+import uuid
+
+import numpy as np
+import pytest
+
+from kvdirect import KVLayout
+from kvdirect.cache import IN_POOL, UNKNOWN, KVDirectCache
+from kvdirect.config import CacheConfig
+from kvdirect.errors import ConfigError
+from kvdirect.stores import ScatterList, Store, open_store
+from kvdirect.stores.base import NOT_FOUND, OK, UNAVAILABLE
+
+LAYERS, SLOTS, HEADS, DIM = 3, 512, 2, 8
+
+
+class Device:
+    """A CPU 'device' KV pool (per-layer K/V arrays) with a free-list allocator."""
+
+    def __init__(self, page_size, slots=SLOTS, head_dim=DIM):
+        self.P = page_size
+        self.k = [np.zeros((slots, HEADS, head_dim), np.float32) for _ in range(LAYERS)]
+        self.v = [np.zeros((slots, HEADS, head_dim), np.float32) for _ in range(LAYERS)]
+        self.layout = KVLayout.from_mha(self.k, self.v, page_size=page_size)
+        self.free = list(range(0, slots, page_size))[::-1]  # page-aligned first slots
+        self.freed = []
+
+    def alloc(self, n_tokens):
+        n_pages = -(-n_tokens // self.P)
+        assert len(self.free) >= n_pages, "device pool exhausted in test"
+        firsts = [self.free.pop() for _ in range(n_pages)]
+        return (np.asarray(firsts, np.int64)[:, None] + np.arange(self.P)).reshape(-1)[:n_tokens]
+
+    def free_slots(self, slots):
+        slots = np.asarray(slots)
+        self.freed.append(slots.copy())
+        for s in np.unique(slots - slots % self.P):
+            self.free.append(int(s))
+
+
+def pool_url():
+    return f"shm://kvd-test-{uuid.uuid4().hex[:10]}?size=64MiB"
+
+
+@pytest.fixture
+def url():
+    u = pool_url()
+    yield u
+    from kvdirect.stores.shm import destroy_pool
+    destroy_pool(u.split("//")[1].split("?")[0])
+
+
+def make(dev, store, **cfg):
+    cfg.setdefault("model", "test-model")
+    return KVDirectCache(dev.layout, store, free_slots=dev.free_slots, config=CacheConfig(**cfg))
+
+
+def serve(cache, dev, tokens, seed=0, ns=None):
+    """What an engine does for one request; returns (match, slots used, loaded)."""
+    m = cache.match(tokens, ns)
+    cache.lock(m.node)
+    slots = dev.alloc(m.pool_len)
+    loaded = cache.load(m, slots)
+    cached = m.device_len
+    rest = dev.alloc(len(tokens) - cached)
+    all_slots = np.concatenate([m.device_slots, rest]).astype(np.int64)
+    dev_compute_suffix(dev, tokens, all_slots, cached, seed)  # "prefill" the uncached suffix
+    already = cache.write_back(tokens, all_slots, ns)
+    if already > cached:
+        dev.free_slots(all_slots[cached:already])
+    cache.unlock(m.node)
+    cache.poll()
+    return m, all_slots, loaded
+
+
+def dev_compute_suffix(dev, tokens, slots, start, seed):
+    t = np.asarray(tokens, np.int64)
+    h = np.cumsum(t * 2654435761 % 1000003) % 1000003 + seed
+    for l in range(LAYERS):
+        vals = (h[:, None, None] * (l + 1) + np.arange(HEADS * dev.k[0].shape[2]).reshape(1, HEADS, -1)).astype(np.float32)
+        dev.k[l][slots[start:]] = vals[start:]
+        dev.v[l][slots[start:]] = -vals[start:]
+
+
+def expected_kv(dev, tokens, seed=0):
+    t = np.asarray(tokens, np.int64)
+    h = np.cumsum(t * 2654435761 % 1000003) % 1000003 + seed
+    out = []
+    for l in range(LAYERS):
+        out.append((h[:, None, None] * (l + 1) + np.arange(HEADS * dev.k[0].shape[2]).reshape(1, HEADS, -1)).astype(np.float32))
+    return out
+
+
+def tokens_of(n, seed):
+    return np.random.default_rng(seed).integers(0, 50000, n).astype(np.int32)
+
+
+@pytest.mark.parametrize("P", [1, 4, 16])
+def test_write_back_then_second_instance_loads_identical_bytes(url, P):
+    a, b = Device(P), Device(P)
+    ca, cb = make(a, url), make(b, url)
+    toks = tokens_of(10 * P + 3, 1)
+    serve(ca, a, toks)
+    ca.flush()
+    assert ca.stats()["stored_pages"] == 10
+    m = cb.match(toks)
+    assert m.device_len == 0 and m.pool_len == 10 * P
+    slots = b.alloc(m.pool_len)
+    assert cb.load(m, slots) == 10 * P
+    assert m.device_len == 10 * P and np.array_equal(m.device_slots, slots)
+    exp = expected_kv(a, toks)
+    for l in range(LAYERS):
+        np.testing.assert_array_equal(b.k[l][slots], exp[l][: 10 * P])
+        np.testing.assert_array_equal(b.v[l][slots], -exp[l][: 10 * P])
+    # loaded pages are device hits now, without the store
+    m2 = cb.match(toks)
+    assert m2.device_len == 10 * P and m2.pool_len == 0
+    ca.close(), cb.close()
+
+
+def test_partial_prefix_reuse(url):
+    P = 4
+    a, b = Device(P), Device(P)
+    ca, cb = make(a, url), make(b, url)
+    base = tokens_of(40, 2)
+    serve(ca, a, base)
+    ca.flush()
+    q = np.concatenate([base[:22], tokens_of(20, 3)])  # shares 5 full pages (20 tokens)
+    m = cb.match(q)
+    assert (m.device_len, m.pool_len) == (0, 20)
+    m, _, loaded = serve(cb, b, q)
+    assert loaded == 20
+
+
+def _child_writer(url, P, seed, q):
+    dev = Device(P)
+    c = make(dev, url)
+    toks = tokens_of(12 * P, seed)
+    serve(c, dev, toks, seed=0)
+    c.flush()
+    q.put(c.stats()["stored_pages"])
+    c.close()
+
+
+def test_two_processes_share_one_pool(url):
+    P = 8
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_writer, args=(url, P, 7, q))
+    p.start()
+    p.join(120)
+    assert p.exitcode == 0 and q.get(timeout=5) == 12
+    b = Device(P)
+    cb = make(b, url)
+    toks = tokens_of(12 * P, 7)
+    m = cb.match(toks)
+    assert m.pool_len == 12 * P
+    slots = b.alloc(m.pool_len)
+    assert cb.load(m, slots) == 12 * P
+    exp = expected_kv(b, toks)
+    for l in range(LAYERS):
+        np.testing.assert_array_equal(b.k[l][slots], exp[l])
+    cb.close()
+
+
+# ---- the reference design's defects ---------------------------------------------------
+
+class ScriptedStore(Store):
+    """Wraps a real store; can fail chosen puts/gets, delay puts, or go down."""
+
+    scheme = "scripted"
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.fail_put_keys = set()
+        self.fail_get_after = None   # fail gets from this key position on
+        self.down = False
+        self.put_gate = None         # threading.Event: puts wait for it
+        self.puts = 0
+
+    def exists(self, keys):
+        if self.down:
+            raise ConnectionError("store down")
+        return self.inner.exists(keys)
+
+    def put(self, keys, scatter):
+        if self.put_gate is not None:
+            assert self.put_gate.wait(30)
+        if self.down:
+            raise ConnectionError("store down")
+        self.puts += len(keys)
+        st = np.asarray(self.inner.put(keys, scatter), np.int32).copy()
+        for i, k in enumerate(keys):
+            if k in self.fail_put_keys:
+                st[i] = UNAVAILABLE
+                self.inner.remove([k])
+        return st
+
+    def get(self, keys, scatter):
+        if self.down:
+            raise ConnectionError("store down")
+        st = np.asarray(self.inner.get(keys, scatter), np.int32).copy()
+        if self.fail_get_after is not None:
+            st[self.fail_get_after:] = UNAVAILABLE
+        return st
+
+    def remove(self, keys):
+        return self.inner.remove(keys)
+
+    def put_bytes(self, key, data):
+        return self.inner.put_bytes(key, data)
+
+    def get_bytes(self, key):
+        return self.inner.get_bytes(key)
+
+
+def test_put_status_is_not_inverted(url):
+    """Defect 1: successes reported as failures (or the reverse)."""
+    P = 4
+    a = Device(P)
+    store = ScriptedStore(open_store(url))
+    c = make(a, store)
+    toks = tokens_of(8 * P, 4)
+    serve(c, a, toks)
+    c.flush()
+    st = c.stats()
+    assert st["stored_pages"] == 8 and st["store_failed_pages"] == 0
+    r = c.index.match(toks)
+    assert (c.index.path_pool_states(r.node) == IN_POOL).all()
+    # now make the put of the 3rd page of a new request fail: exactly that page is not stored
+    toks2 = tokens_of(8 * P, 5)
+    from kvdirect import keys as K
+    d = K.page_digests(toks2, P, namespace_seed=K.namespace_seed())
+    bad = K.pool_keys(d, c.fingerprint)[2]
+    store.fail_put_keys.add(bad)
+    serve(c, a, toks2)
+    c.flush()
+    st = c.stats()
+    assert st["stored_pages"] == 8 + 7 and st["store_failed_pages"] == 1
+    r = c.index.match(toks2)
+    states = c.index.path_pool_states(r.node)
+    assert list(np.flatnonzero(states != IN_POOL)) == [2] and states[2] == UNKNOWN
+    assert not store.inner.exists([bad])[0]
+
+
+def test_pages_in_pool_are_evicted_from_device_and_stay_known(url):
+    """Defect 2: pages backed up in the pool were never evicted from device memory."""
+    P = 4
+    a = Device(P)
+    store = ScriptedStore(open_store(url))
+    c = make(a, store)
+    toks = tokens_of(10 * P, 6)
+    serve(c, a, toks)
+    c.flush()
+    assert c.total_size == 10 * P and c.evictable_size == 10 * P
+    free_before = len(a.free)
+    assert c.evict(10 * P) == 10 * P
+    assert c.total_size == 0 and len(a.free) == free_before + 10
+    queries = c.stats()["query_keys"]
+    m = c.match(toks)
+    assert (m.device_len, m.pool_len) == (0, 10 * P)
+    assert c.stats()["query_keys"] == queries, "pool-only pages must be known without a store query"
+    slots = a.alloc(m.pool_len)
+    assert c.load(m, slots) == 10 * P
+    exp = expected_kv(a, toks)
+    np.testing.assert_array_equal(a.k[1][slots], exp[1])
+
+
+def test_eviction_cannot_free_pages_being_written(url):
+    """Defect 3: async writes did not pin their device pages."""
+    P = 4
+    a = Device(P)
+    store = ScriptedStore(open_store(url))
+    store.put_gate = threading.Event()
+    c = make(a, store)
+    toks = tokens_of(6 * P, 8)
+    serve(c, a, toks)
+    assert c.stats()["inflight_pages"] == 6
+    assert c.evict(10**6) == 0, "pages with a put in flight must be pinned"
+    assert c.total_size == 6 * P
+    store.put_gate.set()
+    c.flush()
+    assert c.evict(10**6) == 6 * P
+    # and what was written is what the device held
+    b = Device(P)
+    cb = make(b, url)
+    m = cb.match(toks)
+    slots = b.alloc(m.pool_len)
+    assert cb.load(m, slots) == 6 * P
+    np.testing.assert_array_equal(b.v[2][slots], -expected_kv(b, toks)[2])
+
+
+# ---- faults ---------------------------------------------------------------------------
+
+def test_partial_get_stops_at_first_failed_page_and_frees_the_rest(url):
+    P = 4
+    a, b = Device(P), Device(P)
+    ca = make(a, url)
+    toks = tokens_of(8 * P, 9)
+    serve(ca, a, toks)
+    ca.flush()
+    store = ScriptedStore(open_store(url))
+    store.fail_get_after = 3
+    cb = make(b, store)
+    m = cb.match(toks)
+    assert m.pool_len == 8 * P
+    slots = b.alloc(m.pool_len)
+    assert cb.load(m, slots) == 3 * P
+    freed = np.concatenate(b.freed)
+    assert np.array_equal(np.sort(freed), np.sort(slots[3 * P:]))
+    assert m.device_len == 3 * P and cb.total_size == 3 * P
+    np.testing.assert_array_equal(b.k[0][slots[:3 * P]], expected_kv(b, toks)[0][:3 * P])
+    assert cb.stats()["load_failed_pages"] == 5
+
+
+def test_pool_eviction_between_exists_and_get(url):
+    P = 4
+    a, b = Device(P), Device(P)
+    ca, cb = make(a, url), make(b, url)
+    toks = tokens_of(6 * P, 10)
+    serve(ca, a, toks)
+    ca.flush()
+    m = cb.match(toks)
+    assert m.pool_len == 6 * P
+    from kvdirect import keys as K
+    d = K.page_digests(toks, P, namespace_seed=K.namespace_seed())
+    open_store(url).remove(K.pool_keys(d, cb.fingerprint)[4:5])  # page 4 vanishes
+    slots = b.alloc(m.pool_len)
+    assert cb.load(m, slots) == 4 * P
+    assert len(np.concatenate(b.freed)) == 2 * P
+
+
+def test_store_down_is_a_miss_and_backs_off(url):
+    P = 4
+    a = Device(P)
+    store = ScriptedStore(open_store(url))
+    c = make(a, store, retry_initial_s=60)
+    toks = tokens_of(5 * P, 11)
+    store.down = True
+    m = c.match(toks)
+    assert m.pool_len == 0 and c.stats()["failures"]["exists"] == 1
+    assert not c.stats()["store_available"]
+    m = c.match(toks)  # backing off: the store is not asked again
+    assert c.stats()["failures"]["exists"] == 1
+    serve(c, a, toks)  # write-back is skipped while the store is down, request still served
+    c.flush()
+    assert c.stats()["stored_pages"] == 0
+
+
+def test_store_down_mid_load(url):
+    P = 4
+    a, b = Device(P), Device(P)
+    ca = make(a, url)
+    toks = tokens_of(5 * P, 12)
+    serve(ca, a, toks)
+    ca.flush()
+    store = ScriptedStore(open_store(url))
+    cb = make(b, store)
+    m = cb.match(toks)
+    store.down = True
+    slots = b.alloc(m.pool_len)
+    assert cb.load(m, slots) == 0
+    assert cb.total_size == 0 and len(np.concatenate(b.freed)) == 5 * P
+
+
+def test_namespaces_never_share_pages(url):
+    P = 4
+    a, b = Device(P), Device(P)
+    ca, cb = make(a, url), make(b, url)
+    toks = tokens_of(6 * P, 13)
+    serve(ca, a, toks, ns="tenant-a")
+    ca.flush()
+    assert cb.match(toks, "tenant-b").pool_len == 0
+    assert cb.match(toks).pool_len == 0
+    assert cb.match(toks, "tenant-a").pool_len == 6 * P
+    assert ca.match(toks, "tenant-b").device_len == 0
+
+
+def test_layout_fingerprint_mismatch_means_no_cross_reads(url):
+    P = 4
+    a, b = Device(P), Device(P, head_dim=DIM * 2)
+    ca, cb = make(a, url), make(b, url)
+    cm = make(Device(P), url, model="other-model")
+    toks = tokens_of(6 * P, 14)
+    serve(ca, a, toks)
+    ca.flush()
+    assert cb.match(toks).pool_len == 0
+    assert cm.match(toks).pool_len == 0
+
+
+def test_backpressure_drop(url):
+    P = 4
+    a = Device(P)
+    store = ScriptedStore(open_store(url))
+    store.put_gate = threading.Event()
+    c = make(a, store, max_inflight_pages=4, backpressure="drop")
+    serve(c, a, tokens_of(4 * P, 15))
+    serve(c, a, tokens_of(4 * P, 16))   # over the bound: dropped, not queued
+    assert c.stats()["dropped_writeback_pages"] == 4
+    store.put_gate.set()
+    c.flush()
+    assert c.stats()["stored_pages"] == 4
+    # dropped pages are plain device pages: evictable, never marked in the pool
+    assert c.evict(10**6) == 8 * P
+
+
+def test_backpressure_wait(url):
+    P = 4
+    a = Device(P)
+    c = make(a, url, max_inflight_pages=4, backpressure="wait")
+    for s in range(5):
+        serve(c, a, tokens_of(4 * P, 100 + s))
+    c.flush()
+    assert c.stats()["stored_pages"] == 20 and c.stats()["dropped_writeback_pages"] == 0
+
+
+def test_pages_already_in_pool_are_not_written_again(url):
+    P = 4
+    a, b = Device(P), Device(P)
+    ca = make(a, url)
+    toks = tokens_of(6 * P, 17)
+    serve(ca, a, toks)
+    ca.flush()
+    store = ScriptedStore(open_store(url))
+    cb = make(b, store)
+    cb.config.min_query_pages = 10**6   # don't look: compute everything
+    serve(cb, b, toks)
+    cb.flush()
+    assert store.puts == 0 and cb.stats()["skipped_existing_pages"] == 6
+
+
+def test_no_store_runs_without_pool():
+    P = 4
+    a = Device(P)
+    c = make(a, "memcache://?config=/nonexistent/mmc.conf")
+    assert c.store is None
+    m, _, loaded = serve(c, a, tokens_of(4 * P, 18))
+    assert loaded == 0 and c.match(tokens_of(4 * P, 18)).device_len == 4 * P
+    with pytest.raises(Exception):
+        make(a, "memcache://?config=/nonexistent/mmc.conf", allow_no_store=False)
+
+
+def test_bad_input(url):
+    a = Device(4)
+    c = make(a, url)
+    with pytest.raises(ConfigError):
+        c.write_back(tokens_of(8, 1), np.arange(4), None)
+    with pytest.raises(ConfigError):
+        c.match(np.zeros((2, 4), np.int32))
+    with pytest.raises(ConfigError):
+        c.match(np.zeros(4, np.float32))
+    with pytest.raises(ConfigError):
+        CacheConfig(backpressure="sometimes")
+    with pytest.raises(ConfigError, match="unknown"):
+        CacheConfig.from_dict({"stroe": "shm://x"})
