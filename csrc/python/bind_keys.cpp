@@ -320,7 +320,8 @@ KVD_BINDINGS(20, keys) {
         const uint8_t* start = has_prior == 1 ? prior_buf : nullptr;
         std::string_view ek, cs;
         const bool has_ek = opt_str(extra_key, "extra_key", &ek);
-        const bool has_cs = opt_str(cache_salt, "cache_salt", &cs);
+        // SGLang's RadixKey stores `cache_salt or None`: an empty salt is no salt.
+        const bool has_cs = opt_str(cache_salt, "cache_salt", &cs) && !cs.empty();
         // SGLang seeds only a chain that has no prior at all (an empty prior
         // string is "given" there, and then ignored).
         if (has_prior == 0 &&
@@ -349,7 +350,8 @@ KVD_BINDINGS(20, keys) {
       [](py::handle extra_key, py::handle cache_salt) -> py::object {
         std::string_view ek, cs;
         const bool has_ek = opt_str(extra_key, "extra_key", &ek);
-        const bool has_cs = opt_str(cache_salt, "cache_salt", &cs);
+        // SGLang's RadixKey stores `cache_salt or None`: an empty salt is no salt.
+        const bool has_cs = opt_str(cache_salt, "cache_salt", &cs) && !cs.empty();
         uint8_t seed[kDigestBytes];
         if (!kvd::keys::namespace_seed(has_ek ? &ek : nullptr, has_cs ? &cs : nullptr, seed))
           return py::none();
@@ -359,7 +361,8 @@ KVD_BINDINGS(20, keys) {
       "namespace_seed(extra_key=None, cache_salt=None) -> bytes | None\n"
       "\n"
       "SGLang's storage namespace seed (32 bytes): the prior of a namespaced chain's\n"
-      "first page. None when both are None (no namespace).");
+      "first page. None when both are None (no namespace). As in SGLang's\n"
+      "RadixKey, an empty cache_salt counts as None (an empty extra_key does not).");
 
   m.def(
       "keys_hex_digests",
