@@ -106,7 +106,7 @@ def test_sha256_kernels_match_hashlib(kernel):
         for n in list(range(0, 130)) + [255, 256, 288, 319, 320, 999, 1000]:
             assert keys.sha256(data[:n]) == hashlib.sha256(data[:n]).digest(), n
         toks = rng.integers(0, 2**31, 1000)
-        for ps in (1, 3, 16, 64, 100):
+        for ps in (1, 3, 7, 14, 16, 30, 64, 100):  # 1- and 2-block tails, with and without prior
             d = keys.page_digests(toks, ps, include_partial=True)
             assert [bytes(r) for r in d] == _ref_chain(toks.tolist(), ps, include_partial=True)
     finally:
@@ -147,7 +147,9 @@ def test_input_kinds_agree():
     assert np.array_equal(keys.page_digests(wide[::2], 64), expected)
     torch = pytest.importorskip("torch")
     for dt in (torch.int32, torch.int64):
-        assert np.array_equal(keys.page_digests(torch.tensor(base, dtype=dt), 64), expected)
+        t = torch.tensor(base, dtype=dt)
+        assert np.array_equal(keys.page_digests(t, 64), expected)
+        assert np.array_equal(keys.page_digests(t.repeat_interleave(2)[::2], 64), expected)
 
 
 def test_partial_trailing_page_and_empty():

@@ -59,11 +59,12 @@ Status page_digests(const void* tokens, size_t n_tokens, TokenType type, size_t 
   if (page_size == 0) return Status::kInvalidArgument;
   const size_t n_pages = num_pages(n_tokens, page_size, include_partial);
   if (n_pages == 0) return Status::kOk;
-  const uint8_t* prior = prior32;
+  const size_t n_full = n_tokens / page_size;
   auto fail = [&](size_t idx) {
     if (bad_index) *bad_index = idx;
     return Status::kInvalidArgument;
   };
+  auto page_len = [&](size_t i) { return i < n_full ? page_size : n_tokens - i * page_size; };
 
   if (type == TokenType::kInt32 || type == TokenType::kUInt32) {
     // 4-byte tokens hash straight from the caller's buffer.
@@ -73,42 +74,64 @@ Status page_digests(const void* tokens, size_t n_tokens, TokenType type, size_t 
       if (bad != covered) return fail(bad);
     }
     const uint8_t* p = static_cast<const uint8_t*>(tokens);
-    for (size_t i = 0; i < n_pages; ++i) {
-      const size_t start = i * page_size;
-      const size_t len = (n_tokens - start < page_size ? n_tokens - start : page_size);
-      hash_page(prior, false, p + start * 4, len * 4, out + i * kDigestBytes);
-      prior = out + i * kDigestBytes;
-    }
+    const size_t page_bytes = page_size * 4;
+    const size_t chained = n_full < n_pages ? n_full : n_pages;
+    sha256::chain(prior32, p, page_bytes, page_bytes, chained, out);
+    if (n_pages > n_full)  // the trailing partial page
+      sha256::chain(n_full ? out + (n_full - 1) * kDigestBytes : prior32, p + n_full * page_bytes,
+                    (n_tokens - n_full * page_size) * 4, 0, 1, out + n_full * kDigestBytes);
     return Status::kOk;
   }
 
-  // 64-bit tokens: narrow page by page into a small buffer.
+  // 64-bit tokens: narrow a run of pages into a stack buffer, then chain-hash
+  // the run; a wide page (SGLang's 8-byte encoding) breaks the run.
   const uint64_t* in = static_cast<const uint64_t*>(tokens);
   constexpr size_t kStackWords = 4096;
   uint32_t stack_buf[kStackWords];
   std::unique_ptr<uint32_t[]> heap_buf;
   uint32_t* words = stack_buf;
-  if (page_size > kStackWords) {
+  size_t run_cap = kStackWords / page_size;  // pages per run
+  if (run_cap == 0) {
     heap_buf.reset(new uint32_t[page_size]);
     words = heap_buf.get();
+    run_cap = 1;
   }
   constexpr uint64_t kMaxToken = UINT64_MAX >> 1;  // INT64_MAX; negative int64 lands above
+  const uint8_t* prior = prior32;
+  size_t run_start = 0, run_len = 0;  // pending narrowed full pages
+  auto flush = [&] {
+    if (run_len == 0) return;
+    sha256::chain(prior, reinterpret_cast<const uint8_t*>(words), page_size * 4, page_size * 4,
+                  run_len, out + run_start * kDigestBytes);
+    prior = out + (run_start + run_len - 1) * kDigestBytes;
+    run_len = 0;
+  };
   for (size_t i = 0; i < n_pages; ++i) {
-    const size_t start = i * page_size;
-    const size_t len = (n_tokens - start < page_size ? n_tokens - start : page_size);
+    const size_t start = i * page_size, len = page_len(i);
     const uint64_t* page = in + start;
-    uint8_t* dst = out + i * kDigestBytes;
-    if (narrow(page, len, words) == 0) {
-      hash_page(prior, false, words, len * 4, dst);
-    } else {
-      // Negative int64 (or uint64 > INT64_MAX) is an error in SGLang; other
-      // tokens beyond uint32 make the page wide.
-      const size_t bad = first_above(page, len, kMaxToken);
-      if (bad != len) return fail(start + bad);
-      hash_page(prior, true, page, len * 8, dst);
+    if (run_len == 0) run_start = i;
+    uint32_t* dst = words + run_len * page_size;
+    if (narrow(page, len, dst) == 0) {
+      if (len == page_size) {
+        if (++run_len == run_cap) flush();
+        continue;
+      }
+      flush();  // partial page: hash it on its own (it is the last one)
+      run_start = i;
+      sha256::chain(prior, reinterpret_cast<const uint8_t*>(dst), len * 4, 0, 1,
+                    out + i * kDigestBytes);
+      prior = out + i * kDigestBytes;
+      continue;
     }
-    prior = dst;
+    // Negative int64 (or uint64 > INT64_MAX) is an error in SGLang; other
+    // tokens beyond uint32 make the page wide.
+    const size_t bad = first_above(page, len, kMaxToken);
+    if (bad != len) return fail(start + bad);
+    flush();
+    hash_page(prior, true, page, len * 8, out + i * kDigestBytes);
+    prior = out + i * kDigestBytes;
   }
+  flush();
   return Status::kOk;
 }
 

@@ -61,44 +61,114 @@ void compress_portable(uint32_t state[8], const uint8_t* p, size_t nblocks) {
 // SHA-NI kernel. The instructions keep the state as two vectors, ABEF and
 // CDGH; each sha256rnds2 does two rounds, so four message words take two
 // calls. Message words 16..63 come from sha256msg1/msg2 four at a time.
-__attribute__((target("sha,sse4.1")))
-void compress_shani(uint32_t state[8], const uint8_t* p, size_t nblocks) {
-  const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
-  __m128i dcba = _mm_loadu_si128(reinterpret_cast<const __m128i*>(state));
-  __m128i hgfe = _mm_loadu_si128(reinterpret_cast<const __m128i*>(state + 4));
-  __m128i cdab = _mm_shuffle_epi32(dcba, 0xB1);
-  __m128i efgh = _mm_shuffle_epi32(hgfe, 0x1B);
-  __m128i abef = _mm_alignr_epi8(cdab, efgh, 8);
-  __m128i cdgh = _mm_blend_epi16(efgh, cdab, 0xF0);
+#define KVD_SHANI __attribute__((target("sha,sse4.1"), always_inline)) inline
 
-  for (; nblocks > 0; --nblocks, p += kBlockBytes) {
-    const __m128i abef0 = abef, cdgh0 = cdgh;
-    __m128i m[4];
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i)
-      m[i] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * i)), bswap);
+KVD_SHANI __m128i bswap_mask() {
+  return _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+}
+KVD_SHANI __m128i load_words(const uint8_t* p) {
+  return _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), bswap_mask());
+}
+
+// One block given as four vectors of message words (W0..W3 in lanes 0..3).
+KVD_SHANI void block(__m128i& abef, __m128i& cdgh, __m128i m0, __m128i m1, __m128i m2,
+                     __m128i m3) {
+  const __m128i abef0 = abef, cdgh0 = cdgh;
+  __m128i m[4] = {m0, m1, m2, m3};
 #pragma GCC unroll 16
-    for (int g = 0; g < 16; ++g) {
-      if (g >= 4) {
-        // W[g] = msg2(W[g-4] + sigma0(W[g-3]) + W[g-7 words], W[g-1])
-        const __m128i w4 = m[g & 3], w3 = m[(g + 1) & 3], w2 = m[(g + 2) & 3], w1 = m[(g + 3) & 3];
-        __m128i t = _mm_sha256msg1_epu32(w4, w3);
-        t = _mm_add_epi32(t, _mm_alignr_epi8(w1, w2, 4));
-        m[g & 3] = _mm_sha256msg2_epu32(t, w1);
-      }
-      __m128i kw = _mm_add_epi32(m[g & 3], _mm_load_si128(reinterpret_cast<const __m128i*>(kK + 4 * g)));
-      cdgh = _mm_sha256rnds2_epu32(cdgh, abef, kw);
-      kw = _mm_shuffle_epi32(kw, 0x0E);
-      abef = _mm_sha256rnds2_epu32(abef, cdgh, kw);
+  for (int g = 0; g < 16; ++g) {
+    if (g >= 4) {
+      // W[g] = msg2(W[g-4] + sigma0(W[g-3]) + W[t-7], W[g-1])
+      const __m128i w4 = m[g & 3], w3 = m[(g + 1) & 3], w2 = m[(g + 2) & 3], w1 = m[(g + 3) & 3];
+      __m128i t = _mm_sha256msg1_epu32(w4, w3);
+      t = _mm_add_epi32(t, _mm_alignr_epi8(w1, w2, 4));
+      m[g & 3] = _mm_sha256msg2_epu32(t, w1);
     }
-    abef = _mm_add_epi32(abef, abef0);
-    cdgh = _mm_add_epi32(cdgh, cdgh0);
+    __m128i kw = _mm_add_epi32(m[g & 3], _mm_load_si128(reinterpret_cast<const __m128i*>(kK + 4 * g)));
+    cdgh = _mm_sha256rnds2_epu32(cdgh, abef, kw);
+    kw = _mm_shuffle_epi32(kw, 0x0E);
+    abef = _mm_sha256rnds2_epu32(abef, cdgh, kw);
   }
+  abef = _mm_add_epi32(abef, abef0);
+  cdgh = _mm_add_epi32(cdgh, cdgh0);
+}
 
+KVD_SHANI void block_at(__m128i& abef, __m128i& cdgh, const uint8_t* p) {
+  block(abef, cdgh, load_words(p), load_words(p + 16), load_words(p + 32), load_words(p + 48));
+}
+
+// (h0..h3, h4..h7) <-> (ABEF, CDGH)
+KVD_SHANI void to_abef(__m128i dcba, __m128i hgfe, __m128i& abef, __m128i& cdgh) {
+  const __m128i cdab = _mm_shuffle_epi32(dcba, 0xB1);
+  const __m128i efgh = _mm_shuffle_epi32(hgfe, 0x1B);
+  abef = _mm_alignr_epi8(cdab, efgh, 8);
+  cdgh = _mm_blend_epi16(efgh, cdab, 0xF0);
+}
+KVD_SHANI void from_abef(__m128i abef, __m128i cdgh, __m128i& dcba, __m128i& hgfe) {
   const __m128i feba = _mm_shuffle_epi32(abef, 0x1B);
   const __m128i dchg = _mm_shuffle_epi32(cdgh, 0xB1);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(state), _mm_blend_epi16(feba, dchg, 0xF0));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(state + 4), _mm_alignr_epi8(dchg, feba, 8));
+  dcba = _mm_blend_epi16(feba, dchg, 0xF0);
+  hgfe = _mm_alignr_epi8(dchg, feba, 8);
+}
+
+__attribute__((target("sha,sse4.1")))
+void compress_shani(uint32_t state[8], const uint8_t* p, size_t nblocks) {
+  __m128i abef, cdgh;
+  to_abef(_mm_loadu_si128(reinterpret_cast<const __m128i*>(state)),
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(state + 4)), abef, cdgh);
+  for (; nblocks > 0; --nblocks, p += kBlockBytes) block_at(abef, cdgh, p);
+  __m128i dcba, hgfe;
+  from_abef(abef, cdgh, dcba, hgfe);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(state), dcba);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(state + 4), hgfe);
+}
+
+__attribute__((target("sha,sse4.1")))
+void chain_shani(const uint8_t* prior32, const uint8_t* data, size_t len, size_t stride, size_t n,
+                 uint8_t* out) {
+  __m128i iv_abef, iv_cdgh;
+  to_abef(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kInit)),
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(kInit + 4)), iv_abef, iv_cdgh);
+  // The previous digest as message words: digest bytes are the state words
+  // big-endian, and message words are read big-endian, so W0..W7 = h0..h7.
+  __m128i prev_lo = _mm_setzero_si128(), prev_hi = _mm_setzero_si128();
+  bool have_prev = prior32 != nullptr;
+  if (have_prev) {
+    prev_lo = load_words(prior32);
+    prev_hi = load_words(prior32 + 16);
+  }
+  alignas(16) uint8_t tail[2 * kBlockBytes];
+  for (size_t i = 0; i < n; ++i) {
+    const uint8_t* p = data + i * stride;
+    size_t rem = len;
+    const uint64_t bits = uint64_t(len + (have_prev ? kDigestBytes : 0)) * 8;
+    __m128i abef = iv_abef, cdgh = iv_cdgh;
+    if (have_prev) {
+      // Block 0 = previous digest || first 32 bytes (or fewer) of the page.
+      if (rem >= 32) {
+        block(abef, cdgh, prev_lo, prev_hi, load_words(p), load_words(p + 16));
+        p += 32;
+        rem -= 32;
+      } else {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(tail), _mm_shuffle_epi8(prev_lo, bswap_mask()));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(tail + 16), _mm_shuffle_epi8(prev_hi, bswap_mask()));
+      }
+    }
+    for (; rem >= kBlockBytes; rem -= kBlockBytes, p += kBlockBytes) block_at(abef, cdgh, p);
+    // Tail + padding (0x80, zeros, 64-bit big-endian bit length): 1 or 2 blocks.
+    const size_t head = (have_prev && len < 32) ? kDigestBytes : 0;
+    const size_t used = head + rem;
+    const size_t nb = used + 9 <= kBlockBytes ? 1 : 2;
+    std::memcpy(tail + head, p, rem);
+    tail[used] = 0x80;
+    std::memset(tail + used + 1, 0, nb * kBlockBytes - used - 1);
+    for (int b = 0; b < 8; ++b) tail[nb * kBlockBytes - 1 - b] = uint8_t(bits >> (8 * b));
+    for (size_t b = 0; b < nb; ++b) block_at(abef, cdgh, tail + b * kBlockBytes);
+    from_abef(abef, cdgh, prev_lo, prev_hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i * kDigestBytes), _mm_shuffle_epi8(prev_lo, bswap_mask()));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i * kDigestBytes + 16), _mm_shuffle_epi8(prev_hi, bswap_mask()));
+    have_prev = true;
+  }
 }
 
 bool detect_shani() {
@@ -114,6 +184,17 @@ bool detect_shani() { return false; }
 #endif
 
 const bool g_has_shani = detect_shani();
+
+void digest_impl(const uint8_t* prior, const uint8_t* p, size_t len, uint8_t* out);
+
+void chain_portable(const uint8_t* prior32, const uint8_t* data, size_t len, size_t stride,
+                    size_t n, uint8_t* out) {
+  const uint8_t* prev = prior32;
+  for (size_t i = 0; i < n; ++i) {
+    digest_impl(prev, data + i * stride, len, out + i * kDigestBytes);
+    prev = out + i * kDigestBytes;
+  }
+}
 
 CompressFn kernel_for(const char* name) {
   if (name == nullptr || std::strcmp(name, "auto") == 0 || name[0] == '\0') {
@@ -136,6 +217,15 @@ CompressFn initial_kernel() {
 
 CompressFn g_compress = initial_kernel();
 
+using ChainFn = void (*)(const uint8_t*, const uint8_t*, size_t, size_t, size_t, uint8_t*);
+ChainFn chain_for(CompressFn c) {
+#if KVD_SHA_X86
+  if (c == compress_shani) return chain_shani;
+#endif
+  return chain_portable;
+}
+ChainFn g_chain = chain_for(g_compress);
+
 }  // namespace
 
 bool cpu_has_shani() { return g_has_shani; }
@@ -144,6 +234,7 @@ bool select_kernel(const char* name) {
   CompressFn fn = kernel_for(name);
   if (!fn) return false;
   g_compress = fn;
+  g_chain = chain_for(fn);
   return true;
 }
 
@@ -197,6 +288,20 @@ void Hasher::finish(uint8_t out[kDigestBytes]) {
     out[4 * i + 2] = uint8_t(h_[i] >> 8);
     out[4 * i + 3] = uint8_t(h_[i]);
   }
+}
+
+namespace {
+void digest_impl(const uint8_t* prior, const uint8_t* p, size_t len, uint8_t* out) {
+  Hasher h;
+  if (prior) h.update(prior, kDigestBytes);
+  h.update(p, len);
+  h.finish(out);
+}
+}  // namespace
+
+void chain(const uint8_t* prior32, const uint8_t* data, size_t len, size_t stride, size_t n,
+           uint8_t* out) {
+  g_chain(prior32, data, len, stride, n, out);
 }
 
 void digest(const void* data, size_t len, uint8_t out[kDigestBytes]) {

@@ -41,6 +41,14 @@ class Hasher {
   size_t buf_len_ = 0;
 };
 
+// Chained digests, the page-key hot path:
+//   out[i] = SHA256(prev_i || data[i*stride : i*stride + len])
+// with prev_0 = prior32 (nothing when null) and prev_i = out[i-1]. The SHA-NI
+// kernel keeps the previous digest in registers as the next message's first
+// eight words, so no bytes round-trip through memory between pages.
+void chain(const uint8_t* prior32, const uint8_t* data, size_t len, size_t stride, size_t n,
+           uint8_t* out);
+
 // One-shot digest of a single buffer.
 void digest(const void* data, size_t len, uint8_t out[kDigestBytes]);
 
