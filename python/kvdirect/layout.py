@@ -264,7 +264,7 @@ class KVLayout:
                 raise LayoutMismatchError(f"{len(ks)} K addresses but {len(vs)} V addresses")
             planes, per = _interleave(ks, vs), 2
         regions = [(a, num_slots * (s // P)) for a, s, _ in planes]
-        return cls("mla" if is_mla else "mha", page_size=P, num_pages=int(num_slots) // max(P, 1),
+        return cls(kind="mla" if is_mla else "mha", page_size=P, num_pages=int(num_slots) // max(P, 1),
                    planes_per_layer=per, bases=[p[0] for p in planes], page_strides=[p[1] for p in planes],
                    seg_bytes=[p[2] for p in planes], dtype=dtype, device=device, kv_heads=kv_heads,
                    head_dim=head_dim, v_head_dim=vd, regions=regions)
