@@ -74,8 +74,6 @@ class Pool:
     def ref_object(self, slot) -> np.ndarray:
         return np.concatenate([np.ascontiguousarray(x).view(np.uint8).ravel() for x in self._pieces(slot)])
 
-    def snapshot(self) -> list[np.ndarray]:
-        return [b.copy() for b in self.bufs]
 
     def zero(self) -> None:
         for b in self.bufs:
