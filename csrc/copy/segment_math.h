@@ -64,7 +64,9 @@ KVD_SEG_FN void worker_range(uint64_t total, uint64_t workers, uint64_t w, uint6
 // Index k of the segment holding byte `off` of the packed stream:
 // prefix[k] <= off < prefix[k+1]. Zero-length segments are skipped (the
 // largest such k is returned). Requires off < prefix[n]. O(log n).
-KVD_SEG_FN uint64_t locate_segment(const uint64_t* prefix, uint64_t n, uint64_t off) {
+// Ptr is any indexable pointer (host, CUDA global, Ascend __gm__).
+template <typename Ptr>
+KVD_SEG_FN uint64_t locate_segment(Ptr prefix, uint64_t n, uint64_t off) {
   uint64_t lo = 0, hi = n;  // invariant: prefix[lo] <= off < prefix[hi]
   while (hi - lo > 1) {
     uint64_t mid = lo + (hi - lo) / 2;
