@@ -149,6 +149,7 @@ class KVDirectCache:
         self._tp_reduce = tp_reduce_min
         self.index = PrefixIndex(self.page_size, max_pool_only_pages=self.config.max_pool_only_pages)
         fields = dict(layout.fingerprint_fields())
+        fields["layout_kind"] = fields.pop("kind")  # the stored page format, not the device layout
         self.fingerprint = _keys.LayoutFingerprint(model=self.config.model, tp_size=tp_size,
                                                    tp_rank=tp_rank, **fields)
         self._seed_cache: dict = {}
@@ -188,7 +189,7 @@ class KVDirectCache:
     def _register_memory(self):
         if self._stage:
             return
-        for addr, length in self.layout.memory_regions():
+        for addr, length in self.layout.regions():
             self.store.register(addr, length)
 
     def _seed(self, namespace):
