@@ -47,7 +47,7 @@ from kvdirect.config import CacheConfig
 from kvdirect.errors import ConfigError, KVDirectError
 from kvdirect.index import PrefixIndex
 from kvdirect.stores import ScatterList, Store, open_store
-from kvdirect.stores.base import OK
+from kvdirect.stores.base import OK, UNAVAILABLE
 
 log = logging.getLogger("kvdirect")
 
@@ -314,32 +314,58 @@ class KVDirectCache:
         failed; every slot not holding a loaded page is given back through
         ``free_slots``. Loaded pages join the index as device-resident; ``m`` is
         updated (device_len, device_slots, node — the lock moves with it)."""
-        P = self.page_size
         slots = _as_slots(slots)
-        n_pages = min(len(slots) // P, m.pool_len // P)
-        if n_pages and self.store is None:
-            n_pages = 0
-        n_pages = self._reduce(n_pages)
-        n_ok = 0
+        n_pages = self._plan_count(m, slots)
         t0 = time.perf_counter()
+        status = None
         if n_pages:
-            dev_pages = m.device_len // P
-            page_slots = self._page_first_slots(slots, n_pages)
-            scatter = self.layout.plan(page_slots)
-            keys = _keys.pool_keys(m._digests[dev_pages:dev_pages + n_pages], self.fingerprint)
+            keys, page_slots = self._load_pages(m, slots, n_pages)
             try:
-                status = self._get(keys, scatter)
+                status = self._get(keys, self.layout.plan(page_slots))
                 self._store_recovered()
             except Exception as e:
                 self._store_failed("get", e)
-                status = np.full(n_pages, 7, dtype=np.int32)
+                status = np.full(n_pages, UNAVAILABLE, dtype=np.int32)
+        return self._finish_load(m, slots, n_pages, status, t0)
+
+    def _plan_count(self, m: CacheMatch, slots: np.ndarray) -> int:
+        n_pages = min(len(slots) // self.page_size, m.pool_len // self.page_size)
+        if self.store is None:
+            n_pages = 0
+        return self._reduce(n_pages)
+
+    def load_layerwise(self, m: CacheMatch, slots) -> "LayerwiseLoad":
+        """Start loading the matched pool pages layer by layer on a background thread.
+
+        The forward pass calls ``wait_layer(l)`` before reading layer ``l``'s KV and
+        ``finish()`` at the end, which returns the tokens loaded, exactly as ``load``
+        would (same index updates, same slot freeing). When a later layer fails for
+        some page, ``finish()`` returns fewer tokens than ``wait_layer`` promised
+        earlier: the engine must then recompute from the returned length — a failed
+        page is never used. Stores without ranged gets load all layers at once
+        (layer completions then arrive together)."""
+        return LayerwiseLoad(self, m, slots)
+
+    def _load_pages(self, m: CacheMatch, slots: np.ndarray, n_pages: int):
+        """Keys, page slots and scatter list for the first n_pages pool pages of m."""
+        dev_pages = m.device_len // self.page_size
+        page_slots = self._page_first_slots(slots, n_pages)
+        keys = _keys.pool_keys(m._digests[dev_pages:dev_pages + n_pages], self.fingerprint)
+        return keys, page_slots
+
+    def _finish_load(self, m: CacheMatch, slots: np.ndarray, n_pages: int, status: np.ndarray | None,
+                     t0: float) -> int:
+        """Shared tail of load / layer-wise load: decide, free unused slots, update the index."""
+        P = self.page_size
+        dev_pages = m.device_len // P
+        n_ok = 0
+        if n_pages:
             n_ok = first_failure(status)
             if n_ok < n_pages:
                 with self._stats.lock:
                     self._stats.c["load_failed_pages"] += n_pages - n_ok
                     self._stats.failures[f"get_status_{int(status[n_ok])}"] += 1
-                # pages the index thought were in the pool but are not: forget that
-                if n_ok < m._index_pool_pages:
+                if n_ok < m._index_pool_pages:  # the index believed these were in the pool
                     self.index.mark_not_in_pool(m.tokens, dev_pages + n_ok,
                                                 m._index_pool_pages - n_ok, namespace=m.namespace)
             n_ok = self._reduce(n_ok)  # every TP rank uses the same number of pages
@@ -353,7 +379,6 @@ class KVDirectCache:
             already = self.index.insert(prefix, all_slots, m.namespace)
             if already > m.device_len:  # another request inserted meanwhile: keep its slots
                 self.free_slots(all_slots[m.device_len:already])
-            dev_pages = m.device_len // P
             r = self.index.match(prefix, m.namespace)
             self.index.set_path_digests(r.node, m._digests[:new_len // P])
             self.index.mark_in_pool(prefix, dev_pages, n_ok, namespace=m.namespace)
@@ -577,6 +602,74 @@ class KVDirectCache:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class LayerwiseLoad:
+    """A layer-by-layer load in progress (see ``KVDirectCache.load_layerwise``)."""
+
+    def __init__(self, cache: KVDirectCache, m: CacheMatch, slots):
+        self.cache, self.m = cache, m
+        self.slots = _as_slots(slots)
+        self.n_pages = cache._plan_count(m, self.slots)
+        L = cache.layout.num_layers
+        self._events = [threading.Event() for _ in range(L)]
+        self._ok_after_layer = [0] * L
+        self.status = np.zeros(self.n_pages, dtype=np.int32)
+        self._t0 = time.perf_counter()
+        self._result = None
+        self._thread = None
+        if self.n_pages == 0:
+            for e in self._events:
+                e.set()
+            return
+        self._keys, self._page_slots = cache._load_pages(m, self.slots, self.n_pages)
+        self._thread = threading.Thread(target=self._run, name="kvdirect-layerwise", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        c = self.cache
+        layers = len(self._events)
+        ranged = getattr(c.store, "get_range", None) if not c._stage else None
+        try:
+            if ranged is None:
+                self.status[:] = c._get(self._keys, c.layout.plan(self._page_slots))
+                for l in range(layers):
+                    self._ok_after_layer[l] = first_failure(self.status)
+                    self._events[l].set()
+                return
+            offsets = c.layout.layer_offsets()
+            alive = self.n_pages
+            for l in range(layers):
+                if alive:
+                    sub = c.layout.plan_layer(self._page_slots[:alive], l)
+                    st = np.asarray(ranged(self._keys[:alive], sub, int(offsets[l])), dtype=np.int32)
+                    view = self.status[:alive]
+                    upd = (st != OK) & (view == OK)
+                    view[upd] = st[upd]
+                    alive = first_failure(self.status)
+                self._ok_after_layer[l] = alive
+                self._events[l].set()
+        except Exception as e:
+            c._store_failed("get", e)
+            self.status[:] = UNAVAILABLE
+        finally:
+            for e in self._events:
+                e.set()
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> int:
+        """Block until layer ``layer`` is loaded; returns the tokens valid for it so far."""
+        if not self._events[layer].wait(timeout):
+            raise TimeoutError(f"layer {layer} not loaded within {timeout}s")
+        return self._ok_after_layer[layer] * self.cache.page_size
+
+    def finish(self) -> int:
+        """Wait for every layer and apply the result; returns the tokens loaded."""
+        if self._result is None:
+            if self._thread is not None:
+                self._thread.join()
+            self._result = self.cache._finish_load(self.m, self.slots, self.n_pages,
+                                                   self.status if self.n_pages else None, self._t0)
+        return self._result
 
 
 def torch_dist_min(group=None) -> Callable[[int], int]:
