@@ -86,6 +86,21 @@ __attribute__((target("avx2"))) void stripes_avx2(uint8_t* dst, const uint8_t* s
   _mm256_store_si256(reinterpret_cast<__m256i*>(keyp), key);
 }
 
+__attribute__((target("avx2"))) void copy_avx2(uint8_t* dst, const uint8_t* src, size_t n) {
+  size_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    const __m256i* s = reinterpret_cast<const __m256i*>(src + i);
+    __m256i x0 = _mm256_loadu_si256(s), x1 = _mm256_loadu_si256(s + 1);
+    __m256i x2 = _mm256_loadu_si256(s + 2), x3 = _mm256_loadu_si256(s + 3);
+    __m256i* d = reinterpret_cast<__m256i*>(dst + i);
+    _mm256_storeu_si256(d, x0);
+    _mm256_storeu_si256(d + 1, x1);
+    _mm256_storeu_si256(d + 2, x2);
+    _mm256_storeu_si256(d + 3, x3);
+  }
+  if (i < n) std::memcpy(dst + i, src + i, n - i);
+}
+
 bool have_avx2() {
   static const bool v = __builtin_cpu_supports("avx2");
   return v;
@@ -180,6 +195,16 @@ uint64_t key_hash64(const char* p, size_t n) {
   std::memcpy(&v, p, n);
   h = rotl(h ^ (v * kP2), 31) * kP1;
   return fmix(h);
+}
+
+void fast_copy(void* dst, const void* src, size_t n) {
+#if defined(__x86_64__)
+  if (have_avx2() && n >= 4096) {
+    copy_avx2(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), n);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
 }
 
 const char* copy_hash_kernel() { return have_avx2() ? "avx2" : "portable"; }

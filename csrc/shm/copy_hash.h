@@ -42,6 +42,9 @@ class CopyHasher {
 uint64_t checksum64(const void* data, size_t n);
 // 64-bit hash of a key (index lookups).
 uint64_t key_hash64(const char* p, size_t n);
+// Plain copy with the same vector loop (glibc memcpy was measured slower
+// for 64-256 KiB pool blocks on AMD EPYC; see bench/bench_shm.py).
+void fast_copy(void* dst, const void* src, size_t n);
 // Which kernel the running CPU uses ("avx2" or "portable").
 const char* copy_hash_kernel();
 

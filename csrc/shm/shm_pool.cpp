@@ -728,7 +728,7 @@ void copy_object(uint8_t* data, const uint32_t* next, uint64_t bs, uint32_t firs
       uint8_t* dst = kToPool ? bp : p;
       const uint8_t* src = kToPool ? p : bp;
       if (hasher) hasher->copy(dst, src, n);
-      else std::memcpy(dst, src, n);
+      else fast_copy(dst, src, n);
       p += n;
       rem -= n;
       boff += n;
