@@ -30,9 +30,12 @@ def pool_name():
 
 
 def sl_of(*arrays) -> ScatterList:
-    """One key per array, one segment each."""
-    return ScatterList(np.array([[a.ctypes.data] for a in arrays], dtype=np.uint64),
-                       np.array([[a.nbytes] for a in arrays], dtype=np.uint64))
+    """One key per array, one segment each. A scatter list holds raw addresses, so
+    it keeps the arrays alive here (temporaries would be freed before the call)."""
+    sl = ScatterList(np.array([[a.ctypes.data] for a in arrays], dtype=np.uint64),
+                     np.array([[a.nbytes] for a in arrays], dtype=np.uint64))
+    object.__setattr__(sl, "_keep", arrays)
+    return sl
 
 
 def wait_for(path, timeout=10.0):
