@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -169,7 +170,9 @@ Status Pool::open(const std::string& name, OpenMode mode, const CreateOptions& o
                       path + " has mode " + m + " (group/world writable): refusing to use it; `chmod 600 " + path +
                           "` or `kvdirect pool destroy " + name + "`");
         }
-        // A creator writes the magic last; give a concurrent creator a moment to finish.
+        // A creator holds flock(LOCK_EX) while it initialises and writes the magic
+        // last: wait for a live creator however long it takes (fallocate of a big
+        // pool), but only ~1 s for one that may have died before taking the flock.
         Header h{};
         for (int i = 0; i < 100; ++i) {
           std::memset(&h, 0, sizeof h);
@@ -178,6 +181,12 @@ Status Pool::open(const std::string& name, OpenMode mode, const CreateOptions& o
           if (r == ssize_t(sizeof h) && std::memcmp(h.magic, kMagic, 8) == 0) break;
           bool zero_magic = r < 8 || std::all_of(h.magic, h.magic + 8, [](char c) { return c == 0; });
           if (!zero_magic) break;
+          if (flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK) {
+            flock(fd, LOCK_SH);  // blocks until the creator finishes or dies
+            flock(fd, LOCK_UN);
+            continue;
+          }
+          flock(fd, LOCK_UN);
           std::this_thread::sleep_for(std::chrono::milliseconds(10));
         }
         auto bad = [&](const std::string& why) {
@@ -239,7 +248,8 @@ Status Pool::open(const std::string& name, OpenMode mode, const CreateOptions& o
                     "shm pool '" + name + "' already exists; use it, or `kvdirect pool destroy " + name + "` first");
       return fail(err, Status::kIoError, "cannot create " + path + ": " + strerror(errno));
     }
-    fchmod(fd, 0600);  // regardless of umask
+    flock(fd, LOCK_EX);  // released by the close below or by our death: openers wait on it
+    fchmod(fd, 0600);    // regardless of umask
     int rc = posix_fallocate(fd, 0, off_t(opt.size));
     if (rc != 0) {
       ::unlink(path.c_str());
@@ -291,6 +301,7 @@ Status Pool::open(const std::string& name, OpenMode mode, const CreateOptions& o
     h->recoveries = 0;
     __atomic_thread_fence(__ATOMIC_RELEASE);
     std::memcpy(h->magic, kMagic, 8);
+    flock(fd, LOCK_UN);
     if (created) *created = true;
     break;
   }

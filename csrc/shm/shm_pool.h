@@ -7,7 +7,9 @@
 //   user or writable by group/world. A versioned header (magic, version,
 //   layout parameters, sizes) is checked on open; a wrong magic/version, a
 //   truncated file or inconsistent layout is an error that says to recreate
-//   the pool (`kvdirect pool destroy NAME`).
+//   the pool (`kvdirect pool destroy NAME`). The creator fills the file
+//   (posix_fallocate: a full /dev/shm is a clear error, never a SIGBUS later)
+//   under flock(LOCK_EX) and writes the magic last; concurrent openers wait.
 // * Layout (all offsets in the header):
 //     header | object records | key index | block chain | pin records | data blocks
 //   Data is a fixed number of fixed-size blocks; an object is a chain of
@@ -40,7 +42,9 @@
 //   the mutex consistent. Object records are written so that a record is
 //   PUBLISHED only after its bytes and checksum are complete. A process killed
 //   outside the lock (mid-copy) leaves a reservation or pins that are
-//   reclaimed when space is needed.
+//   reclaimed when space is needed. Liveness is kill(pid, 0): a zombie (killed
+//   but not yet reaped by its parent) still counts as alive, and pids are
+//   assumed to be from one pid namespace.
 // * Status per key (kvd::Status): put: kOk stored, kNoSpace (nothing
 //   evictable), kTooLarge (object larger than the pool), kInvalidArgument
 //   (bad key); get: kOk every byte delivered, kNotFound, kInvalidArgument
