@@ -62,6 +62,8 @@ Pool& live(Pool& p) {
 }  // namespace
 
 KVD_BINDINGS(50, shm) {
+  py::class_<Pool::ReadSession, std::unique_ptr<Pool::ReadSession>>(m, "ShmReadSession",
+                                                                     "Pinned objects being read piece by piece");
   py::class_<Pool>(m, "ShmPool", "Embedded shared-memory page pool (see csrc/shm/shm_pool.h)")
       .def_static(
           "open",
@@ -143,6 +145,40 @@ KVD_BINDINGS(50, shm) {
                live(p).get(k.data(), k.size(), a, s, nseg, o);
              }
              return out;
+           })
+      .def("read_begin",
+           [](Pool& p, py::handle keys, const U64Array& total_sizes) {
+             auto k = keys_from(keys);
+             if (total_sizes.ndim() != 1 || size_t(total_sizes.shape(0)) != k.size())
+               raise_config("read_begin needs one total size per key");
+             py::array_t<int32_t> out(py::ssize_t(k.size()));
+             std::unique_ptr<Pool::ReadSession> s;
+             {
+               py::gil_scoped_release nogil;
+               s = live(p).read_begin(k.data(), k.size(), total_sizes.data(), out.mutable_data());
+             }
+             return py::make_tuple(py::cast(std::move(s)), out);
+           },
+           "-> (ReadSession, int32 status per key); then read_next(...) pieces, then read_end")
+      .def("read_next",
+           [](Pool& p, Pool::ReadSession& s, const U64Array& addrs, const U64Array& sizes) {
+             if (addrs.ndim() != 2 || sizes.ndim() != 2 || addrs.shape(0) != sizes.shape(0) ||
+                 addrs.shape(1) != sizes.shape(1))
+               raise_config("scatter list addrs and sizes must be uint64 arrays of the same shape (keys, segments)");
+             py::gil_scoped_release nogil;
+             live(p).read_next(s, size_t(addrs.shape(0)), addrs.data(), sizes.data(), size_t(addrs.shape(1)));
+           })
+      .def("read_end",
+           [](Pool& p, Pool::ReadSession& s) {
+             std::vector<int32_t> st;
+             {
+               py::gil_scoped_release nogil;
+               st.resize(live(p).read_session_size(s));
+               live(p).read_end(s, st.data());
+             }
+             py::array_t<int32_t> r(py::ssize_t(st.size()));
+             std::copy(st.begin(), st.end(), r.mutable_data());
+             return r;
            })
       .def("remove",
            [](Pool& p, py::handle keys) {

@@ -858,6 +858,108 @@ void Pool::get(const std::string* keys, size_t n, const uint64_t* addrs, const u
   }
 }
 
+size_t Pool::read_session_size(const ReadSession& s) { return s.pins.size(); }
+
+std::unique_ptr<Pool::ReadSession> Pool::read_begin(const std::string* keys, size_t n, const uint64_t* total_sizes,
+                                                    int32_t* status) {
+  std::shared_lock<std::shared_mutex> cg(close_mu_);
+  if (!base_) throw std::runtime_error("shm pool is closed");
+  auto s = std::make_unique<ReadSession>();
+  s->pins.assign(n, kNil);
+  s->block.assign(n, 0);
+  s->boff.assign(n, 0);
+  s->pos.assign(n, 0);
+  s->size.assign(n, 0);
+  s->hash.resize(n);
+  s->status.assign(n, int32_t(Status::kOk));
+  Guard g(this);
+  for (size_t i = 0; i < n; ++i) {
+    Status st = Status::kOk;
+    int64_t id = -1;
+    if (!key_ok(keys[i])) st = Status::kInvalidArgument;
+    else if ((id = index_find(keys[i].data(), keys[i].size(), key_hash64(keys[i].data(), keys[i].size()))) < 0)
+      st = Status::kNotFound;
+    else if (objs_[id].size != total_sizes[i]) st = Status::kInvalidArgument;
+    else if ((s->pins[i] = pin_obj(uint32_t(id))) == kNil) st = Status::kBusy;
+    else {
+      lru_unlink(uint32_t(id));
+      lru_push_front(uint32_t(id));
+      s->block[i] = objs_[id].first_block;
+      s->size[i] = objs_[id].size;
+    }
+    s->status[i] = status[i] = int32_t(st);
+    if (st == Status::kOk) hdr_->hits++;
+    else hdr_->misses++;
+  }
+  return s;
+}
+
+void Pool::read_next(ReadSession& s, size_t n, const uint64_t* addrs, const uint64_t* sizes, size_t nseg) {
+  std::shared_lock<std::shared_mutex> cg(close_mu_);
+  if (!base_) throw std::runtime_error("shm pool is closed");
+  if (s.ended) throw std::runtime_error("shm read session already ended");
+  n = std::min(n, s.pins.size());
+  const uint64_t bs = hdr_->block_size;
+  for (size_t i = 0; i < n; ++i) {
+    if (s.status[i] != int32_t(Status::kOk)) continue;
+    uint64_t piece = 0;
+    for (size_t j = 0; j < nseg; ++j) piece += sizes[i * nseg + j];
+    if (s.pos[i] + piece > s.size[i]) {
+      s.status[i] = int32_t(Status::kInvalidArgument);
+      continue;
+    }
+    // same block walk as copy_object, resumable: the state lives in the session
+    uint32_t b = s.block[i];
+    uint64_t boff = s.boff[i];
+    for (size_t j = 0; j < nseg; ++j) {
+      auto* p = reinterpret_cast<uint8_t*>(addrs[i * nseg + j]);
+      uint64_t rem = sizes[i * nseg + j];
+      while (rem) {
+        if (boff == bs) {
+          b = next_[b];
+          boff = 0;
+        }
+        uint64_t c = std::min(rem, bs - boff);
+        const uint8_t* bp = data_ + uint64_t(b) * bs + boff;
+        if (verify_) s.hash[i].copy(p, bp, c);
+        else fast_copy(p, bp, c);
+        p += c;
+        rem -= c;
+        boff += c;
+      }
+    }
+    s.block[i] = b;
+    s.boff[i] = boff;
+    s.pos[i] += piece;
+  }
+}
+
+void Pool::read_end(ReadSession& s, int32_t* status) {
+  std::shared_lock<std::shared_mutex> cg(close_mu_);
+  if (!base_) throw std::runtime_error("shm pool is closed");
+  if (s.ended) throw std::runtime_error("shm read session already ended");
+  s.ended = true;
+  Guard g(this);
+  for (size_t i = 0; i < s.pins.size(); ++i) {
+    if (s.pins[i] == kNil) {
+      status[i] = s.status[i];
+      continue;
+    }
+    uint32_t id = pins_[s.pins[i]].obj;
+    const ObjRec& o = objs_[id];
+    if (s.status[i] == int32_t(Status::kOk) && s.pos[i] != s.size[i])
+      s.status[i] = int32_t(Status::kInvalidArgument);  // not every byte was delivered
+    if (s.status[i] == int32_t(Status::kOk) && verify_ && (o.flags & kHasChecksum) &&
+        s.hash[i].digest() != o.checksum) {
+      s.status[i] = int32_t(Status::kCorrupt);
+      hdr_->corrupt++;
+      if (objs_[id].state == kPublished) unlink_published(id);
+    }
+    status[i] = s.status[i];
+    unpin(s.pins[i]);
+  }
+}
+
 size_t Pool::remove(const std::string* keys, size_t n) {
   std::shared_lock<std::shared_mutex> cg(close_mu_);
   if (!base_) throw std::runtime_error("shm pool is closed");

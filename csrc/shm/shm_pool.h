@@ -61,6 +61,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "shm/copy_hash.h"
 
 namespace kvd::shm {
 
@@ -110,6 +111,23 @@ class Pool {
            size_t nseg, int32_t* status);
   void get(const std::string* keys, size_t n, const uint64_t* addrs, const uint64_t* sizes,
            size_t nseg, int32_t* status);
+  // Piecewise reads, for layer-by-layer loading: pin a batch of objects once,
+  // copy each object's bytes in consecutive pieces (one layer at a time, in
+  // object byte order, so the running checksum covers the object in order),
+  // then verify and unpin. Pinned objects are never evicted or overwritten
+  // while a session is open. Sessions must be ended (read_end) by their owner.
+  struct ReadSession;
+  // status[i]: kOk when pinned and the object's size equals total_sizes[i].
+  std::unique_ptr<ReadSession> read_begin(const std::string* keys, size_t n, const uint64_t* total_sizes,
+                                          int32_t* status);
+  // Copies the next bytes of objects [0, n) of the session (those still kOk):
+  // segment j of object i goes to addrs[i*nseg + j]. A piece that would run
+  // past an object's end fails that object with kInvalidArgument.
+  void read_next(ReadSession& s, size_t n, const uint64_t* addrs, const uint64_t* sizes, size_t nseg);
+  // Verifies checksums of objects read to their end and unpins everything.
+  // status[i] is kOk only when every byte of object i was delivered and verified.
+  void read_end(ReadSession& s, int32_t* status);
+  static size_t read_session_size(const ReadSession& s);
   size_t remove(const std::string* keys, size_t n);
   Status put_one(const std::string& key, const void* data, size_t size);
   // get_bytes in two steps: pin (learn the size), then read into a buffer of that size.
@@ -162,6 +180,18 @@ class Pool {
   std::shared_mutex close_mu_;  // ops shared, close exclusive
   std::string hold_phase_, hold_marker_;
   double hold_seconds_ = 0;
+};
+
+// State of a piecewise read (see Pool::read_begin); owned by the caller.
+struct Pool::ReadSession {
+  std::vector<uint32_t> pins;   // kNil where not pinned
+  std::vector<uint32_t> block;  // current block of each object
+  std::vector<uint64_t> boff;   // offset inside that block
+  std::vector<uint64_t> pos;    // bytes delivered so far
+  std::vector<uint64_t> size;   // object sizes
+  std::vector<CopyHasher> hash;
+  std::vector<int32_t> status;
+  bool ended = false;
 };
 
 }  // namespace kvd::shm

@@ -629,26 +629,23 @@ class LayerwiseLoad:
     def _run(self):
         c = self.cache
         layers = len(self._events)
-        ranged = getattr(c.store, "get_range", None) if not c._stage else None
+        piecewise = getattr(c.store, "open_read", None) if not c._stage else None
         try:
-            if ranged is None:
+            if piecewise is None:  # whole objects: every layer completes at once
                 self.status[:] = c._get(self._keys, c.layout.plan(self._page_slots))
                 for l in range(layers):
                     self._ok_after_layer[l] = first_failure(self.status)
                     self._events[l].set()
                 return
-            offsets = c.layout.layer_offsets()
-            alive = self.n_pages
-            for l in range(layers):
-                if alive:
-                    sub = c.layout.plan_layer(self._page_slots[:alive], l)
-                    st = np.asarray(ranged(self._keys[:alive], sub, int(offsets[l])), dtype=np.int32)
-                    view = self.status[:alive]
-                    upd = (st != OK) & (view == OK)
-                    view[upd] = st[upd]
-                    alive = first_failure(self.status)
-                self._ok_after_layer[l] = alive
-                self._events[l].set()
+            obj = np.full(self.n_pages, c.layout.page_bytes, dtype=np.uint64)
+            with piecewise(self._keys, obj) as rd:
+                alive = first_failure(rd.status)
+                for l in range(layers):  # layer l is the next bytes of every page object
+                    if alive:
+                        rd.read(c.layout.plan_layer(self._page_slots[:alive], l))
+                    self._ok_after_layer[l] = alive
+                    self._events[l].set()
+            self.status[:] = rd.end()
         except Exception as e:
             c._store_failed("get", e)
             self.status[:] = UNAVAILABLE

@@ -99,6 +99,10 @@ class ShmStore(Store):
     def remove(self, keys: Sequence[str]) -> int:
         return int(self._pool.remove(keys))
 
+    def open_read(self, keys: Sequence[str], object_sizes) -> "PiecewiseRead":
+        """Pin objects and read them piece by piece (layer-wise loads); see PiecewiseRead."""
+        return PiecewiseRead(self._pool, keys, object_sizes)
+
     def put_bytes(self, key: str, data) -> bool:
         return self._pool.put_bytes(key, data) == OK
 
@@ -135,6 +139,36 @@ class ShmStore(Store):
 
     def __repr__(self) -> str:
         return f"ShmStore({self.name!r}, path={self.path!r}, checksum={'on' if self.checksum else 'off'})"
+
+
+class PiecewiseRead:
+    """A batch of pinned objects read in consecutive pieces (one layer at a time).
+
+    ``status`` starts as the per-key result of pinning; ``read(scatter, n)`` copies
+    the next bytes of the first ``n`` objects; ``end()`` verifies checksums, unpins
+    and returns the final status (OK only for objects delivered whole and verified).
+    Always call ``end()`` (or use it as a context manager): pins are held until then.
+    """
+
+    def __init__(self, pool, keys, object_sizes):
+        self._pool = pool
+        sizes = np.ascontiguousarray(object_sizes, dtype=np.uint64)
+        self._session, self.status = pool.read_begin(keys, sizes)
+        self._final = None
+
+    def read(self, scatter: ScatterList) -> None:
+        self._pool.read_next(self._session, scatter.addrs, scatter.sizes)
+
+    def end(self) -> np.ndarray:
+        if self._final is None:
+            self._final = self._pool.read_end(self._session)
+        return self._final
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.end()
 
 
 def destroy_pool(name: str, missing_ok: bool = False) -> bool:
