@@ -131,6 +131,8 @@ def _close_cache(cache) -> None:
 
 
 # -- the two instances ----------------------------------------------------------
+_ORDERS = (("baseline", "ideal", "kvdirect"), ("kvdirect", "baseline", "ideal"), ("baseline", "kvdirect", "ideal"))
+
 def _instance(role: str, cfg_dict: dict, store_url: str | None, events, a_done) -> None:
     """Process body of instance A or B; reports through ``events``."""
     try:
@@ -169,13 +171,17 @@ def _instance(role: str, cfg_dict: dict, store_url: str | None, events, a_done) 
             keep = ideal_prefix_len(cfg, reuse)
             recs = {m: [] for m in cfg.modes}
             for i, prompt in enumerate(prompts_b(cfg, li, docs)):
-                base = engine.serve(prompt, cfg.output_len, keep=keep if "ideal" in cfg.modes else 0)
-                recs["baseline"].append(base)
-                if "ideal" in cfg.modes:
-                    ideal.write_back(prompt[:keep], base.kept_slots)  # now resident, no transfer
-                # alternate the order of ideal and kvdirect so drift on a noisy machine hits both alike
-                for mode in (("ideal", "kvdirect") if i % 2 == 0 else ("kvdirect", "ideal")):
-                    if mode == "ideal" and "ideal" in cfg.modes:
+                # rotate the order of the three runs so drift on a noisy machine hits each alike;
+                # ideal needs the baseline's KV of the shared prefix, so it always follows it
+                for mode in _ORDERS[i % len(_ORDERS)]:
+                    if mode != "kvdirect":
+                        _make_room(engine, cache, 2 * (cfg.prompt_len + cfg.output_len + cfg.page_size))
+                    if mode == "baseline":
+                        base = engine.serve(prompt, cfg.output_len, keep=keep if "ideal" in cfg.modes else 0)
+                        recs["baseline"].append(base)
+                        if "ideal" in cfg.modes:
+                            ideal.write_back(prompt[:keep], base.kept_slots)  # now resident, no transfer
+                    elif mode == "ideal" and "ideal" in cfg.modes:
                         recs["ideal"].append(engine.serve(prompt, cfg.output_len, cache=ideal))
                         ideal.clear()
                     elif mode == "kvdirect" and cache is not None:
@@ -187,6 +193,14 @@ def _instance(role: str, cfg_dict: dict, store_url: str | None, events, a_done) 
     except BaseException:
         events.put(("error", role, traceback.format_exc()))
         raise SystemExit(1)
+
+
+def _make_room(engine, cache, num_tokens: int) -> None:
+    """Baseline and ideal runs do not go through kvdirect's cache, so they cannot
+    evict from it on their own: free device pages it holds when they need room."""
+    short = num_tokens - engine.allocator.free_slots_count
+    if cache is not None and short > 0:
+        cache.evict(short)
 
 
 def _stats(ms: list[float], mode: str) -> dict:
