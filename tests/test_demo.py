@@ -100,3 +100,30 @@ def test_demo_kvdirect_two_instances_share_the_pool():
     assert runs[0.5]["bytes_loaded"] == 2 * 80 * SMALL.kv_bytes_per_token()
     for r in runs.values():
         assert r["outputs_identical"] and r["max_logit_diff"] <= 1e-4
+
+
+def test_instance_a_then_b_through_the_cache_protocol():
+    """The demo's A/B orchestration in one process, with the test-only
+    store-backed cache standing in for KVDirectCache (two engines, one store)."""
+    from test_engine import StoreBackedCache
+
+    from kvdirect.demo import serve_documents, serve_levels
+    from kvdirect.engine import Engine
+
+    cfg = small_cfg(prompts=3)
+    store = {}
+    a = Engine.build(SMALL, num_slots=cfg.num_slots, page_size=16)
+    b = Engine(a.model, type(a.pool).for_model(SMALL, cfg.num_slots, page_size=16))
+    docs = documents(cfg)
+    ca, cb = StoreBackedCache(a.pool, store), StoreBackedCache(b.pool, store)
+    assert len(serve_documents(cfg, a, ca, docs)) == 3
+    runs = {r["reuse"]: r for r in serve_levels(cfg, b, cb, docs)}
+    bpt = SMALL.kv_bytes_per_token()
+    for reuse, hit in ((0.0, 0), (0.5, 80), (1.0, 144)):
+        r = runs[reuse]
+        assert r["outputs_identical"] and r["outputs_identical_kvdirect"] and r["max_logit_diff"] <= 1e-4
+        assert r["hit_rate"] == pytest.approx(hit / 160) == pytest.approx(r["ideal_hit_rate"])
+        assert r["bytes_loaded"] == 3 * hit * bpt  # every hit came from the pool: B's device pool started cold
+        assert {"ttft_reduction", "ttft_reduction_ideal", "kvdirect_over_ideal", "ttft_p99_ms_kvdirect"} <= set(r)
+    cb.clear()
+    assert b.allocator.free_pages == b.allocator.num_pages  # no slot leaked across 9 x 3 requests

@@ -139,7 +139,7 @@ def _instance(role: str, cfg_dict: dict, store_url: str | None, events, a_done) 
         cfg = DemoConfig(**cfg_dict)
         import torch
 
-        from kvdirect.engine import DevicePrefixCache, Engine, weights_digest
+        from kvdirect.engine import Engine, weights_digest
 
         engine = Engine.build(cfg.spec, num_slots=cfg.num_slots, page_size=cfg.page_size, device=cfg.device)
         digest = weights_digest(engine.model)
@@ -150,49 +150,66 @@ def _instance(role: str, cfg_dict: dict, store_url: str | None, events, a_done) 
         events.put(("ready", role, {"digest": digest, "threads": torch.get_num_threads()}))
         use_kvd = "kvdirect" in cfg.modes
         docs = documents(cfg)
+        step = lambda: events.put(("step", role, 1))  # noqa: E731
         if role == "A":
-            out = {"ttft_ms": [], "digest": digest}
             cache = open_kvdirect_cache(engine, store_url, model_id) if use_kvd else None
-            for i, doc in enumerate(docs):
-                r = engine.serve(doc, cfg.output_len, cache=cache)
-                out["ttft_ms"].append(r.ttft_s * 1e3)
-                events.put(("step", role, 1))
+            ttft_ms = serve_documents(cfg, engine, cache, docs, step)
             _close_cache(cache)  # flush: every page of A is in the pool before B starts
-            events.put(("done", role, out))
+            events.put(("done", role, {"ttft_ms": ttft_ms, "digest": digest}))
             return
         a_done.wait()
         cache = open_kvdirect_cache(engine, store_url, model_id) if use_kvd else None
-        ideal = DevicePrefixCache(cfg.page_size, engine.allocator.free)
-        levels = []
-        for li, reuse in enumerate(cfg.reuse):
-            if cache is not None:  # B's device pool starts each level cold: hits must come from the pool
-                cache.flush()
-                cache.evict(engine.pool.num_slots)
-            keep = ideal_prefix_len(cfg, reuse)
-            recs = {m: [] for m in cfg.modes}
-            for i, prompt in enumerate(prompts_b(cfg, li, docs)):
-                # rotate the order of the three runs so drift on a noisy machine hits each alike;
-                # ideal needs the baseline's KV of the shared prefix, so it always follows it
-                for mode in _ORDERS[i % len(_ORDERS)]:
-                    if mode != "kvdirect":
-                        _make_room(engine, cache, 2 * (cfg.prompt_len + cfg.output_len + cfg.page_size))
-                    if mode == "baseline":
-                        base = engine.serve(prompt, cfg.output_len, keep=keep if "ideal" in cfg.modes else 0)
-                        recs["baseline"].append(base)
-                        if "ideal" in cfg.modes:
-                            ideal.write_back(prompt[:keep], base.kept_slots)  # now resident, no transfer
-                    elif mode == "ideal" and "ideal" in cfg.modes:
-                        recs["ideal"].append(engine.serve(prompt, cfg.output_len, cache=ideal))
-                        ideal.clear()
-                    elif mode == "kvdirect" and cache is not None:
-                        recs["kvdirect"].append(engine.serve(prompt, cfg.output_len, cache=cache))
-                events.put(("step", role, 1))
-            levels.append(_summarise_level(cfg, reuse, recs, engine.pool.bytes_per_token))
+        levels = serve_levels(cfg, engine, cache, docs, step)
         _close_cache(cache)
         events.put(("done", role, {"levels": levels, "digest": digest}))
     except BaseException:
         events.put(("error", role, traceback.format_exc()))
         raise SystemExit(1)
+
+
+def serve_documents(cfg: DemoConfig, engine, cache, docs, step=lambda: None) -> list[float]:
+    """Instance A: serve (and so write back) every document; returns TTFTs in ms."""
+    out = []
+    for doc in docs:
+        out.append(engine.serve(doc, cfg.output_len, cache=cache).ttft_s * 1e3)
+        step()
+    return out
+
+
+def serve_levels(cfg: DemoConfig, engine, cache, docs, step=lambda: None) -> list[dict]:
+    """Instance B: every reuse level, each prompt as baseline, ideal and kvdirect
+    (``cache``; None skips that mode). Returns one summary per level."""
+    from kvdirect.engine import DevicePrefixCache
+
+    ideal = DevicePrefixCache(cfg.page_size, engine.allocator.free)
+    levels = []
+    for li, reuse in enumerate(cfg.reuse):
+        if cache is not None:  # B's device pool starts each level cold: hits must come from the pool
+            cache.flush()
+            cache.evict(engine.pool.num_slots)
+        keep = ideal_prefix_len(cfg, reuse)
+        recs = {m: [] for m in cfg.modes if m != "kvdirect" or cache is not None}
+        for i, prompt in enumerate(prompts_b(cfg, li, docs)):
+            # rotate the order of the three runs so drift on a noisy machine hits each alike;
+            # ideal needs the baseline's KV of the shared prefix, so it always follows it
+            for mode in _ORDERS[i % len(_ORDERS)]:
+                if mode not in recs:
+                    continue
+                if mode != "kvdirect":
+                    _make_room(engine, cache, 2 * (cfg.prompt_len + cfg.output_len + cfg.page_size))
+                if mode == "baseline":
+                    base = engine.serve(prompt, cfg.output_len, keep=keep if "ideal" in recs else 0)
+                    recs["baseline"].append(base)
+                    if "ideal" in recs:
+                        ideal.write_back(prompt[:keep], base.kept_slots)  # now resident, no transfer
+                elif mode == "ideal":
+                    recs["ideal"].append(engine.serve(prompt, cfg.output_len, cache=ideal))
+                    ideal.clear()
+                else:
+                    recs["kvdirect"].append(engine.serve(prompt, cfg.output_len, cache=cache))
+            step()
+        levels.append(_summarise_level(cfg, reuse, recs, engine.pool.bytes_per_token))
+    return levels
 
 
 def _make_room(engine, cache, num_tokens: int) -> None:
