@@ -218,3 +218,18 @@ def test_two_engines_share_a_store_through_the_cache_protocol(model):
     for eng, c in ((a, ca), (b, cb)):
         c.clear()
         assert eng.allocator.free_pages == eng.allocator.num_pages
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prefix_reuse_on_cuda_matches_full_prefill():
+    spec = ModelSpec(**{**SMALL.to_dict()})
+    eng = Engine.build(spec, num_slots=2048, page_size=P, device="cuda")
+    assert eng.pool.k.is_cuda
+    doc, prompt = rand_tokens(7, 8 * P), rand_tokens(8, 8 * P)
+    prompt[:4 * P] = doc[:4 * P]
+    base = eng.serve(prompt, 4)
+    cache = DevicePrefixCache(P, eng.allocator.free)
+    eng.serve(doc, 4, cache=cache)
+    r = eng.serve(prompt, 4, cache=cache)
+    assert r.cached_tokens == 4 * P and r.output_ids == base.output_ids
+    assert float((r.first_logits - base.first_logits).abs().max()) <= 1e-3
