@@ -127,3 +127,10 @@ def test_instance_a_then_b_through_the_cache_protocol():
         assert {"ttft_reduction", "ttft_reduction_ideal", "kvdirect_over_ideal", "ttft_p99_ms_kvdirect"} <= set(r)
     cb.clear()
     assert b.allocator.free_pages == b.allocator.num_pages  # no slot leaked across 9 x 3 requests
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kvdirect.cache") is not None,
+                    reason="this build has KVDirectCache; the missing-component message cannot show")
+def test_kvdirect_mode_without_the_cache_fails_clearly():
+    r = run_cli("demo", *SMALL_ARGS, "--reuse", "0", check=False)
+    assert r.returncode == 2 and "--modes baseline,ideal" in r.stderr and "Traceback" not in r.stderr

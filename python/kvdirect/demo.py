@@ -124,6 +124,20 @@ def open_kvdirect_cache(engine, store_url: str, model_id: str):
     return KVDirectCache(layout, store, page_size=pool.page_size, free_slots=pool.allocator.free)
 
 
+def _check_kvdirect_available(store_url: str | None) -> None:
+    """Fail before starting processes when this build lacks what kvdirect mode needs."""
+    import importlib.util
+
+    from kvdirect.stores import SCHEMES, parse_url
+
+    scheme = parse_url(store_url).scheme if store_url else "shm"
+    needed = ["kvdirect.cache", "kvdirect.layout", SCHEMES.get(scheme, f"kvdirect.stores.{scheme}")]
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise KVDirectError(f"kvdirect mode needs {', '.join(missing)}, which this build does not have; "
+                            "run with --modes baseline,ideal to measure without it")
+
+
 def _close_cache(cache) -> None:
     if cache is not None:
         cache.flush()
@@ -322,6 +336,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, timeout_s: float = 3600)
     use_kvd = "kvdirect" in cfg.modes
     pool_store = None
     store_url = cfg.store_url
+    if use_kvd:
+        _check_kvdirect_available(store_url)
     if use_kvd and store_url is None:
         # bytes the pool must hold: A's documents + every prompt B writes back
         need = cfg.prompts * (1 + len(cfg.reuse)) * (cfg.prompt_len + cfg.output_len) * cfg.spec.kv_bytes_per_token()
