@@ -118,10 +118,13 @@ def open_kvdirect_cache(engine, store_url: str, model_id: str):
     except (ImportError, AttributeError) as e:
         raise KVDirectError(f"kvdirect mode needs kvdirect.KVDirectCache, KVLayout and the store "
                             f"({e}); run with --modes baseline,ideal to skip it") from None
+    from kvdirect.config import CacheConfig
+
     pool = engine.pool
-    layout = KVLayout.from_mha(pool.k_buffers, pool.v_buffers, page_size=pool.page_size, model=model_id)
+    layout = KVLayout.from_mha(pool.k_buffers, pool.v_buffers, page_size=pool.page_size)
     store = open_store(store_url)
-    return KVDirectCache(layout, store, page_size=pool.page_size, free_slots=pool.allocator.free)
+    return KVDirectCache(layout, store, page_size=pool.page_size, free_slots=pool.allocator.free,
+                         config=CacheConfig(store=None, model=model_id, allow_no_store=False))
 
 
 def _check_kvdirect_available(store_url: str | None) -> None:
