@@ -130,7 +130,8 @@ class MooncakeStore(Store):
         self._closed = False
         self._counts = {"put_keys": 0, "put_ok": 0, "get_keys": 0, "get_ok": 0, "put_bytes": 0, "get_bytes": 0,
                         "exists_calls": 0, "failed_by_status": {}}
-        if client is not None:  # an already set-up client (tests, or a caller sharing one)
+        self._owns_client = client is None
+        if client is not None:  # an already set-up client (tests, or a caller sharing one): not closed by us
             self._client = client
             return
         cls = import_client()
@@ -310,7 +311,7 @@ class MooncakeStore(Store):
             return
         self._closed = True
         client = getattr(self, "_client", None)
-        if client is not None and self._runner.abandoned == 0:
+        if client is not None and self._owns_client and self._runner.abandoned == 0:
             try:
                 self._runner.call(client.close)
             except (CallTimeout, CallUnavailable, RuntimeError) as e:
