@@ -471,7 +471,8 @@ def test_flaky_store_failed_gets_are_reported_and_scribbled(fake):
         same = np.array_equal(page(dst, sc_d, i), page(src, sc, i))
         assert same != failed[i]  # OK pages are exact; failed pages hold garbage
     # reproducible with the same seed
-    again, _, sc2, _, sc2_d, _ = _flaky_setup(FakeMemcacheModule(), fail_rate=0.3, seed=1, fail_ops=("get",))
+    # keep every returned array alive: the scatter lists point into them
+    again, src2, sc2, dst2, sc2_d, _ = _flaky_setup(FakeMemcacheModule(), fail_rate=0.3, seed=1, fail_ops=("get",))
     assert (again.put(k, sc2) == base.OK).all()
     assert np.array_equal(again.get(k, sc2_d) != base.OK, failed)
 
@@ -481,7 +482,7 @@ def test_flaky_store_put_failures_and_put_lands(fake):
     st = flaky.put(k, sc)
     assert set(np.unique(st).tolist()) == {base.OK, base.TIMEOUT}
     assert np.array_equal(flaky.exists(k), st == base.OK)  # failed puts were not stored
-    lands, _, sc2, *_ = _flaky_setup(FakeMemcacheModule(), fail_rate=0.5, seed=2, fail_ops=("put",),
+    lands, src2, sc2, *rest = _flaky_setup(FakeMemcacheModule(), fail_rate=0.5, seed=2, fail_ops=("put",),
                                      put_lands=True)
     st = lands.put(k, sc2)
     assert (st != base.OK).any() and lands.exists(k).all()  # reported failed, yet stored
