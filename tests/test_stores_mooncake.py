@@ -220,6 +220,33 @@ def test_unregistered_memory_policy(master, store):
 
 
 @needs_mooncake
+def test_reregistering_reused_memory(master):
+    """Memory freed and reallocated at an overlapping address: registering it again must work
+    (the stale registration is dropped first; Mooncake itself refuses overlapping ones)."""
+    with open_store(master.store_url + "&segment=0&require_registered=1") as s:
+        mem = np.zeros(1 << 16, np.uint8)
+        a = mem.ctypes.data
+        s.register(a, 4096)
+        s.register(a + 1024, 1024)       # inside a registered region: nothing to do
+        assert s.stats()["registered_regions"] == 1
+        s.register(a + 2048, 8192)       # overlaps the first: replaces it
+        s.register(a, 1 << 16)           # same start, longer: replaces again
+        assert s.stats()["registered_regions"] == 1
+        src = Pages(s, 2, layers=2, seg=256, fill=11, register=False)
+        s.register(src.mem.ctypes.data, src.mem.nbytes)
+        k = keys("rereg", 2)
+        assert (s.put(k, src.scatter) == base.OK).all()
+        out = np.zeros(1 << 16, np.uint8)
+        s.register(out.ctypes.data, out.nbytes)
+        dst = ScatterList(out.ctypes.data + np.arange(4, dtype=np.uint64).reshape(2, 2) * 256,
+                          np.full((2, 2), 256, np.uint64))
+        assert (s.get(k, dst) == base.OK).all()
+        assert np.array_equal(out[:512], src.page_bytes(0)) and np.array_equal(out[512:1024], src.page_bytes(1))
+        s.unregister(out.ctypes.data)
+        assert (s.get(k, dst) == base.INVALID_ARGUMENT).all()
+
+
+@needs_mooncake
 def test_bytes_round_trip(store):
     k = keys("bytes", 2)
     assert store.put_bytes(k[0], b"\x00kv\xffdirect")

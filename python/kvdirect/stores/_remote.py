@@ -126,6 +126,13 @@ class Regions:
             self._starts, self._ends, self._tags = self._starts[keep], self._ends[keep], self._tags[keep]
             return True
 
+    def overlapping(self, addr: int, length: int) -> list[int]:
+        """Starts of the regions that share at least one byte with [addr, addr+length)."""
+        a, e = np.uint64(int(addr)), np.uint64(int(addr) + int(length))
+        with self._lock:
+            hit = (self._starts < e) & (self._ends > a)
+            return [int(x) for x in self._starts[hit]]
+
     def containing(self, addrs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
         """Index of the region holding each segment entirely, -1 where none does (same shape as addrs)."""
         a = np.asarray(addrs, np.uint64)

@@ -32,7 +32,10 @@ sockets and reads/writes any address of this process, so segments outside
 registered regions still work (tested). With RDMA the NIC can only use
 registered memory, so by default (``require_registered`` = protocol is not tcp)
 keys with an unregistered segment fail with INVALID_ARGUMENT before any call,
-instead of a transfer error deep inside the transport.
+instead of a transfer error deep inside the transport. Call ``unregister(addr)``
+before freeing a registered region; a new region overlapping earlier ones is taken
+as memory that was freed and reused: the stale registrations are dropped first
+(Mooncake refuses overlapping registrations).
 """
 from __future__ import annotations
 
@@ -234,17 +237,35 @@ class MooncakeStore(Store):
     # ------------------------------------------------------------------ Store interface
 
     def register(self, addr: int, length: int) -> None:
+        """register_buffer once per region. A new region overlapping earlier ones means that memory
+        was freed and reused (two live allocations cannot overlap): the stale registrations are
+        dropped first, since Mooncake refuses overlapping ones (INVALID_PARAMS)."""
         with self._reg_lock:
-            if not self._regions.add(addr, length):
+            if self._regions.covered(np.array([[int(addr)]], np.uint64), np.array([[int(length)]], np.uint64))[0]:
                 return  # already registered: once per region
+            for start in self._regions.overlapping(addr, length):
+                self._unregister_locked(start)
+            self._regions.add(addr, length)
             try:
                 rc = self._call("register_buffer", int(addr), int(length))
             except (CallTimeout, CallUnavailable) as e:
                 rc = f"no answer ({e})"
             if rc != 0:
-                # forget it so that a retry re-registers, and say what happened
-                self._regions.remove(addr)
+                self._regions.remove(addr)  # so that a retry re-registers
                 raise StoreError(f"Mooncake register_buffer(0x{int(addr):x}, {int(length)}) failed: {rc}")
+
+    def _unregister_locked(self, start: int) -> None:
+        try:
+            self._call("unregister_buffer", int(start))
+        except (CallTimeout, CallUnavailable) as e:
+            log.warning("mooncake unregister_buffer(0x%x): %s", start, e)
+        self._regions.remove(start)
+
+    def unregister(self, addr: int) -> None:
+        """Forget a region registered at addr (before freeing that memory)."""
+        with self._reg_lock:
+            if int(addr) in self._regions.overlapping(addr, 1):
+                self._unregister_locked(int(addr))
 
     def exists(self, keys) -> np.ndarray:
         keys = base.check_keys(keys)
