@@ -47,7 +47,7 @@ from kvdirect.config import CacheConfig
 from kvdirect.errors import ConfigError, KVDirectError
 from kvdirect.index import PrefixIndex
 from kvdirect.stores import ScatterList, Store, open_store
-from kvdirect.stores.base import OK, UNAVAILABLE
+from kvdirect.stores.base import OK, TIMEOUT, UNAVAILABLE
 
 log = logging.getLogger("kvdirect")
 
@@ -184,6 +184,7 @@ class KVDirectCache:
         self._inflight_pages = 0
         self._inflight_cv = threading.Condition()
         self._closed = False
+        self._quarantine: list = []  # slots a timed-out get may still write; freed once quiet
 
     # ---- helpers -------------------------------------------------------------
     def _register_memory(self):
@@ -328,6 +329,16 @@ class KVDirectCache:
                 status = np.full(n_pages, UNAVAILABLE, dtype=np.int32)
         return self._finish_load(m, slots, n_pages, status, t0)
 
+    def _quiesced(self, timeout: float = 0.0) -> bool:
+        """True when no store call that timed out can still write device memory."""
+        q = getattr(self.store, "quiesce", None)
+        return True if q is None else bool(q(timeout))
+
+    def _release_quarantine(self) -> None:
+        if self._quarantine and self._quiesced():
+            slots, self._quarantine = np.concatenate(self._quarantine), []
+            self.free_slots(slots)
+
     def _plan_count(self, m: CacheMatch, slots: np.ndarray) -> int:
         n_pages = min(len(slots) // self.page_size, m.pool_len // self.page_size)
         if self.store is None:
@@ -371,7 +382,11 @@ class KVDirectCache:
             n_ok = self._reduce(n_ok)  # every TP rank uses the same number of pages
         unused = slots[n_ok * P:]
         if unused.size:
-            self.free_slots(unused)
+            if status is not None and (status == TIMEOUT).any() and not self._quiesced():
+                # a timed-out get may still be writing these slots: hold them until it is over
+                self._quarantine.append(unused)
+            else:
+                self.free_slots(unused)
         if n_ok:
             new_len = m.device_len + n_ok * P
             all_slots = np.concatenate([m.device_slots, slots[: n_ok * P]])
@@ -501,6 +516,7 @@ class KVDirectCache:
 
     def poll(self) -> int:
         """Apply finished writes (scheduler thread). Returns how many jobs were applied."""
+        self._release_quarantine()
         n = 0
         while self._done:
             job, status, existed, err = self._done.popleft()
@@ -580,6 +596,7 @@ class KVDirectCache:
                             "p99": float(np.percentile(a, 99)), "count": int(a.size)} if a.size else
                            {"count": 0})
         d["inflight_pages"] = self._inflight_pages
+        d["quarantined_slots"] = int(sum(len(q) for q in self._quarantine))
         d["pending_completions"] = len(self._done)
         d["store"] = None if self.store is None else self.store.scheme
         d["store_available"] = self._store_ok()
