@@ -185,6 +185,7 @@ class KVDirectCache:
         self._inflight_cv = threading.Condition()
         self._closed = False
         self._quarantine: list = []  # slots a timed-out get may still write; freed once quiet
+        self._late_puts: list = []   # (job, page idx) whose put timed out; pinned until quiet
 
     # ---- helpers -------------------------------------------------------------
     def _register_memory(self):
@@ -335,9 +336,19 @@ class KVDirectCache:
         return True if q is None else bool(q(timeout))
 
     def _release_quarantine(self) -> None:
-        if self._quarantine and self._quiesced():
+        if not (self._quarantine or self._late_puts) or not self._quiesced():
+            return
+        if self._quarantine:
             slots, self._quarantine = np.concatenate(self._quarantine), []
             self.free_slots(slots)
+        for job, idx in self._late_puts:
+            # a put that completed after its timeout may hold torn bytes: drop it, then unpin
+            try:
+                self.store.remove([job.keys[i] for i in idx])
+            except Exception as e:
+                self._store_failed("remove", e)
+            self.index.set_pool_state(job.tokens, job.namespace, job.pages[idx], UNKNOWN, WRITING)
+        self._late_puts = []
 
     def _plan_count(self, m: CacheMatch, slots: np.ndarray) -> int:
         n_pages = min(len(slots) // self.page_size, m.pool_len // self.page_size)
@@ -529,8 +540,11 @@ class KVDirectCache:
                     self._stats.c["store_failed_pages"] += len(pages)
                 continue
             ok = status == OK
+            late = status == TIMEOUT  # the put may still be reading the pages: keep them pinned
             self.index.set_pool_state(job.tokens, job.namespace, pages[ok], IN_POOL, WRITING)
-            self.index.set_pool_state(job.tokens, job.namespace, pages[~ok], UNKNOWN, WRITING)
+            self.index.set_pool_state(job.tokens, job.namespace, pages[~ok & ~late], UNKNOWN, WRITING)
+            if late.any():
+                self._late_puts.append((job, np.flatnonzero(late)))
             written = int(ok.sum()) - existed
             with self._stats.lock:
                 c = self._stats.c
