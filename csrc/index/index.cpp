@@ -37,7 +37,8 @@ struct PrefixIndex::Node {
   std::vector<uint8_t> has_digest;  // n_pages, empty until first digest
   int64_t n_pages = 0, n_dev = 0;
   int64_t end_depth = 0;  // pages from the namespace root to this node's end
-  int64_t lock_ref = 0;
+  int64_t lock_ref = 0;  // locks on this node's path end or below
+  int64_t own_locks = 0;  // lock(node) calls on this very handle not yet unlocked
   int64_t own_writing = 0, last_writing = -1;
   int64_t pin_sub = 0;  // WRITING pages in this subtree, this node included
   int64_t dev_children = 0;
@@ -651,6 +652,7 @@ Status PrefixIndex::lock(uint64_t id) {
   if (id == 0) return Status::kOk;
   Node* n = resolve(id);
   if (!n) return Status::kNotFound;
+  n->own_locks++;
   for (Node* x = n; !x->is_root; x = x->parent) {
     x->lock_ref++;
     refresh(x);
@@ -663,7 +665,8 @@ Status PrefixIndex::unlock(uint64_t id) {
   if (id == 0) return Status::kOk;
   Node* n = resolve(id);
   if (!n) return Status::kNotFound;
-  if (n->lock_ref <= 0) return Status::kInvalidArgument;
+  if (n->own_locks <= 0) return Status::kInvalidArgument;  // unlock must pair with lock(node)
+  n->own_locks--;
   std::vector<Node*> zeroed;
   for (Node* x = n; !x->is_root; x = x->parent) {
     x->lock_ref--;

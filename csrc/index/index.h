@@ -126,7 +126,8 @@ class PrefixIndex {
                            int64_t digest_rows);
 
   Status lock(uint64_t node);
-  Status unlock(uint64_t node);  // kInvalidArgument if not locked
+  // kInvalidArgument unless this very handle holds a lock(node) not yet undone.
+  Status unlock(uint64_t node);
 
   // Applies op to path pages [first_page, first_page + n_pages) of `tokens`
   // (walking the tree by tokens, so node splits do not matter). Pages the index
