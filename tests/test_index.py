@@ -389,8 +389,10 @@ def test_slots_extra_entries_ignored_and_int32_widened():
     (np.arange(8, dtype=">i8"), "big-endian"),
     ("abcd", "integer"),
     (b"abcdefgh", "format"),
-    ([1.5, 2.5, 3.5, 4.5], "int32 or int64"),
-    ([2**70, 1, 2, 3], "int32 or int64"),
+    ([1.5, 2.5, 3.5, 4.5], "expected an int token id"),
+    ((1, 2, None, 4), "expected an int token id"),
+    ([True, False, True, False], "expected an int token id"),
+    ([2**70, 1, 2, 3], "does not fit in int64"),
     (object(), "1-D|int32 or int64"),
 ])
 def test_bad_tokens_raise_config_error(bad, msg):
