@@ -25,7 +25,11 @@ struct PrefixIndex::Node {
   Node* hnext = nullptr;  // next sibling with the same first-page hash
   uint64_t hkey = 0;      // hash of this node's first page
   std::unordered_map<uint64_t, Node*> children;
-  std::vector<int64_t> tokens;      // n_pages * P
+  // Token ids, n_pages * P: int32 when every id of the node fits (the usual
+  // case: half the bytes to compare), else int64. Keys are values either way.
+  std::vector<int64_t> tokens;
+  std::vector<int32_t> tokens32;
+  bool narrow = false;
   // Device slots, either one entry per slot (runs == false) or, when every
   // device page's slots are consecutive (s, s+1, ..., s+P-1) -- what paged
   // allocators hand out -- one base slot per page: less memory, and match
@@ -93,7 +97,22 @@ inline int64_t first_mismatch(const int64_t* a, const int64_t* b, int64_t n) {
   return n;
 }
 
-inline int64_t first_mismatch(const int64_t* a, const int32_t* b, int64_t n) {
+inline int64_t first_mismatch(const int32_t* a, const int32_t* b, int64_t n) {
+  if (std::memcmp(a, b, n * sizeof(int32_t)) == 0) return n;
+  constexpr int64_t kBlock = 64;
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock)
+    if (std::memcmp(a + i, b + i, kBlock * sizeof(int32_t)) != 0) break;
+  for (; i < n; ++i)
+    if (a[i] != b[i]) return i;
+  return n;
+}
+
+// Mixed widths: compare values, 32 at a time, widening the int32 side.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+int64_t first_mismatch_mixed(const int64_t* a, const int32_t* b, int64_t n) {
   constexpr int64_t kBlock = 32;
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
@@ -105,6 +124,28 @@ inline int64_t first_mismatch(const int64_t* a, const int32_t* b, int64_t n) {
   for (; i < n; ++i)
     if (a[i] != static_cast<int64_t>(b[i])) return i;
   return n;
+}
+
+inline int64_t first_mismatch(const int64_t* a, const int32_t* b, int64_t n) {
+  return first_mismatch_mixed(a, b, n);
+}
+inline int64_t first_mismatch(const int32_t* a, const int64_t* b, int64_t n) {
+  return first_mismatch_mixed(b, a, n);
+}
+
+template <class T>
+inline bool fits_int32(const T* p, int64_t n) {
+  if (sizeof(T) == 4) return true;
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i)
+    bad |= static_cast<int64_t>(p[i]) != static_cast<int64_t>(static_cast<int32_t>(p[i]));
+  return bad == 0;
+}
+
+// Calls f with the node's token array, whichever width it is stored in.
+template <class N, class F>
+inline auto with_tokens(N* n, F&& f) {
+  return n->narrow ? f(n->tokens32.data()) : f(n->tokens.data());
 }
 
 // Writes base[p] + i for every page p and offset i < P: the slots of run pages.
@@ -132,8 +173,8 @@ inline bool pages_are_runs(const int64_t* s, int64_t pages, int64_t P) {
   return true;
 }
 
-template <class T>
-inline bool page_equal(const int64_t* a, const T* b, int64_t P) {
+template <class S, class T>
+inline bool page_equal(const S* a, const T* b, int64_t P) {
   return first_mismatch(a, b, P) == P;
 }
 
@@ -175,7 +216,7 @@ PrefixIndex::Node* PrefixIndex::find_child(Node* parent, const T* page) const {
   auto it = parent->children.find(page_hash(page, P_));
   if (it == parent->children.end()) return nullptr;
   for (Node* c = it->second; c; c = c->hnext)
-    if (page_equal(c->tokens.data(), page, P_)) return c;
+    if (with_tokens(c, [&](const auto* t) { return page_equal(t, page, P_); })) return c;
   return nullptr;
 }
 
@@ -184,7 +225,7 @@ template <class T>
 int64_t PrefixIndex::match_pages(const Node* n, const T* toks, int64_t max_pages) const {
   const int64_t lim = std::min(max_pages, n->n_pages);
   const int64_t len = lim * P_;
-  return first_mismatch(n->tokens.data(), toks, len) / P_;
+  return with_tokens(n, [&](const auto* t) { return first_mismatch(t, toks, len); }) / P_;
 }
 
 PrefixIndex::Node* PrefixIndex::new_node(Node* parent) {
@@ -197,7 +238,7 @@ PrefixIndex::Node* PrefixIndex::new_node(Node* parent) {
 
 void PrefixIndex::attach_child(Node* parent, Node* child) {
   child->parent = parent;
-  child->hkey = page_hash(child->tokens.data(), P_);
+  child->hkey = with_tokens(child, [&](const auto* t) { return page_hash(t, P_); });
   child->hnext = nullptr;
   auto [it, fresh] = parent->children.emplace(child->hkey, child);
   if (!fresh) {  // hash collision with a different first page: chain it
@@ -338,8 +379,14 @@ void PrefixIndex::write_slots(const Node* n, int64_t first, int64_t pages, int64
 PrefixIndex::Node* PrefixIndex::split(Node* n, int64_t k) {
   Node* m = new_node(n->parent);
   const int64_t kp = k * P_;
-  m->tokens.assign(n->tokens.begin(), n->tokens.begin() + kp);
-  n->tokens.erase(n->tokens.begin(), n->tokens.begin() + kp);
+  m->narrow = n->narrow;
+  if (n->narrow) {
+    m->tokens32.assign(n->tokens32.begin(), n->tokens32.begin() + kp);
+    n->tokens32.erase(n->tokens32.begin(), n->tokens32.begin() + kp);
+  } else {
+    m->tokens.assign(n->tokens.begin(), n->tokens.begin() + kp);
+    n->tokens.erase(n->tokens.begin(), n->tokens.begin() + kp);
+  }
   m->state.assign(n->state.begin(), n->state.begin() + k);
   n->state.erase(n->state.begin(), n->state.begin() + k);
   if (!n->has_digest.empty()) {
@@ -370,7 +417,7 @@ PrefixIndex::Node* PrefixIndex::split(Node* n, int64_t k) {
   *link = m;
   m->hnext = n->hnext;
   n->hnext = nullptr;
-  n->hkey = page_hash(n->tokens.data(), P_);
+  n->hkey = with_tokens(n, [&](const auto* t) { return page_hash(t, P_); });
   m->children.emplace(n->hkey, n);
   n->parent = m;
   m->dev_children = n->n_dev > 0 ? 1 : 0;
@@ -442,7 +489,10 @@ void PrefixIndex::truncate_from(Node* n, int64_t j) {
     return;
   }
   pool_erase(n);
-  n->tokens.resize(j * P_);
+  if (n->narrow)
+    n->tokens32.resize(j * P_);
+  else
+    n->tokens.resize(j * P_);
   n->state.resize(j);
   if (!n->has_digest.empty()) {
     n->has_digest.resize(j);
@@ -567,8 +617,12 @@ int64_t PrefixIndex::insert_t(const T* toks, int64_t n_pages, const int64_t* slo
     if (!c) {  // the rest is new: one node
       const int64_t cnt = n_pages - pos;
       c = new_node(node);
-      c->tokens.resize(cnt * P_);
-      for (int64_t i = 0; i < cnt * P_; ++i) c->tokens[i] = static_cast<int64_t>(toks[pos * P_ + i]);
+      const T* src = toks + pos * P_;
+      c->narrow = fits_int32(src, cnt * P_);
+      if (c->narrow)
+        c->tokens32.assign(src, src + cnt * P_);
+      else
+        c->tokens.assign(src, src + cnt * P_);
       c->n_pages = cnt;
       c->end_depth = node->is_root ? cnt : node->end_depth + cnt;
       if (pool_only) {
@@ -941,7 +995,8 @@ std::string PrefixIndex::check_node(const Node* n, int64_t* dev, int64_t* prot, 
   for (auto& kv : n->children)
     for (const Node* c = kv.second; c; c = c->hnext) {
       if (c->parent != n) e << "node " << c->id << ": bad parent; ";
-      if (c->hkey != kv.first || page_hash(c->tokens.data(), P_) != c->hkey)
+      if (c->hkey != kv.first ||
+          with_tokens(c, [&](const auto* t) { return page_hash(t, P_); }) != c->hkey)
         e << "node " << c->id << ": bad hash key; ";
       if (c->n_pages <= 0) e << "node " << c->id << ": empty; ";
       if (c->end_depth != (n->is_root ? 0 : n->end_depth) + c->n_pages)
@@ -963,7 +1018,8 @@ std::string PrefixIndex::check_node(const Node* n, int64_t* dev, int64_t* prot, 
   }
   (*count)++;
   if (n->dev_children != devc) e << "node " << n->id << ": dev_children; ";
-  if ((int64_t)n->tokens.size() != n->n_pages * P_ || (int64_t)n->state.size() != n->n_pages ||
+  const size_t ntok = n->narrow ? n->tokens32.size() : n->tokens.size();
+  if ((int64_t)ntok != n->n_pages * P_ || !(n->narrow ? n->tokens.empty() : n->tokens32.empty()) || (int64_t)n->state.size() != n->n_pages ||
       (int64_t)n->slots.size() != n->n_dev * slot_entries(n) || n->n_dev > n->n_pages)
     e << "node " << n->id << ": sizes; ";
   int64_t w = 0, last = -1;
