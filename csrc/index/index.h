@@ -3,8 +3,9 @@
 //
 // Contract (the Python surface in python/kvdirect/index.py mirrors it).
 //
-// Pages. P = page_size >= 1. Keys are token ids (int32 or int64; stored as
-// int64 so both spellings of a key are the same key). Only whole pages count:
+// Pages. P = page_size >= 1. Keys are token ids (int32 or int64 values; a
+// node stores them as int32 when they all fit, so both spellings of a key are
+// the same key). Only whole pages count:
 // a trailing partial page is ignored everywhere. Namespaces never share pages
 // (one root per namespace; the empty name is the default namespace).
 //
@@ -17,8 +18,8 @@
 //  * WRITING pages are device-resident and pinned: never evicted.
 //  * A page that is neither on device nor IN_POOL ("dead") exists only while
 //    it is locked; it is dropped, with its subtree, when unlocked.
-//  * pool_only_pages <= max_pool_only_pages after every operation, except
-//    for pages that are locked or have children that cannot be dropped.
+//  * pool_only_pages <= max_pool_only_pages after every operation, unless the
+//    only pages left to drop are locked (they go once unlocked).
 //
 // Recency. Every match / insert / insert_pool_only is one tick of a logical
 // clock; it stamps every page on its path. Eviction and pool-only dropping take
@@ -27,9 +28,10 @@
 //
 // Eviction is page granular: evict(n) frees ceil(n / P) pages (fewer only when
 // nothing else is evictable), each time the least recent device page that is
-// unlocked, not WRITING, has no WRITING page after it in its path, and has no
-// device-resident child. An evicted page that is IN_POOL stays as pool-only;
-// any other evicted page is removed with its (pool-only) subtree.
+// unlocked, has no WRITING page at or below it, and has no device-resident
+// child. An evicted page that is IN_POOL stays as pool-only; any other evicted
+// page is removed with its (pool-only) subtree. Pool-only pages beyond the
+// bound are dropped the same way: least recent unlocked leaf page first.
 //
 // Sizes (tokens): total = device-resident; protected = device-resident pages
 // that are locked or have a WRITING page at or below them; evictable = total -
@@ -39,7 +41,12 @@
 // the end of the matched path (splitting a node if needed), or 0 when nothing
 // matched. An id stays valid, and keeps naming the same path end, until the
 // page at that end leaves the index (evicted without a pool copy, dropped,
-// reset); ids are never reused. Locked handles never go stale.
+// reset); ids are never reused. Locked handles never go stale. lock(node)
+// counts on every page of the path; unlock(node) must pair with a lock of the
+// same handle.
+//
+// Slots: a node keeps one base slot per page when the page's slots are
+// consecutive (what paged allocators hand out), else every slot.
 //
 // Thread safety: every public method takes an internal mutex, so completion
 // marks may come from another thread while a single scheduler thread drives

@@ -16,7 +16,8 @@ Summary of the contract:
   / ``POOL_WRITING``; an optional 32-byte storage digest.
 * ``match(tokens, namespace=None) -> MatchResult(device_len, device_slots,
   pool_len, node, last_digest)``: ``device_len`` tokens resident on device from
-  the start (their slots in ``device_slots``, numpy int64), then ``pool_len``
+  the start (their slots in ``device_slots``, a fresh numpy int64 array, or a
+  shared read-only empty one), then ``pool_len``
   tokens known to be in the pool. ``node`` is an int handle of the matched path
   (0 when nothing matched); matching splits nodes as needed and refreshes
   recency.
@@ -30,7 +31,9 @@ Summary of the contract:
 * ``insert_pool_only(tokens, namespace=None, digests=None) -> int``: records
   pages a store query found in the pool (no slots); returns pages that changed.
 * ``lock(node)`` / ``unlock(node)``: reference counts along the path; locked
-  pages are never evicted or dropped.
+  pages are never evicted or dropped. Each ``unlock(node)`` pairs with an earlier
+  ``lock`` of the same handle (else ConfigError). Handles stay valid across node
+  splits; a handle whose last page left the index raises ConfigError ("stale").
 * ``evict(num_tokens) -> numpy.int64 array``: frees ``ceil(num_tokens /
   page_size)`` pages, least recently used first, page by page from the leaves;
   pages with a pool write in flight (and their ancestors) are pinned. An evicted
