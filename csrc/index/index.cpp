@@ -747,7 +747,7 @@ Status PrefixIndex::unlock(uint64_t id) {
 
 template <class T>
 int64_t PrefixIndex::mark_t(MarkOp op, const T* toks, int64_t n_full, int64_t first,
-                            int64_t count, const std::string* ns) {
+                            int64_t count, const std::string* ns, const uint8_t* mask) {
   if (first < 0 || count < 0 || first + count > n_full) return -1;
   Node* node = root_for(ns, false);
   if (!node || count == 0) return 0;
@@ -765,6 +765,7 @@ int64_t PrefixIndex::mark_t(MarkOp op, const T* toks, int64_t n_full, int64_t fi
     if (a < b) {
       int64_t before = changed;
       for (int64_t j = a; j < b; ++j) {
+        if (mask && !mask[pos + j - first]) continue;  // page not selected
         uint8_t& s = c->state[j];
         switch (op) {
           case MarkOp::kWriting:
@@ -809,12 +810,12 @@ int64_t PrefixIndex::mark_t(MarkOp op, const T* toks, int64_t n_full, int64_t fi
 }
 
 int64_t PrefixIndex::mark(MarkOp op, TokenSpan t, int64_t first_page, int64_t n_pages,
-                          const std::string* ns) {
+                          const std::string* ns, const uint8_t* mask) {
   std::lock_guard<std::mutex> g(mu_);
   const int64_t n_full = t.len / P_;
   if (t.is_int32)
-    return mark_t(op, static_cast<const int32_t*>(t.data), n_full, first_page, n_pages, ns);
-  return mark_t(op, static_cast<const int64_t*>(t.data), n_full, first_page, n_pages, ns);
+    return mark_t(op, static_cast<const int32_t*>(t.data), n_full, first_page, n_pages, ns, mask);
+  return mark_t(op, static_cast<const int64_t*>(t.data), n_full, first_page, n_pages, ns, mask);
 }
 
 // ---- eviction ---------------------------------------------------------------

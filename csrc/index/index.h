@@ -139,9 +139,10 @@ class PrefixIndex {
   // Applies op to path pages [first_page, first_page + n_pages) of `tokens`
   // (walking the tree by tokens, so node splits do not matter). Pages the index
   // does not hold are skipped. Returns the number of pages changed, or -1 if the
-  // range exceeds the full pages of `tokens`.
+  // range exceeds the full pages of `tokens`. With `mask` (n_pages bytes), only
+  // pages whose mask byte is non-zero are considered (scattered page sets in one walk).
   int64_t mark(MarkOp op, TokenSpan tokens, int64_t first_page, int64_t n_pages,
-               const std::string* ns);
+               const std::string* ns, const uint8_t* mask = nullptr);
 
   // Frees device slots of ceil(num_tokens / P) pages; appends them to *freed.
   void evict(int64_t num_tokens, std::vector<int64_t>* freed);
@@ -191,7 +192,7 @@ class PrefixIndex {
                    const uint8_t* digests, int64_t rows, bool pool_only);
   template <class T>
   int64_t mark_t(MarkOp op, const T* toks, int64_t n_full, int64_t first, int64_t count,
-                 const std::string* ns);
+                 const std::string* ns, const uint8_t* mask);
 
   Node* new_node(Node* parent);
   void attach_child(Node* parent, Node* child);

@@ -482,9 +482,9 @@ PyObject* do_mark(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObj
                   kvd::MarkOp op, const char* fn) {
   auto* idx = get(self);
   if (!idx) return nullptr;
-  static const char* const names[] = {"tokens", "first_page", "n_pages", "namespace"};
-  PyObject* a[4];
-  if (!parse(fn, args, nargs, kw, names, 3, 4, a)) return nullptr;
+  static const char* const names[] = {"tokens", "first_page", "n_pages", "namespace", "mask"};
+  PyObject* a[5];
+  if (!parse(fn, args, nargs, kw, names, 3, 5, a)) return nullptr;
   IntArg th;
   kvd::TokenSpan span;
   if (!read_tokens(a[0], &th, &span)) return nullptr;
@@ -494,7 +494,20 @@ PyObject* do_mark(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObj
   std::string nsbuf;
   const std::string* ns;
   if (!read_ns(a[3], &nsbuf, &ns)) return nullptr;
-  int64_t r = idx->mark(op, span, first, count, ns);
+  Py_buffer mb{};
+  const uint8_t* mask = nullptr;
+  if (a[4] && a[4] != Py_None) {
+    if (PyObject_GetBuffer(a[4], &mb, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) return nullptr;
+    bool ok_fmt = mb.itemsize == 1 && (!mb.format || std::strchr("?bB", mb.format[0]));
+    if (!ok_fmt || mb.len != count) {
+      PyBuffer_Release(&mb);
+      return fail("%s: mask must be a bool/uint8 array of n_pages (%lld) entries", fn,
+                  static_cast<long long>(count));
+    }
+    mask = static_cast<const uint8_t*>(mb.buf);
+  }
+  int64_t r = idx->mark(op, span, first, count, ns, mask);
+  if (mask) PyBuffer_Release(&mb);
   if (r < 0)
     return fail("%s: pages [%lld, %lld) are not inside the %lld full pages of tokens", fn,
                 static_cast<long long>(first), static_cast<long long>(first + count),
@@ -627,13 +640,13 @@ PyMethodDef index_methods[] = {
     {"lock", m_lock, METH_O, "lock(node): pin the path root..node against eviction"},
     {"unlock", m_unlock, METH_O, "unlock(node): undo one lock(node)"},
     {"mark_writing", FC(m_mark_writing), METH_FASTCALL | METH_KEYWORDS,
-     "mark_writing(tokens, first_page, n_pages, namespace=None) -> int"},
+     "mark_writing(tokens, first_page, n_pages, namespace=None, mask=None) -> int"},
     {"mark_in_pool", FC(m_mark_in_pool), METH_FASTCALL | METH_KEYWORDS,
-     "mark_in_pool(tokens, first_page, n_pages, namespace=None) -> int"},
+     "mark_in_pool(tokens, first_page, n_pages, namespace=None, mask=None) -> int"},
     {"mark_write_failed", FC(m_mark_write_failed), METH_FASTCALL | METH_KEYWORDS,
-     "mark_write_failed(tokens, first_page, n_pages, namespace=None) -> int"},
+     "mark_write_failed(tokens, first_page, n_pages, namespace=None, mask=None) -> int"},
     {"mark_not_in_pool", FC(m_mark_not_in_pool), METH_FASTCALL | METH_KEYWORDS,
-     "mark_not_in_pool(tokens, first_page, n_pages, namespace=None) -> int"},
+     "mark_not_in_pool(tokens, first_page, n_pages, namespace=None, mask=None) -> int"},
     {"evict", m_evict, METH_O, "evict(num_tokens) -> numpy.int64 array of freed slots"},
     {"path_digests", m_path_digests, METH_O,
      "path_digests(node) -> (uint8[pages, 32], bool[pages])"},

@@ -238,6 +238,16 @@ class KVDirectCache:
             self.index.set_path_digests(node, d[:known_pages])
         return d
 
+    @staticmethod
+    def _mark(fn, tokens, namespace, pages: np.ndarray) -> int:
+        """Apply an index mark to a sorted set of page indices in one call."""
+        if pages.size == 0:
+            return 0
+        first = int(pages[0])
+        mask = np.zeros(int(pages[-1]) - first + 1, dtype=np.uint8)
+        mask[pages - first] = 1
+        return fn(tokens, first, mask.size, namespace=namespace, mask=mask)
+
     def _page_first_slots(self, slots: np.ndarray, n_pages: int) -> np.ndarray:
         return slots[: n_pages * self.page_size: self.page_size]
 
@@ -347,7 +357,7 @@ class KVDirectCache:
                 self.store.remove([job.keys[i] for i in idx])
             except Exception as e:
                 self._store_failed("remove", e)
-            self.index.set_pool_state(job.tokens, job.namespace, job.pages[idx], UNKNOWN, WRITING)
+            self._mark(self.index.mark_write_failed, job.tokens, job.namespace, job.pages[idx])
         self._late_puts = []
 
     def _plan_count(self, m: CacheMatch, slots: np.ndarray) -> int:
@@ -444,7 +454,7 @@ class KVDirectCache:
         if not (self.config.write_back and full and self._store_ok()):
             return already
         r = self.index.match(prefix, namespace)
-        states = self.index.path_pool_states(r.node)[:full]
+        states = self.index.path_states(r.node)[0][:full]
         todo = np.flatnonzero(states == UNKNOWN)
         if not todo.size:
             return already
@@ -453,7 +463,7 @@ class KVDirectCache:
                 self._stats.c["dropped_writeback_pages"] += len(todo)
             return already
         digests = self._digests(prefix, namespace, r.node, full, full)
-        pinned = self.index.set_pool_state(prefix, namespace, todo, WRITING, UNKNOWN)
+        pinned = self._mark(self.index.mark_writing, prefix, namespace, todo)
         if pinned != len(todo):  # cannot happen on the single scheduler thread
             raise KVDirectError(f"internal: pinned {pinned} of {len(todo)} pages")
         page_slots = r.device_slots[todo * P]
@@ -535,14 +545,14 @@ class KVDirectCache:
             pages = job.pages
             if err is not None:
                 self._store_failed("put", err)
-                self.index.set_pool_state(job.tokens, job.namespace, pages, UNKNOWN, WRITING)
+                self._mark(self.index.mark_write_failed, job.tokens, job.namespace, pages)
                 with self._stats.lock:
                     self._stats.c["store_failed_pages"] += len(pages)
                 continue
             ok = status == OK
             late = status == TIMEOUT  # the put may still be reading the pages: keep them pinned
-            self.index.set_pool_state(job.tokens, job.namespace, pages[ok], IN_POOL, WRITING)
-            self.index.set_pool_state(job.tokens, job.namespace, pages[~ok & ~late], UNKNOWN, WRITING)
+            self._mark(self.index.mark_in_pool, job.tokens, job.namespace, pages[ok])
+            self._mark(self.index.mark_write_failed, job.tokens, job.namespace, pages[~ok & ~late])
             if late.any():
                 self._late_puts.append((job, np.flatnonzero(late)))
             written = int(ok.sum()) - existed
