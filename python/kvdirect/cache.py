@@ -278,6 +278,10 @@ class KVDirectCache:
                 with self._stats.lock:
                     self._stats.c["query_keys"] += len(qkeys)
         pool_pages = idx_pool_pages + found
+        if self._tp_reduce is not None:
+            # TP ranks must agree on the prefix they reuse: the shortest one wins
+            agreed = self._reduce(dev_pages + pool_pages)
+            pool_pages = max(0, min(pool_pages, agreed - dev_pages))
         s = self._stats.c
         with self._stats.lock:
             s["match_calls"] += 1
