@@ -614,6 +614,10 @@ class KVDirectCache:
         self.index.reset()
 
     # ---- metrics --------------------------------------------------------------
+    @staticmethod
+    def _counter_names() -> tuple:
+        return _Stats.COUNTERS
+
     def stats(self) -> dict:
         with self._stats.lock:
             d = dict(self._stats.c)
