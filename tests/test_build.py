@@ -1,7 +1,5 @@
 """The foundation: the extension builds, links nothing device-specific, and
 `kvdirect doctor` tells the truth about this machine."""
-import importlib
-import importlib.util
 import json
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """KVDirectCache: load path, write-back, the reference design's defects, faults."""
 import multiprocessing as mp
-import os
 import threading
 import uuid
 
@@ -11,8 +10,8 @@ from kvdirect import KVLayout
 from kvdirect.cache import IN_POOL, UNKNOWN, KVDirectCache
 from kvdirect.config import CacheConfig
 from kvdirect.errors import ConfigError
-from kvdirect.stores import ScatterList, Store, open_store
-from kvdirect.stores.base import NOT_FOUND, OK, UNAVAILABLE
+from kvdirect.stores import Store, open_store
+from kvdirect.stores.base import UNAVAILABLE
 
 LAYERS, SLOTS, HEADS, DIM = 3, 512, 2, 8
 

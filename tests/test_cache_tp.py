@@ -1,6 +1,5 @@
 """Tensor parallelism: every rank agrees on pages hit and loaded (all-reduce MIN, gloo)."""
 import multiprocessing as mp
-import os
 import uuid
 
 import numpy as np

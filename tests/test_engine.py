@@ -1,5 +1,4 @@
 """kvdirect.engine: seeded model, paged KV pool, and the request runner's cache protocol."""
-import hashlib
 
 import numpy as np
 import pytest

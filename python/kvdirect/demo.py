@@ -113,11 +113,7 @@ def ideal_prefix_len(cfg: DemoConfig, reuse: float) -> int:
 # -- the kvdirect cache of one instance -----------------------------------------
 def open_kvdirect_cache(engine, store_url: str, model_id: str):
     """``KVDirectCache`` over the engine's device pool and the shared store."""
-    try:
-        from kvdirect import KVDirectCache, KVLayout, open_store
-    except (ImportError, AttributeError) as e:
-        raise KVDirectError(f"kvdirect mode needs kvdirect.KVDirectCache, KVLayout and the store "
-                            f"({e}); run with --modes baseline,ideal to skip it") from None
+    from kvdirect import KVDirectCache, KVLayout, open_store
     from kvdirect.config import CacheConfig
 
     pool = engine.pool
@@ -125,20 +121,6 @@ def open_kvdirect_cache(engine, store_url: str, model_id: str):
     store = open_store(store_url)
     return KVDirectCache(layout, store, page_size=pool.page_size, free_slots=pool.allocator.free,
                          config=CacheConfig(store=None, model=model_id, allow_no_store=False))
-
-
-def _check_kvdirect_available(store_url: str | None) -> None:
-    """Fail before starting processes when this build lacks what kvdirect mode needs."""
-    import importlib.util
-
-    from kvdirect.stores import SCHEMES, parse_url
-
-    scheme = parse_url(store_url).scheme if store_url else "shm"
-    needed = ["kvdirect.cache", "kvdirect.layout", SCHEMES.get(scheme, f"kvdirect.stores.{scheme}")]
-    missing = [m for m in needed if importlib.util.find_spec(m) is None]
-    if missing:
-        raise KVDirectError(f"kvdirect mode needs {', '.join(missing)}, which this build does not have; "
-                            "run with --modes baseline,ideal to measure without it")
 
 
 def _close_cache(cache) -> None:
@@ -150,7 +132,7 @@ def _close_cache(cache) -> None:
 # -- the two instances ----------------------------------------------------------
 _ORDERS = (("baseline", "ideal", "kvdirect"), ("kvdirect", "baseline", "ideal"), ("baseline", "kvdirect", "ideal"))
 
-def _instance(role: str, cfg_dict: dict, store_url: str | None, events, a_done) -> None:
+def _instance(role: str, cfg_dict: dict, store_url: str | None, events, a_done, b_done) -> None:
     """Process body of instance A or B; reports through ``events``."""
     try:
         cfg = DemoConfig(**cfg_dict)
@@ -171,8 +153,13 @@ def _instance(role: str, cfg_dict: dict, store_url: str | None, events, a_done) 
         if role == "A":
             cache = open_kvdirect_cache(engine, store_url, model_id) if use_kvd else None
             ttft_ms = serve_documents(cfg, engine, cache, docs, step)
-            _close_cache(cache)  # flush: every page of A is in the pool before B starts
+            if cache is not None:
+                cache.flush()  # every page of A is in the pool before B starts
             events.put(("done", role, {"ttft_ms": ttft_ms, "digest": digest}))
+            # stay up while B serves, as a serving instance would: with Mooncake, objects
+            # live in the memory their writers contribute and vanish when those leave
+            b_done.wait(timeout=24 * 3600)
+            _close_cache(cache)
             return
         a_done.wait()
         cache = open_kvdirect_cache(engine, store_url, model_id) if use_kvd else None
@@ -339,8 +326,6 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, timeout_s: float = 3600)
     use_kvd = "kvdirect" in cfg.modes
     pool_store = None
     store_url = cfg.store_url
-    if use_kvd:
-        _check_kvdirect_available(store_url)
     if use_kvd and store_url is None:
         # bytes the pool must hold: A's documents + every prompt B writes back
         need = cfg.prompts * (1 + len(cfg.reuse)) * (cfg.prompt_len + cfg.output_len) * cfg.spec.kv_bytes_per_token()
@@ -352,12 +337,12 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, timeout_s: float = 3600)
         pool_store = open_store(store_url)  # the embedded pool lives as long as this run
 
     ctx = mp.get_context("spawn")
-    events, a_done = ctx.Queue(), ctx.Event()
+    events, a_done, b_done = ctx.Queue(), ctx.Event(), ctx.Event()
     cfg_dict = cfg.to_dict()
     roles = ["A", "B"] if use_kvd else ["B"]
     if not use_kvd:
         a_done.set()
-    procs = {r: ctx.Process(target=_instance, args=(r, cfg_dict, store_url, events, a_done),
+    procs = {r: ctx.Process(target=_instance, args=(r, cfg_dict, store_url, events, a_done, b_done),
                             name=f"kvdirect-demo-{r}", daemon=True) for r in roles}
     totals = {"A": cfg.prompts, "B": cfg.prompts * len(cfg.reuse)}
     bar = _Progress({r: totals[r] for r in roles}, progress)
@@ -385,7 +370,10 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, timeout_s: float = 3600)
                 results[role] = payload
                 if role == "A":
                     a_done.set()
+                else:
+                    b_done.set()
     finally:
+        b_done.set()
         bar.close()
         for p in procs.values():
             p.join(timeout=30)
@@ -393,7 +381,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, timeout_s: float = 3600)
                 p.terminate()
                 p.join()
         if pool_store is not None:
-            pool_store.close()
+            # a pool made for this run goes away with it; a user's pool (--store) stays
+            pool_store.destroy() if cfg.store_url is None else pool_store.close()
 
     if use_kvd and results["A"]["digest"] != results["B"]["digest"]:
         raise KVDirectError("instances A and B built different model weights; the demo needs identical models")

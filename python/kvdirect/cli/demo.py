@@ -48,7 +48,7 @@ def run(args) -> int:
     print(f"workload: {cfg.prompts} prompts x {cfg.prompt_len} tokens per reuse level, output {cfg.output_len}, "
           f"page {cfg.page_size}, store {result['config']['store_url'] or '-'}\n")
     print(render_table(result))
-    print(f"\nreference (SGLang PR #14056, Qwen3-32B): -93.5% TTFT at 100% reuse, -46.6% at 50%")
+    print("\nreference (SGLang PR #14056, Qwen3-32B): -93.5% TTFT at 100% reuse, -46.6% at 50%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

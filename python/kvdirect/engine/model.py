@@ -16,8 +16,8 @@ from kvdirect.errors import ConfigError
 
 # The demo's default shape: a 3.5k-token prefill takes about a second in fp32
 # on a 2-core AMD EPYC (see the README's demo section for the measured figure).
-DEFAULT_SPEC = dict(hidden_size=384, num_hidden_layers=3, num_attention_heads=6,
-                    num_key_value_heads=2, intermediate_size=2048, vocab_size=8192)
+DEFAULT_SPEC = dict(hidden_size=768, num_hidden_layers=2, num_attention_heads=12,
+                    num_key_value_heads=2, intermediate_size=4096, vocab_size=8192)
 
 
 @dataclass(frozen=True)
