@@ -36,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from kvdirect.errors import KVDirectError
+
+    try:
+        return int(args.func(args) or 0)
+    except KVDirectError as e:  # a clear message, not a traceback
+        print(f"kvdirect {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
