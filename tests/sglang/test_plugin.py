@@ -53,8 +53,7 @@ def test_entry_point_discovered_and_registers(tmp_path, monkeypatch):
     import sglang.srt.mem_cache.registry as registry
     import sglang.srt.plugins as plugins
     monkeypatch.setattr(plugins, "_plugins_loaded", False)
-    monkeypatch.setitem(registry._RADIX_CACHE_REGISTRY, "__sentinel__", None)  # restored after
-    registry._RADIX_CACHE_REGISTRY.pop("kvdirect", None)
+    monkeypatch.delitem(registry._RADIX_CACHE_REGISTRY, "kvdirect", raising=False)
     monkeypatch.setenv("SGLANG_PLUGINS", "kvdirect")
     plugins.load_plugins()                       # SGLang's own start-up path
     assert "kvdirect" in registry.registered_radix_cache_backends()
@@ -108,9 +107,9 @@ def test_second_instance_loads_byte_identical_kv(pool_url, P, kind):
     assert (rb2["device_hit"], rb2["host_hit"]) == (n, 0)
     assert b.cache.stats()["loaded_pages"] == loads
     for c in (a, b):
+        c.cache.kv.flush()                            # writes in flight are pinned (protected)
         assert c.cache.protected_size() == 0
         # SGLang's idle leak invariant: available + evictable == capacity
-        c.cache.kv.flush()
         assert c.allocator.available_size() + c.cache.evictable_size() == c.size
         c.cache.shutdown()
 
@@ -148,6 +147,7 @@ def test_sizes_and_matches_agree_with_sglang_radix_cache(pool_url, P):
             np.concatenate([base, toks(2 * P, 10)]), base[: 2 * P + 1]]
     for s in seqs:
         r1, r2 = ref.serve(s), kvd.serve(s)
+        kvd.cache.kv.flush()                           # pages being written count as protected
         assert r1["device_hit"] == r2["device_hit"], len(s)
         assert (ref.cache.total_size(), ref.cache.evictable_size(), ref.cache.protected_size()) == \
                (kvd.cache.total_size(), kvd.cache.evictable_size(), kvd.cache.protected_size())
