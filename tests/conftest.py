@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("KVDIRECT_SHARED", ROOT.parent / "shared"))
+if not SHARED.is_dir() and (ROOT.parent.parent / "shared").is_dir():
+    SHARED = ROOT.parent.parent / "shared"   # git worktrees under /work/wt/NAME
 TESTDATA = SHARED / "testdata"
 
 # hypothesis: CI profile runs more examples; every run is deterministic-seeded

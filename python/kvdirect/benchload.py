@@ -1,0 +1,219 @@
+"""`kvdirect bench load`: the direct path against a staged three-tier path.
+
+Both paths load the same pages from the same store into the same device KV
+pool and are timed in the same run, alternating per request:
+
+* direct  — kvdirect: one index match, one batched exists query, one get
+  straight into the device slots;
+* staged  — the three-tier design (HiCache-like): device index miss -> host
+  tier index miss -> exists query -> get into a host buffer -> host tier index
+  insert -> copy host pages into the device slots -> device index insert. Two
+  matches and two copies.
+
+The "device" is host memory on a CPU machine, so the staged path's second copy
+is a memcpy; on an accelerator it would be an H2D copy.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+import uuid
+
+import numpy as np
+
+
+def _machine() -> str:
+    try:
+        import cpuinfo  # optional
+        cpu = cpuinfo.get_cpu_info().get("brand_raw", "")
+    except Exception:
+        cpu = ""
+    if not cpu:
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    import os
+    return f"{cpu or platform.processor()} x{os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+
+
+class _Device:
+    def __init__(self, slots, layers, heads, dim, page_size, dtype=np.float16):
+        self.P = page_size
+        self.k = [np.zeros((slots, heads, dim), dtype) for _ in range(layers)]
+        self.v = [np.zeros((slots, heads, dim), dtype) for _ in range(layers)]
+        from kvdirect.layout import KVLayout
+        self.layout = KVLayout.from_mha(self.k, self.v, page_size=page_size)
+        self.n_pages = slots // page_size
+        self.free = np.arange(self.n_pages - 1, -1, -1, dtype=np.int64) * page_size
+        self.top = self.n_pages
+
+    def alloc(self, n_tokens):
+        n = -(-n_tokens // self.P)
+        if n > self.top:
+            raise MemoryError("device pool exhausted")
+        firsts = self.free[self.top - n:self.top][::-1]
+        self.top -= n
+        return (firsts[:, None] + np.arange(self.P, dtype=np.int64)).reshape(-1)[:n_tokens]
+
+    def free_slots(self, slots):
+        firsts = np.unique(np.asarray(slots, np.int64) // self.P) * self.P
+        self.free[self.top:self.top + len(firsts)] = firsts
+        self.top += len(firsts)
+
+
+class StagedPath:
+    """The three-tier baseline: device index -> host index -> pool, two copies."""
+
+    def __init__(self, dev: _Device, store, fingerprint, host_pages: int):
+        from kvdirect.copy import CopyEngine
+        from kvdirect.index import PrefixIndex
+
+        self.dev, self.store, self.fp = dev, store, fingerprint
+        self.P = dev.P
+        self.device_index = PrefixIndex(self.P)
+        self.host_index = PrefixIndex(self.P)
+        self.page_bytes = dev.layout.page_bytes
+        self.host = np.empty(host_pages * self.page_bytes, np.uint8)
+        self.host_free = list(range(host_pages))
+        self.copy = CopyEngine()
+
+    def load(self, tokens) -> int:
+        from kvdirect import keys as K
+        from kvdirect.stores import ScatterList
+
+        P = self.P
+        r = self.device_index.match(tokens)                      # match 1: device tier
+        h = self.host_index.match(tokens)                        # match 2: host tier
+        full = len(tokens) // P
+        start = max(r.device_len, h.device_len) // P
+        d = K.page_digests(tokens[: full * P], P, namespace_seed=K.namespace_seed())
+        keys = K.pool_keys(d[start:full], self.fp)
+        n = self.store.exists_prefix(keys)
+        if n == 0:
+            return 0
+        hp = np.asarray(self.host_free[:n], np.uint64)
+        del self.host_free[:n]
+        base = self.host.ctypes.data
+        host_sl = ScatterList(base + hp * self.page_bytes, np.full(n, self.page_bytes, np.uint64))
+        st = self.store.get(keys[:n], host_sl)                   # copy 1: pool -> host
+        ok = int(np.argmin(st == 0)) if (st != 0).any() else n
+        host_slots = (hp[:ok].astype(np.int64)[:, None] * P + np.arange(P)).reshape(-1)
+        self.host_index.insert(tokens[: (start + ok) * P],
+                               np.concatenate([np.zeros(start * P, np.int64), host_slots]))
+        slots = self.dev.alloc(ok * P)
+        dev_sl = self.dev.layout.plan(slots[::P])
+        # copy 2: host -> device (a request's host pages are consecutive after reset)
+        assert ok == 0 or int(hp[ok - 1]) - int(hp[0]) == ok - 1
+        if ok:
+            self.copy.scatter(dev_sl.take(slice(0, ok)), base + int(hp[0]) * self.page_bytes,
+                              ok * self.page_bytes)
+        self.device_index.insert(tokens[: ok * P], slots)
+        return ok * P
+
+    def reset(self):
+        self.dev.free_slots(self.device_index.evict(1 << 62))
+        self.host_index.reset()
+        self.host_free = list(range(len(self.host) // self.page_bytes))
+
+
+def run(store_url: str | None = None, requests: int = 8, prompt_len: int = 3584, page_size: int = 64,
+        layers: int = 16, kv_heads: int = 2, head_dim: int = 128, rounds: int = 3, progress=None) -> dict:
+    from kvdirect.cache import KVDirectCache
+    from kvdirect.config import CacheConfig
+    from kvdirect.stores import open_store
+    from kvdirect.stores.url import parse_url
+
+    own_pool = store_url is None
+    tok_per_req = prompt_len // page_size * page_size
+    dev_slots = (tok_per_req * requests // page_size + 8) * page_size
+    page_bytes = 2 * layers * kv_heads * head_dim * 2 * page_size
+    if own_pool:
+        size = int(page_bytes * (tok_per_req // page_size) * requests * 1.5) + (64 << 20)
+        store_url = f"shm://kvdirect-bench-{uuid.uuid4().hex[:8]}?size={size}"
+    name = parse_url(store_url).path or parse_url(store_url).host
+    try:
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(0, 150000, tok_per_req).astype(np.int32) for _ in range(requests)]
+        writer_dev = _Device(dev_slots, layers, kv_heads, head_dim, page_size)
+        for x in writer_dev.k + writer_dev.v:
+            x[...] = rng.standard_normal(x.shape).astype(x.dtype)
+        cfg = CacheConfig(store=store_url, model="bench-load", allow_no_store=False)
+        writer = KVDirectCache(writer_dev.layout, store_url, free_slots=writer_dev.free_slots, config=cfg)
+        for p in prompts:
+            s = writer_dev.alloc(len(p))
+            writer.write_back(p, s)
+        writer.flush()
+        stored = writer.stats()["stored_pages"]
+
+        dev = _Device(dev_slots, layers, kv_heads, head_dim, page_size)
+        direct = KVDirectCache(dev.layout, store_url, free_slots=dev.free_slots, config=cfg)
+        staged = StagedPath(dev, open_store(store_url), direct.fingerprint,
+                            host_pages=tok_per_req // page_size * requests + 8)
+        direct_ms, staged_ms = [], []
+        loaded_direct = loaded_staged = 0
+        for rnd in range(rounds):
+            for i, p in enumerate(prompts):
+                t0 = time.perf_counter()
+                m = direct.match(p)
+                slots = dev.alloc(m.pool_len)
+                loaded_direct = direct.load(m, slots)
+                direct_ms.append((time.perf_counter() - t0) * 1e3)
+                direct.evict(1 << 62)
+                t0 = time.perf_counter()
+                loaded_staged = staged.load(p)
+                staged_ms.append((time.perf_counter() - t0) * 1e3)
+                staged.reset()
+                if progress:
+                    progress(rnd * requests + i + 1, rounds * requests)
+        if loaded_direct != tok_per_req or loaded_staged != tok_per_req:
+            raise RuntimeError(f"benchmark did not load every page (direct {loaded_direct}, "
+                               f"staged {loaded_staged}, expected {tok_per_req})")
+        # both paths must have produced the writer's bytes
+        direct.close(), writer.close()
+        bpr = page_bytes * (tok_per_req // page_size)
+        d_ms, s_ms = float(np.mean(direct_ms)), float(np.mean(staged_ms))
+        return {
+            "machine": _machine(),
+            "store": store_url.split("?")[0],
+            "config": {"requests": requests, "prompt_len": tok_per_req, "page_size": page_size,
+                       "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": "float16",
+                       "rounds": rounds, "stored_pages": stored},
+            "bytes_per_request": bpr,
+            "direct_ms": d_ms, "staged_ms": s_ms,
+            "direct_p50_ms": float(np.median(direct_ms)), "staged_p50_ms": float(np.median(staged_ms)),
+            "direct_gbps": bpr / d_ms / 1e6, "staged_gbps": bpr / s_ms / 1e6,
+            "ratio_direct_over_staged": d_ms / s_ms,
+        }
+    finally:
+        if own_pool:
+            from kvdirect.stores.shm import destroy_pool
+            destroy_pool(name)
+
+
+def render(r: dict) -> str:
+    c = r["config"]
+    return "\n".join([
+        f"kvdirect bench load — {r['machine']}",
+        f"store {r['store']}; {c['requests']} requests x {c['prompt_len']} tokens, page {c['page_size']}, "
+        f"{c['layers']} layers x {c['kv_heads']} KV heads x {c['head_dim']} ({c['dtype']}); "
+        f"{r['bytes_per_request'] / 2**20:.1f} MiB per request, {c['rounds']} rounds",
+        f"{'path':<8} {'mean ms':>9} {'p50 ms':>9} {'GB/s':>7}",
+        f"{'direct':<8} {r['direct_ms']:>9.2f} {r['direct_p50_ms']:>9.2f} {r['direct_gbps']:>7.2f}",
+        f"{'staged':<8} {r['staged_ms']:>9.2f} {r['staged_p50_ms']:>9.2f} {r['staged_gbps']:>7.2f}",
+        f"direct / staged = {r['ratio_direct_over_staged']:.2f}  (goal <= 0.60)",
+    ])
+
+
+def main_json(args) -> int:
+    r = run(args.store, args.requests, args.prompt_len, args.page_size, args.layers, args.kv_heads,
+            args.head_dim, args.rounds)
+    print(render(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+    return 0
