@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parent.parent
 
 SGLANG = "sglang==0.5.23"
 # the recipe of shared/scripts/sglang-cpu-venv.sh
