@@ -103,21 +103,22 @@ def test_write_back_then_second_instance_loads_identical_bytes(url, P):
     a, b = Device(P), Device(P)
     ca, cb = make(a, url), make(b, url)
     toks = tokens_of(10 * P + 3, 1)
+    n = len(toks) // P * P  # tokens in full pages (a trailing partial page is never stored)
     serve(ca, a, toks)
     ca.flush()
-    assert ca.stats()["stored_pages"] == 10
+    assert ca.stats()["stored_pages"] == n // P
     m = cb.match(toks)
-    assert m.device_len == 0 and m.pool_len == 10 * P
+    assert m.device_len == 0 and m.pool_len == n
     slots = b.alloc(m.pool_len)
-    assert cb.load(m, slots) == 10 * P
-    assert m.device_len == 10 * P and np.array_equal(m.device_slots, slots)
+    assert cb.load(m, slots) == n
+    assert m.device_len == n and np.array_equal(m.device_slots, slots)
     exp = expected_kv(a, toks)
     for l in range(LAYERS):
-        np.testing.assert_array_equal(b.k[l][slots], exp[l][: 10 * P])
-        np.testing.assert_array_equal(b.v[l][slots], -exp[l][: 10 * P])
+        np.testing.assert_array_equal(b.k[l][slots], exp[l][:n])
+        np.testing.assert_array_equal(b.v[l][slots], -exp[l][:n])
     # loaded pages are device hits now, without the store
     m2 = cb.match(toks)
-    assert m2.device_len == 10 * P and m2.pool_len == 0
+    assert m2.device_len == n and m2.pool_len == 0
     ca.close(), cb.close()
 
 
@@ -229,7 +230,7 @@ def test_put_status_is_not_inverted(url):
     st = c.stats()
     assert st["stored_pages"] == 8 and st["store_failed_pages"] == 0
     r = c.index.match(toks)
-    assert (c.index.path_pool_states(r.node) == IN_POOL).all()
+    assert (c.index.path_states(r.node)[0] == IN_POOL).all()
     # now make the put of the 3rd page of a new request fail: exactly that page is not stored
     toks2 = tokens_of(8 * P, 5)
     from kvdirect import keys as K
@@ -241,7 +242,7 @@ def test_put_status_is_not_inverted(url):
     st = c.stats()
     assert st["stored_pages"] == 8 + 7 and st["store_failed_pages"] == 1
     r = c.index.match(toks2)
-    states = c.index.path_pool_states(r.node)
+    states = c.index.path_states(r.node)[0]
     assert list(np.flatnonzero(states != IN_POOL)) == [2] and states[2] == UNKNOWN
     assert not store.inner.exists([bad])[0]
 
@@ -337,7 +338,7 @@ def test_store_down_is_a_miss_and_backs_off(url):
     P = 4
     a = Device(P)
     store = ScriptedStore(open_store(url))
-    c = make(a, store, retry_initial_s=60)
+    c = make(a, store, retry_initial_s=60, retry_max_s=120)
     toks = tokens_of(5 * P, 11)
     store.down = True
     m = c.match(toks)
@@ -456,3 +457,64 @@ def test_bad_input(url):
         CacheConfig(backpressure="sometimes")
     with pytest.raises(ConfigError, match="unknown"):
         CacheConfig.from_dict({"stroe": "shm://x"})
+
+
+# ---- layer-wise loading -----------------------------------------------------------
+
+@pytest.mark.parametrize("piecewise", [True, False])
+def test_layerwise_load_equals_sync_load(url, piecewise):
+    P = 4
+    a, b, c = Device(P), Device(P), Device(P)
+    ca = make(a, url)
+    toks = tokens_of(9 * P, 21)
+    serve(ca, a, toks)
+    ca.flush()
+    store_b = open_store(url) if piecewise else ScriptedStore(open_store(url))  # no open_read
+    cb, cc = make(b, store_b), make(c, url)
+    mb, mc = cb.match(toks), cc.match(toks)
+    sb, sc = b.alloc(mb.pool_len), c.alloc(mc.pool_len)
+    lw = cb.load_layerwise(mb, sb)
+    for layer in range(LAYERS):
+        assert lw.wait_layer(layer, timeout=30) == 9 * P
+        # the layer is readable as soon as its completion fired
+        np.testing.assert_array_equal(b.k[layer][sb], expected_kv(b, toks)[layer])
+    assert lw.finish() == 9 * P == cc.load(mc, sc)
+    for layer in range(LAYERS):
+        np.testing.assert_array_equal(b.k[layer][sb], c.k[layer][sc])
+        np.testing.assert_array_equal(b.v[layer][sb], c.v[layer][sc])
+    assert mb.device_len == 9 * P and cb.match(toks).device_len == 9 * P
+
+
+def test_layerwise_load_stops_at_a_bad_page(url):
+    P = 4
+    a, b = Device(P), Device(P)
+    ca, cb = make(a, url), make(b, url)
+    toks = tokens_of(6 * P, 22)
+    serve(ca, a, toks)
+    ca.flush()
+    m = cb.match(toks)
+    from kvdirect import keys as K
+    d = K.page_digests(toks, P, namespace_seed=K.namespace_seed())
+    assert open_store(url).put_bytes(K.pool_keys(d, cb.fingerprint)[3], b"wrong size")
+    slots = b.alloc(m.pool_len)
+    lw = cb.load_layerwise(m, slots)
+    assert lw.wait_layer(0, timeout=30) == 3 * P
+    assert lw.finish() == 3 * P
+    assert len(np.concatenate(b.freed)) == 3 * P and cb.total_size == 3 * P
+
+
+def test_stats_and_prometheus(url):
+    prom = pytest.importorskip("prometheus_client", reason="in the [metrics] extra")
+    from kvdirect.metrics import register_prometheus
+    P = 4
+    a = Device(P)
+    c = make(a, url)
+    serve(c, a, tokens_of(5 * P, 30))
+    c.flush()
+    s = c.stats()
+    assert s["stored_pages"] == 5 and s["store_ms"]["count"] == 1 and s["miss_tokens"] == 5 * P
+    reg = prom.CollectorRegistry()
+    register_prometheus(c, reg)
+    text = prom.generate_latest(reg).decode()
+    assert "kvdirect_stored_pages_total 5.0" in text
+    assert 'kvdirect_store_ms{quantile="p50"}' in text

@@ -47,7 +47,7 @@ from kvdirect.config import CacheConfig
 from kvdirect.errors import ConfigError, KVDirectError
 from kvdirect.index import PrefixIndex
 from kvdirect.stores import ScatterList, Store, open_store
-from kvdirect.stores.base import OK
+from kvdirect.stores.base import OK, TIMEOUT, UNAVAILABLE
 
 log = logging.getLogger("kvdirect")
 
@@ -149,6 +149,7 @@ class KVDirectCache:
         self._tp_reduce = tp_reduce_min
         self.index = PrefixIndex(self.page_size, max_pool_only_pages=self.config.max_pool_only_pages)
         fields = dict(layout.fingerprint_fields())
+        fields["layout_kind"] = fields.pop("kind")  # the stored page format, not the device layout
         self.fingerprint = _keys.LayoutFingerprint(model=self.config.model, tp_size=tp_size,
                                                    tp_rank=tp_rank, **fields)
         self._seed_cache: dict = {}
@@ -183,12 +184,14 @@ class KVDirectCache:
         self._inflight_pages = 0
         self._inflight_cv = threading.Condition()
         self._closed = False
+        self._quarantine: list = []  # slots a timed-out get may still write; freed once quiet
+        self._late_puts: list = []   # (job, page idx) whose put timed out; pinned until quiet
 
     # ---- helpers -------------------------------------------------------------
     def _register_memory(self):
         if self._stage:
             return
-        for addr, length in self.layout.memory_regions():
+        for addr, length in self.layout.regions():
             self.store.register(addr, length)
 
     def _seed(self, namespace):
@@ -235,6 +238,16 @@ class KVDirectCache:
             self.index.set_path_digests(node, d[:known_pages])
         return d
 
+    @staticmethod
+    def _mark(fn, tokens, namespace, pages: np.ndarray) -> int:
+        """Apply an index mark to a sorted set of page indices in one call."""
+        if pages.size == 0:
+            return 0
+        first = int(pages[0])
+        mask = np.zeros(int(pages[-1]) - first + 1, dtype=np.uint8)
+        mask[pages - first] = 1
+        return fn(tokens, first, mask.size, namespace=namespace, mask=mask)
+
     def _page_first_slots(self, slots: np.ndarray, n_pages: int) -> np.ndarray:
         return slots[: n_pages * self.page_size: self.page_size]
 
@@ -265,6 +278,10 @@ class KVDirectCache:
                 with self._stats.lock:
                     self._stats.c["query_keys"] += len(qkeys)
         pool_pages = idx_pool_pages + found
+        if self._tp_reduce is not None:
+            # TP ranks must agree on the prefix they reuse: the shortest one wins
+            agreed = self._reduce(dev_pages + pool_pages)
+            pool_pages = max(0, min(pool_pages, agreed - dev_pages))
         s = self._stats.c
         with self._stats.lock:
             s["match_calls"] += 1
@@ -313,38 +330,88 @@ class KVDirectCache:
         failed; every slot not holding a loaded page is given back through
         ``free_slots``. Loaded pages join the index as device-resident; ``m`` is
         updated (device_len, device_slots, node — the lock moves with it)."""
-        P = self.page_size
         slots = _as_slots(slots)
-        n_pages = min(len(slots) // P, m.pool_len // P)
-        if n_pages and self.store is None:
-            n_pages = 0
-        n_pages = self._reduce(n_pages)
-        n_ok = 0
+        n_pages = self._plan_count(m, slots)
         t0 = time.perf_counter()
+        status = None
         if n_pages:
-            dev_pages = m.device_len // P
-            page_slots = self._page_first_slots(slots, n_pages)
-            scatter = self.layout.plan(page_slots)
-            keys = _keys.pool_keys(m._digests[dev_pages:dev_pages + n_pages], self.fingerprint)
+            keys, page_slots = self._load_pages(m, slots, n_pages)
             try:
-                status = self._get(keys, scatter)
+                status = self._get(keys, self.layout.plan(page_slots))
                 self._store_recovered()
             except Exception as e:
                 self._store_failed("get", e)
-                status = np.full(n_pages, 7, dtype=np.int32)
+                status = np.full(n_pages, UNAVAILABLE, dtype=np.int32)
+        return self._finish_load(m, slots, n_pages, status, t0)
+
+    def _quiesced(self, timeout: float = 0.0) -> bool:
+        """True when no store call that timed out can still write device memory."""
+        q = getattr(self.store, "quiesce", None)
+        return True if q is None else bool(q(timeout))
+
+    def _release_quarantine(self) -> None:
+        if not (self._quarantine or self._late_puts) or not self._quiesced():
+            return
+        if self._quarantine:
+            slots, self._quarantine = np.concatenate(self._quarantine), []
+            self.free_slots(slots)
+        for job, idx in self._late_puts:
+            # a put that completed after its timeout may hold torn bytes: drop it, then unpin
+            try:
+                self.store.remove([job.keys[i] for i in idx])
+            except Exception as e:
+                self._store_failed("remove", e)
+            self._mark(self.index.mark_write_failed, job.tokens, job.namespace, job.pages[idx])
+        self._late_puts = []
+
+    def _plan_count(self, m: CacheMatch, slots: np.ndarray) -> int:
+        n_pages = min(len(slots) // self.page_size, m.pool_len // self.page_size)
+        if self.store is None:
+            n_pages = 0
+        return self._reduce(n_pages)
+
+    def load_layerwise(self, m: CacheMatch, slots) -> "LayerwiseLoad":
+        """Start loading the matched pool pages layer by layer on a background thread.
+
+        The forward pass calls ``wait_layer(l)`` before reading layer ``l``'s KV and
+        ``finish()`` at the end, which returns the tokens loaded, exactly as ``load``
+        would (same index updates, same slot freeing). When a later layer fails for
+        some page, ``finish()`` returns fewer tokens than ``wait_layer`` promised
+        earlier: the engine must then recompute from the returned length — a failed
+        page is never used. Stores without ranged gets load all layers at once
+        (layer completions then arrive together)."""
+        return LayerwiseLoad(self, m, slots)
+
+    def _load_pages(self, m: CacheMatch, slots: np.ndarray, n_pages: int):
+        """Keys, page slots and scatter list for the first n_pages pool pages of m."""
+        dev_pages = m.device_len // self.page_size
+        page_slots = self._page_first_slots(slots, n_pages)
+        keys = _keys.pool_keys(m._digests[dev_pages:dev_pages + n_pages], self.fingerprint)
+        return keys, page_slots
+
+    def _finish_load(self, m: CacheMatch, slots: np.ndarray, n_pages: int, status: np.ndarray | None,
+                     t0: float) -> int:
+        """Shared tail of load / layer-wise load: decide, free unused slots, update the index."""
+        P = self.page_size
+        dev_pages = m.device_len // P
+        n_ok = 0
+        if n_pages:
             n_ok = first_failure(status)
             if n_ok < n_pages:
                 with self._stats.lock:
                     self._stats.c["load_failed_pages"] += n_pages - n_ok
                     self._stats.failures[f"get_status_{int(status[n_ok])}"] += 1
-                # pages the index thought were in the pool but are not: forget that
-                if n_ok < m._index_pool_pages:
+                if n_ok < m._index_pool_pages:  # the index believed these were in the pool
                     self.index.mark_not_in_pool(m.tokens, dev_pages + n_ok,
                                                 m._index_pool_pages - n_ok, namespace=m.namespace)
             n_ok = self._reduce(n_ok)  # every TP rank uses the same number of pages
         unused = slots[n_ok * P:]
         if unused.size:
-            self.free_slots(unused)
+            if status is not None and (status == TIMEOUT).any() and not self._quiesced():
+                # a timed-out get may still be writing these slots: hold them until it is over
+                self._quarantine.append(unused)
+            else:
+                self.free_slots(unused)
         if n_ok:
             new_len = m.device_len + n_ok * P
             all_slots = np.concatenate([m.device_slots, slots[: n_ok * P]])
@@ -352,7 +419,6 @@ class KVDirectCache:
             already = self.index.insert(prefix, all_slots, m.namespace)
             if already > m.device_len:  # another request inserted meanwhile: keep its slots
                 self.free_slots(all_slots[m.device_len:already])
-            dev_pages = m.device_len // P
             r = self.index.match(prefix, m.namespace)
             self.index.set_path_digests(r.node, m._digests[:new_len // P])
             self.index.mark_in_pool(prefix, dev_pages, n_ok, namespace=m.namespace)
@@ -392,7 +458,7 @@ class KVDirectCache:
         if not (self.config.write_back and full and self._store_ok()):
             return already
         r = self.index.match(prefix, namespace)
-        states = self.index.path_pool_states(r.node)[:full]
+        states = self.index.path_states(r.node)[0][:full]
         todo = np.flatnonzero(states == UNKNOWN)
         if not todo.size:
             return already
@@ -401,7 +467,7 @@ class KVDirectCache:
                 self._stats.c["dropped_writeback_pages"] += len(todo)
             return already
         digests = self._digests(prefix, namespace, r.node, full, full)
-        pinned = self.index.set_pool_state(prefix, namespace, todo, WRITING, UNKNOWN)
+        pinned = self._mark(self.index.mark_writing, prefix, namespace, todo)
         if pinned != len(todo):  # cannot happen on the single scheduler thread
             raise KVDirectError(f"internal: pinned {pinned} of {len(todo)} pages")
         page_slots = r.device_slots[todo * P]
@@ -475,6 +541,7 @@ class KVDirectCache:
 
     def poll(self) -> int:
         """Apply finished writes (scheduler thread). Returns how many jobs were applied."""
+        self._release_quarantine()
         n = 0
         while self._done:
             job, status, existed, err = self._done.popleft()
@@ -482,13 +549,16 @@ class KVDirectCache:
             pages = job.pages
             if err is not None:
                 self._store_failed("put", err)
-                self.index.set_pool_state(job.tokens, job.namespace, pages, UNKNOWN, WRITING)
+                self._mark(self.index.mark_write_failed, job.tokens, job.namespace, pages)
                 with self._stats.lock:
                     self._stats.c["store_failed_pages"] += len(pages)
                 continue
             ok = status == OK
-            self.index.set_pool_state(job.tokens, job.namespace, pages[ok], IN_POOL, WRITING)
-            self.index.set_pool_state(job.tokens, job.namespace, pages[~ok], UNKNOWN, WRITING)
+            late = status == TIMEOUT  # the put may still be reading the pages: keep them pinned
+            self._mark(self.index.mark_in_pool, job.tokens, job.namespace, pages[ok])
+            self._mark(self.index.mark_write_failed, job.tokens, job.namespace, pages[~ok & ~late])
+            if late.any():
+                self._late_puts.append((job, np.flatnonzero(late)))
             written = int(ok.sum()) - existed
             with self._stats.lock:
                 c = self._stats.c
@@ -544,6 +614,10 @@ class KVDirectCache:
         self.index.reset()
 
     # ---- metrics --------------------------------------------------------------
+    @staticmethod
+    def _counter_names() -> tuple:
+        return _Stats.COUNTERS
+
     def stats(self) -> dict:
         with self._stats.lock:
             d = dict(self._stats.c)
@@ -554,6 +628,7 @@ class KVDirectCache:
                             "p99": float(np.percentile(a, 99)), "count": int(a.size)} if a.size else
                            {"count": 0})
         d["inflight_pages"] = self._inflight_pages
+        d["quarantined_slots"] = int(sum(len(q) for q in self._quarantine))
         d["pending_completions"] = len(self._done)
         d["store"] = None if self.store is None else self.store.scheme
         d["store_available"] = self._store_ok()
@@ -576,6 +651,71 @@ class KVDirectCache:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class LayerwiseLoad:
+    """A layer-by-layer load in progress (see ``KVDirectCache.load_layerwise``)."""
+
+    def __init__(self, cache: KVDirectCache, m: CacheMatch, slots):
+        self.cache, self.m = cache, m
+        self.slots = _as_slots(slots)
+        self.n_pages = cache._plan_count(m, self.slots)
+        L = cache.layout.num_layers
+        self._events = [threading.Event() for _ in range(L)]
+        self._ok_after_layer = [0] * L
+        self.status = np.zeros(self.n_pages, dtype=np.int32)
+        self._t0 = time.perf_counter()
+        self._result = None
+        self._thread = None
+        if self.n_pages == 0:
+            for e in self._events:
+                e.set()
+            return
+        self._keys, self._page_slots = cache._load_pages(m, self.slots, self.n_pages)
+        self._thread = threading.Thread(target=self._run, name="kvdirect-layerwise", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        c = self.cache
+        layers = len(self._events)
+        piecewise = getattr(c.store, "open_read", None) if not c._stage else None
+        try:
+            if piecewise is None:  # whole objects: every layer completes at once
+                self.status[:] = c._get(self._keys, c.layout.plan(self._page_slots))
+                for l in range(layers):
+                    self._ok_after_layer[l] = first_failure(self.status)
+                    self._events[l].set()
+                return
+            obj = np.full(self.n_pages, c.layout.page_bytes, dtype=np.uint64)
+            with piecewise(self._keys, obj) as rd:
+                alive = first_failure(rd.status)
+                for l in range(layers):  # layer l is the next bytes of every page object
+                    if alive:
+                        rd.read(c.layout.plan_layer(self._page_slots[:alive], l))
+                    self._ok_after_layer[l] = alive
+                    self._events[l].set()
+            self.status[:] = rd.end()
+        except Exception as e:
+            c._store_failed("get", e)
+            self.status[:] = UNAVAILABLE
+        finally:
+            for e in self._events:
+                e.set()
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> int:
+        """Block until layer ``layer`` is loaded; returns the tokens valid for it so far."""
+        if not self._events[layer].wait(timeout):
+            raise TimeoutError(f"layer {layer} not loaded within {timeout}s")
+        return self._ok_after_layer[layer] * self.cache.page_size
+
+    def finish(self) -> int:
+        """Wait for every layer and apply the result; returns the tokens loaded."""
+        if self._result is None:
+            if self._thread is not None:
+                self._thread.join()
+            self._result = self.cache._finish_load(self.m, self.slots, self.n_pages,
+                                                   self.status if self.n_pages else None, self._t0)
+        return self._result
 
 
 def torch_dist_min(group=None) -> Callable[[int], int]:

@@ -1,0 +1,255 @@
+// Bindings for the embedded shm pool (kvdirect._core.ShmPool). Keys arrive as
+// one Python sequence of str and are converted here once; scatter lists are
+// uint64 arrays used in place; every data-moving call releases the GIL.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+#include <vector>
+
+#include "registry.h"
+#include "shm/copy_hash.h"
+#include "shm/shm_pool.h"
+
+namespace py = pybind11;
+using kvd::shm::Pool;
+
+namespace {
+
+[[noreturn]] void raise_config(const std::string& msg) {
+  py::object cls = py::module_::import("kvdirect.errors").attr("ConfigError");
+  PyErr_SetString(cls.ptr(), msg.c_str());
+  throw py::error_already_set();
+}
+
+std::vector<std::string> keys_from(py::handle seq) {
+  py::object fast = py::reinterpret_steal<py::object>(PySequence_Fast(seq.ptr(), "store keys must be a sequence of str"));
+  if (!fast) throw py::error_already_set();
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(fast.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
+  std::vector<std::string> out;
+  out.reserve(size_t(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!PyUnicode_Check(items[i]))
+      raise_config(std::string("store keys must be str, got ") + Py_TYPE(items[i])->tp_name);
+    Py_ssize_t len = 0;
+    const char* s = PyUnicode_AsUTF8AndSize(items[i], &len);
+    if (!s) throw py::error_already_set();
+    if (len == 0 || size_t(len) > kvd::shm::kMaxKeyBytes)
+      raise_config("store key must be 1.." + std::to_string(kvd::shm::kMaxKeyBytes) + " bytes, got " +
+                   std::to_string(len) + ": '" + std::string(s, std::min<Py_ssize_t>(len, 40)) + "'");
+    out.emplace_back(s, size_t(len));
+  }
+  return out;
+}
+
+using U64Array = py::array_t<uint64_t, py::array::c_style>;
+
+void check_scatter(const std::vector<std::string>& keys, const U64Array& addrs, const U64Array& sizes) {
+  if (addrs.ndim() != 2 || sizes.ndim() != 2 || addrs.shape(0) != sizes.shape(0) ||
+      addrs.shape(1) != sizes.shape(1))
+    raise_config("scatter list addrs and sizes must be uint64 arrays of the same shape (keys, segments)");
+  if (size_t(addrs.shape(0)) != keys.size())
+    raise_config("scatter list has " + std::to_string(addrs.shape(0)) + " rows for " + std::to_string(keys.size()) +
+                 " keys");
+}
+
+Pool& live(Pool& p) {
+  if (p.closed()) throw py::value_error("shm pool '" + p.name() + "' is closed");
+  return p;
+}
+
+}  // namespace
+
+KVD_BINDINGS(50, shm) {
+  py::class_<Pool::ReadSession, std::unique_ptr<Pool::ReadSession>>(m, "ShmReadSession",
+                                                                     "Pinned objects being read piece by piece");
+  py::class_<Pool>(m, "ShmPool", "Embedded shared-memory page pool (see csrc/shm/shm_pool.h)")
+      .def_static(
+          "open",
+          [](const std::string& name, const std::string& mode, uint64_t size, uint64_t block_size,
+             uint32_t pin_slots) {
+            kvd::shm::OpenMode md = mode == "open"     ? kvd::shm::OpenMode::kOpen
+                                    : mode == "create" ? kvd::shm::OpenMode::kCreate
+                                                       : kvd::shm::OpenMode::kAuto;
+            if (mode != "open" && mode != "create" && mode != "auto") raise_config("open mode must be open|create|auto");
+            kvd::shm::CreateOptions opt;
+            opt.size = size;
+            opt.block_size = block_size;
+            opt.pin_slots = pin_slots;
+            std::unique_ptr<Pool> p;
+            std::string err;
+            bool created = false;
+            kvd::Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = Pool::open(name, md, opt, &p, &err, &created);
+            }
+            py::object pool = p ? py::cast(std::move(p)) : py::none();
+            return py::make_tuple(int(st), err, pool, created);
+          },
+          py::arg("name"), py::arg("mode") = "auto", py::arg("size") = 1ULL << 30,
+          py::arg("block_size") = 64 << 10, py::arg("pin_slots") = 4096,
+          "-> (status, message, ShmPool | None, created)")
+      .def_static(
+          "destroy",
+          [](const std::string& name) {
+            std::string err;
+            kvd::Status st = Pool::destroy(name, &err);
+            return py::make_tuple(int(st), err);
+          },
+          "-> (status, message)")
+      .def_static("path_for", &Pool::path_for)
+      .def_static("valid_name", &Pool::valid_name)
+      .def_property_readonly("name", &Pool::name)
+      .def_property_readonly("closed", &Pool::closed)
+      .def("set_verify_checksum", &Pool::set_verify_checksum)
+      .def("set_write_checksum", &Pool::set_write_checksum)
+      .def("exists",
+           [](Pool& p, py::handle keys) {
+             auto k = keys_from(keys);
+             py::array_t<bool> out(py::ssize_t(k.size()));
+             auto* o = reinterpret_cast<uint8_t*>(out.mutable_data());
+             {
+               py::gil_scoped_release nogil;
+               live(p).exists(k.data(), k.size(), o);
+             }
+             return out;
+           })
+      .def("put",
+           [](Pool& p, py::handle keys, const U64Array& addrs, const U64Array& sizes) {
+             auto k = keys_from(keys);
+             check_scatter(k, addrs, sizes);
+             py::array_t<int32_t> out(py::ssize_t(k.size()));
+             int32_t* o = out.mutable_data();
+             const uint64_t* a = addrs.data();
+             const uint64_t* s = sizes.data();
+             size_t nseg = size_t(addrs.shape(1));
+             {
+               py::gil_scoped_release nogil;
+               live(p).put(k.data(), k.size(), a, s, nseg, o);
+             }
+             return out;
+           })
+      .def("get",
+           [](Pool& p, py::handle keys, const U64Array& addrs, const U64Array& sizes) {
+             auto k = keys_from(keys);
+             check_scatter(k, addrs, sizes);
+             py::array_t<int32_t> out(py::ssize_t(k.size()));
+             int32_t* o = out.mutable_data();
+             const uint64_t* a = addrs.data();
+             const uint64_t* s = sizes.data();
+             size_t nseg = size_t(addrs.shape(1));
+             {
+               py::gil_scoped_release nogil;
+               live(p).get(k.data(), k.size(), a, s, nseg, o);
+             }
+             return out;
+           })
+      .def("read_begin",
+           [](Pool& p, py::handle keys, const U64Array& total_sizes) {
+             auto k = keys_from(keys);
+             if (total_sizes.ndim() != 1 || size_t(total_sizes.shape(0)) != k.size())
+               raise_config("read_begin needs one total size per key");
+             py::array_t<int32_t> out(py::ssize_t(k.size()));
+             std::unique_ptr<Pool::ReadSession> s;
+             {
+               py::gil_scoped_release nogil;
+               s = live(p).read_begin(k.data(), k.size(), total_sizes.data(), out.mutable_data());
+             }
+             return py::make_tuple(py::cast(std::move(s)), out);
+           },
+           "-> (ReadSession, int32 status per key); then read_next(...) pieces, then read_end")
+      .def("read_next",
+           [](Pool& p, Pool::ReadSession& s, const U64Array& addrs, const U64Array& sizes) {
+             if (addrs.ndim() != 2 || sizes.ndim() != 2 || addrs.shape(0) != sizes.shape(0) ||
+                 addrs.shape(1) != sizes.shape(1))
+               raise_config("scatter list addrs and sizes must be uint64 arrays of the same shape (keys, segments)");
+             py::gil_scoped_release nogil;
+             live(p).read_next(s, size_t(addrs.shape(0)), addrs.data(), sizes.data(), size_t(addrs.shape(1)));
+           })
+      .def("read_end",
+           [](Pool& p, Pool::ReadSession& s) {
+             std::vector<int32_t> st;
+             {
+               py::gil_scoped_release nogil;
+               st.resize(live(p).read_session_size(s));
+               live(p).read_end(s, st.data());
+             }
+             py::array_t<int32_t> r(py::ssize_t(st.size()));
+             std::copy(st.begin(), st.end(), r.mutable_data());
+             return r;
+           })
+      .def("remove",
+           [](Pool& p, py::handle keys) {
+             auto k = keys_from(keys);
+             py::gil_scoped_release nogil;
+             return live(p).remove(k.data(), k.size());
+           })
+      .def("put_bytes",
+           [](Pool& p, py::handle key, py::buffer data) {
+             auto k = keys_from(py::make_tuple(key));
+             py::buffer_info bi = data.request();
+             if (!PyBuffer_IsContiguous(bi.view(), 'C')) raise_config("put_bytes needs a contiguous buffer");
+             size_t n = size_t(bi.size) * size_t(bi.itemsize);
+             py::gil_scoped_release nogil;
+             return int(live(p).put_one(k[0], bi.ptr, n));
+           })
+      .def("get_bytes",
+           [](Pool& p, py::handle key) -> py::tuple {
+             auto k = keys_from(py::make_tuple(key));
+             uint32_t pin = 0;
+             uint64_t size = 0;
+             kvd::Status st;
+             {
+               py::gil_scoped_release nogil;
+               st = live(p).pin_one(k[0], &pin, &size);
+             }
+             if (st != kvd::Status::kOk) return py::make_tuple(int(st), py::none());
+             PyObject* b = PyBytes_FromStringAndSize(nullptr, Py_ssize_t(size));
+             if (!b) {
+               p.read_pinned(pin, nullptr, 0);  // unpin
+               throw py::error_already_set();
+             }
+             py::object bytes = py::reinterpret_steal<py::object>(b);
+             char* dst = PyBytes_AS_STRING(b);
+             {
+               py::gil_scoped_release nogil;
+               st = p.read_pinned(pin, dst, size);
+             }
+             if (st != kvd::Status::kOk) return py::make_tuple(int(st), py::none());
+             return py::make_tuple(0, bytes);
+           },
+           "-> (status, bytes | None)")
+      .def("stats",
+           [](Pool& p) {
+             kvd::shm::PoolStats s;
+             {
+               py::gil_scoped_release nogil;
+               s = live(p).stats();
+             }
+             py::dict d;
+#define KVD_STAT(f) d[#f] = s.f
+             KVD_STAT(size); KVD_STAT(capacity); KVD_STAT(used); KVD_STAT(object_bytes); KVD_STAT(block_size);
+             KVD_STAT(blocks); KVD_STAT(free_blocks); KVD_STAT(objects); KVD_STAT(max_objects); KVD_STAT(writing);
+             KVD_STAT(pins); KVD_STAT(hits); KVD_STAT(misses); KVD_STAT(evictions); KVD_STAT(puts);
+             KVD_STAT(put_failures); KVD_STAT(corrupt); KVD_STAT(removes); KVD_STAT(recoveries);
+             KVD_STAT(reaped_pins); KVD_STAT(reaped_writes);
+#undef KVD_STAT
+             return d;
+           })
+      .def("close",
+           [](Pool& p) {
+             py::gil_scoped_release nogil;
+             p.close();
+           })
+      .def("debug_hold", &Pool::debug_hold, py::arg("phase"), py::arg("seconds"), py::arg("marker") = "",
+           "test hook: at phase lock|alloc|put_copy|get_copy create `marker`, then sleep (once)");
+  m.def("shm_checksum64", [](py::buffer b) {
+    py::buffer_info bi = b.request();
+    size_t n = size_t(bi.size) * size_t(bi.itemsize);
+    py::gil_scoped_release nogil;
+    return kvd::shm::checksum64(bi.ptr, n);
+  });
+  m.def("shm_copy_kernel", &kvd::shm::copy_hash_kernel);
+}

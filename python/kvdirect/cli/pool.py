@@ -1,0 +1,87 @@
+"""`kvdirect pool create|info|destroy NAME`: manage the embedded shared-memory pool."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _human(n: int) -> str:
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def _create(args) -> int:
+    from kvdirect.stores.shm import ShmStore
+
+    with ShmStore(args.name, size=args.size, create="yes", block_size=args.block_size) as s:
+        st = s.stats()
+    print(f"created shm pool {args.name!r} at {st['path']}: {_human(st['size'])} "
+          f"({_human(st['capacity'])} for data in {st['blocks']} blocks of {_human(st['block_size'])})")
+    return 0
+
+
+def _info(args) -> int:
+    from kvdirect.stores.shm import ShmStore
+
+    with ShmStore(args.name, create="no") as s:
+        st = s.stats()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    lookups = st["hits"] + st["misses"]
+    hit_rate = f"{100.0 * st['hits'] / lookups:.1f}%" if lookups else "n/a"
+    print(f"shm pool {st['name']!r}  ({st['path']})")
+    rows = [
+        ("size", _human(st["size"])),
+        ("capacity", f"{_human(st['capacity'])}  ({st['blocks']} blocks of {_human(st['block_size'])})"),
+        ("used", f"{_human(st['used'])}  ({100.0 * st['used'] / max(1, st['capacity']):.1f}%)"),
+        ("objects", f"{st['objects']}  ({_human(st['object_bytes'])} of object data)"),
+        ("hits/misses", f"{st['hits']} / {st['misses']}  (hit rate {hit_rate})"),
+        ("evictions", str(st["evictions"])),
+        ("puts", f"{st['puts']}  ({st['put_failures']} failed)"),
+        ("corrupt", str(st["corrupt"])),
+        ("in flight", f"{st['writing']} puts, {st['pins']} pins"),
+        ("recoveries", f"{st['recoveries']}  (reclaimed {st['reaped_pins']} pins, {st['reaped_writes']} puts "
+                       "of dead processes)"),
+    ]
+    for k, v in rows:
+        print(f"  {k:<12} {v}")
+    return 0
+
+
+def _destroy(args) -> int:
+    from kvdirect.stores.shm import destroy_pool
+
+    destroy_pool(args.name)
+    print(f"destroyed shm pool {args.name!r}")
+    return 0
+
+
+def run(args) -> int:
+    from kvdirect.errors import KVDirectError
+
+    try:
+        return args.pool_func(args)
+    except KVDirectError as e:
+        print(f"kvdirect pool {args.pool_cmd}: {e}", file=sys.stderr)
+        return 1
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pool", help="create, inspect or destroy the embedded shared-memory pool")
+    ps = p.add_subparsers(dest="pool_cmd", metavar="ACTION", required=True)
+    c = ps.add_parser("create", help="create /dev/shm/kvdirect-NAME")
+    c.add_argument("name")
+    c.add_argument("--size", default="1GiB", help="pool size, e.g. 8GiB (default 1GiB)")
+    c.add_argument("--block-size", default="64KiB", help="allocation block, a power of two (default 64KiB)")
+    c.set_defaults(pool_func=_create)
+    i = ps.add_parser("info", help="capacity, used, objects, hits/misses, evictions")
+    i.add_argument("name")
+    i.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    i.set_defaults(pool_func=_info)
+    d = ps.add_parser("destroy", help="remove the pool file (processes using it keep their mapping)")
+    d.add_argument("name")
+    d.set_defaults(pool_func=_destroy)
+    p.set_defaults(func=run)

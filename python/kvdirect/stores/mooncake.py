@@ -1,0 +1,376 @@
+"""Mooncake Store adapter: kvdirect's Store interface over ``mooncake.store.MooncakeDistributedStore``.
+
+URL::
+
+    mooncake://MASTER_HOST:PORT?metadata=http://127.0.0.1:18080/metadata&protocol=tcp
+        &segment=4GiB&buffer=128MiB&local=127.0.0.1&device=&timeout=5
+
+``segment`` is the memory this client contributes to the pool, ``buffer`` its
+local transfer buffer, ``local`` the address other clients reach it at,
+``device`` the RDMA device list (``protocol=rdma``), ``timeout`` the deadline in
+seconds of every store call (0: none). Optional: ``workers`` (threads running
+calls, default 4), ``require_registered`` (0/1, see below), ``device_memory``
+(0/1: the transport reads accelerator memory directly; default 0),
+``check`` (0/1: probe master and metadata server before setup, default 1).
+
+Semantics (how Mooncake's integer results become kvdirect statuses):
+
+* ``batch_put_from*`` returns 0 per stored key; ``OBJECT_ALREADY_EXISTS`` (-705)
+  also means the pool holds the key (page keys name their content), so OK; any
+  other negative value is a failure (NO_SPACE, UNAVAILABLE, IO_ERROR, ...).
+* ``batch_get_into*`` returns the bytes delivered per key, negative on error. A
+  key is OK only when exactly its scatter list's total size was delivered; an
+  object of another size is CORRUPT (a layout mismatch), never used.
+* Objects live in the memory that clients contribute (``segment``): when the
+  client holding an object's replica closes, the object is gone.
+* ``remove`` does not force: Mooncake keeps objects under a read lease
+  (``default_kv_lease_ttl``, 10 s by default) and refuses to remove them until it expires.
+
+Memory registration: ``register(addr, length)`` calls ``register_buffer`` once
+per region (a repeat is a no-op). With ``protocol=tcp`` Mooncake copies through
+sockets and reads/writes any address of this process, so segments outside
+registered regions still work (tested). With RDMA the NIC can only use
+registered memory, so by default (``require_registered`` = protocol is not tcp)
+keys with an unregistered segment fail with INVALID_ARGUMENT before any call,
+instead of a transfer error deep inside the transport. Call ``unregister(addr)``
+before freeing a registered region; a new region overlapping earlier ones is taken
+as memory that was freed and reused: the stale registrations are dropped first
+(Mooncake refuses overlapping registrations).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from kvdirect.errors import ConfigError, StoreError
+from kvdirect.stores import base
+from kvdirect.stores._remote import (CallTimeout, CallUnavailable, DeadlineRunner, Regions, check_batch, map_codes,
+                                     tcp_reachable)
+from kvdirect.stores.base import ScatterList, Store
+from kvdirect.stores.url import StoreURL, parse_size
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = ('pip install "kvdirect[mooncake]" (mooncake-transfer-engine-non-cuda on CPU machines, '
+                'mooncake-transfer-engine with CUDA) and the system libraries it loads: '
+                "apt-get install -y libibverbs1 librdmacm1 libnuma1")
+
+# Mooncake ErrorCode (mooncake-store/include/types.h) -> kvdirect status
+MC_OK = 0
+MC_OBJECT_ALREADY_EXISTS = -705
+_CODES = {
+    0: base.OK,
+    -1: base.IO_ERROR,            # INTERNAL_ERROR
+    -10: base.TOO_LARGE,          # BUFFER_OVERFLOW
+    -101: base.UNAVAILABLE,       # SEGMENT_NOT_FOUND
+    -200: base.NO_SPACE,          # NO_AVAILABLE_HANDLE
+    -400: base.INVALID_ARGUMENT,  # INVALID_KEY
+    -500: base.IO_ERROR,          # WRITE_FAIL
+    -600: base.INVALID_ARGUMENT,  # INVALID_PARAMS (also: destination smaller than the object)
+    -601: base.INVALID_ARGUMENT,  # ILLEGAL_CLIENT
+    -602: base.INVALID_ARGUMENT,  # NON_CONTIGUOUS_BUFFER_NOT_SUPPORTED
+    -700: base.IO_ERROR, -701: base.IO_ERROR, -702: base.IO_ERROR,
+    -703: base.NOT_FOUND,         # REPLICA_IS_NOT_READY: a put still in flight -> not there yet
+    -704: base.NOT_FOUND,         # OBJECT_NOT_FOUND
+    -706: base.BUSY,              # OBJECT_HAS_LEASE
+    -707: base.IO_ERROR,          # LEASE_EXPIRED during the transfer: bytes may be stale
+    -708: base.BUSY,
+    -710: base.NOT_FOUND, -712: base.NOT_FOUND,
+    -800: base.IO_ERROR,          # TRANSFER_FAIL
+    -900: base.UNAVAILABLE,       # RPC_FAIL (master unreachable)
+    -901: base.UNAVAILABLE,
+    -1010: base.UNAVAILABLE, -1011: base.UNAVAILABLE,
+    -1700: base.NO_SPACE,         # TENANT_QUOTA_EXCEEDED
+}
+_PUT_CODES = {**_CODES, MC_OBJECT_ALREADY_EXISTS: base.OK}
+_GET_CODES = {**_CODES, MC_OBJECT_ALREADY_EXISTS: base.IO_ERROR}
+
+
+def import_client():
+    """The MooncakeDistributedStore class, or StoreError saying how to install it."""
+    try:
+        from mooncake.store import MooncakeDistributedStore
+    except ImportError as e:
+        raise StoreError(f"Mooncake client not importable ({e}). Install it: {INSTALL_HINT}") from None
+    return MooncakeDistributedStore
+
+
+def put_status(rc) -> np.ndarray:
+    """Per-key kvdirect status from batch_put_from* results (0 = stored)."""
+    return map_codes(rc, _PUT_CODES, base.IO_ERROR)
+
+
+def get_status(rc, expected_sizes) -> np.ndarray:
+    """Per-key status from batch_get_into* results: OK only if exactly the expected bytes were delivered."""
+    rc = np.asarray(rc, np.int64)
+    st = map_codes(np.minimum(rc, 0), _GET_CODES, base.IO_ERROR)
+    delivered = rc >= 0
+    exact = rc == np.asarray(expected_sizes, np.int64)
+    st[delivered & exact] = base.OK
+    st[delivered & ~exact] = base.CORRUPT  # object of another size: another layout, or truncated
+    return st
+
+
+class MooncakeStore(Store):
+    """Mooncake Store client behind kvdirect's Store interface (see the module docstring)."""
+
+    scheme = "mooncake"
+
+    def __init__(self, master: str, metadata: str, *, protocol: str = "tcp", segment: int = 4 << 30,
+                 buffer: int = 128 << 20, local: str = "127.0.0.1", device: str = "", timeout_s: float = 5.0,
+                 workers: int = 4, require_registered: bool | None = None, device_memory: bool = False,
+                 check: bool = True, client=None):
+        self.master, self.metadata, self.protocol = master, metadata, protocol
+        self.segment, self.buffer, self.local, self.device = int(segment), int(buffer), local, device
+        self.require_registered = (protocol != "tcp") if require_registered is None else bool(require_registered)
+        self.supports_device_memory = bool(device_memory)
+        self._runner = DeadlineRunner(timeout_s, workers, "kvd-mooncake")
+        self._regions = Regions()
+        self._reg_lock = threading.Lock()
+        self._closed = False
+        self._counts = {"put_keys": 0, "put_ok": 0, "get_keys": 0, "get_ok": 0, "put_bytes": 0, "get_bytes": 0,
+                        "exists_calls": 0, "failed_by_status": {}}
+        self._owns_client = client is None
+        if client is not None:  # an already set-up client (tests, or a caller sharing one): not closed by us
+            self._client = client
+            return
+        cls = import_client()
+        if check:
+            self._preflight()
+        self._client = cls()
+        rc = self._client.setup(local, metadata, self.segment, self.buffer, protocol, device, master)
+        if rc != 0:
+            raise StoreError(f"Mooncake setup failed (rc={rc}) with master {master}, metadata {metadata}, "
+                             f"protocol {protocol!r}, segment {self.segment} B: {self._start_hint()}")
+
+    # ------------------------------------------------------------------ opening
+
+    def _start_hint(self) -> str:
+        host, _, port = self.master.rpartition(":")
+        mport = urlsplit(self.metadata).port if self.metadata.startswith("http") else None
+        return (f"is mooncake_master running at {self.master}? start it with: mooncake_master "
+                f"--rpc_port={port} --enable_http_metadata_server=true"
+                + (f" --http_metadata_server_port={mport}" if mport else "")
+                + " (or `python -c 'from kvdirect.services import start_mooncake_master'` in tests)")
+
+    def _preflight(self) -> None:
+        """Fail in seconds when the master or metadata server is down (setup alone retries ~90 s holding the GIL)."""
+        host, _, port = self.master.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"Mooncake master must be HOST:PORT, got {self.master!r}")
+        if not tcp_reachable(host, int(port)):
+            raise StoreError(f"cannot reach the Mooncake master at {self.master}: {self._start_hint()}")
+        if self.metadata.startswith("http"):
+            u = urlsplit(self.metadata)
+            if not u.hostname or not tcp_reachable(u.hostname, u.port or 80):
+                raise StoreError(f"cannot reach the Mooncake metadata server {self.metadata}: start the master with "
+                                 f"--enable_http_metadata_server=true --http_metadata_server_port={u.port}, "
+                                 "or point metadata= at your etcd/HTTP metadata service")
+
+    # ------------------------------------------------------------------ helpers
+
+    def _call(self, name: str, *args, **kwargs):
+        if self._closed:
+            raise CallUnavailable("store is closed")
+        return self._runner.call(getattr(self._client, name), *args, **kwargs)
+
+    def _count_failures(self, st: np.ndarray) -> None:
+        bad = st[st != base.OK]
+        if bad.size:
+            d = self._counts["failed_by_status"]
+            for code, n in zip(*np.unique(bad, return_counts=True)):
+                d[int(code)] = d.get(int(code), 0) + int(n)
+
+    def _usable(self, scatter: ScatterList) -> np.ndarray:
+        """bool per key: may be handed to the client (sizes > 0, memory registered when required)."""
+        ok = scatter.object_sizes > 0
+        if self.require_registered:
+            ok &= self._regions.covered(scatter.addrs, scatter.sizes)
+        return ok
+
+    def _transfer(self, op: str, keys: list[str], scatter: ScatterList) -> np.ndarray:
+        n = len(keys)
+        st = np.full(n, base.INVALID_ARGUMENT, np.int32)
+        if n == 0:
+            return st
+        usable = self._usable(scatter)
+        idx = np.flatnonzero(usable)
+        if idx.size == 0:
+            return st
+        sub = scatter if idx.size == n else scatter.take(idx)
+        sub_keys = keys if idx.size == n else [keys[i] for i in idx]
+        single = sub.addrs.shape[1] == 1
+        try:
+            if op == "put":
+                if single:
+                    rc = self._call("batch_put_from", sub_keys, sub.addrs[:, 0].tolist(), sub.sizes[:, 0].tolist())
+                else:
+                    rc = self._call("batch_put_from_multi_buffers", sub_keys, sub.addrs.tolist(), sub.sizes.tolist())
+                res = put_status(rc)
+            else:
+                if single:
+                    rc = self._call("batch_get_into", sub_keys, sub.addrs[:, 0].tolist(), sub.sizes[:, 0].tolist())
+                else:
+                    rc = self._call("batch_get_into_multi_buffers", sub_keys, sub.addrs.tolist(), sub.sizes.tolist())
+                res = get_status(rc, sub.object_sizes)
+            if len(res) != idx.size:  # a client that returns the wrong count: trust none of it
+                res = np.full(idx.size, base.IO_ERROR, np.int32)
+        except CallTimeout:
+            res = np.full(idx.size, base.TIMEOUT, np.int32)
+        except CallUnavailable:
+            res = np.full(idx.size, base.UNAVAILABLE, np.int32)
+        except RuntimeError as e:  # pybind11-translated C++ exception inside the client
+            log.warning("mooncake %s raised %s", op, e)
+            res = np.full(idx.size, base.IO_ERROR, np.int32)
+        st[idx] = res
+        ok = st == base.OK
+        nbytes = int(scatter.object_sizes[ok].sum())
+        self._counts[f"{op}_keys"] += n
+        self._counts[f"{op}_ok"] += int(ok.sum())
+        self._counts[f"{op}_bytes"] += nbytes
+        self._count_failures(st)
+        return st
+
+    # ------------------------------------------------------------------ Store interface
+
+    def register(self, addr: int, length: int) -> None:
+        """register_buffer once per region. A new region overlapping earlier ones means that memory
+        was freed and reused (two live allocations cannot overlap): the stale registrations are
+        dropped first, since Mooncake refuses overlapping ones (INVALID_PARAMS)."""
+        with self._reg_lock:
+            if self._regions.covered(np.array([[int(addr)]], np.uint64), np.array([[int(length)]], np.uint64))[0]:
+                return  # already registered: once per region
+            for start in self._regions.overlapping(addr, length):
+                self._unregister_locked(start)
+            self._regions.add(addr, length)
+            try:
+                rc = self._call("register_buffer", int(addr), int(length))
+            except (CallTimeout, CallUnavailable) as e:
+                rc = f"no answer ({e})"
+            if rc != 0:
+                self._regions.remove(addr)  # so that a retry re-registers
+                raise StoreError(f"Mooncake register_buffer(0x{int(addr):x}, {int(length)}) failed: {rc}")
+
+    def _unregister_locked(self, start: int) -> None:
+        try:
+            self._call("unregister_buffer", int(start))
+        except (CallTimeout, CallUnavailable) as e:
+            log.warning("mooncake unregister_buffer(0x%x): %s", start, e)
+        self._regions.remove(start)
+
+    def unregister(self, addr: int) -> None:
+        """Forget a region registered at addr (before freeing that memory)."""
+        with self._reg_lock:
+            if int(addr) in self._regions.overlapping(addr, 1):
+                self._unregister_locked(int(addr))
+
+    def exists(self, keys) -> np.ndarray:
+        keys = base.check_keys(keys)
+        if not keys:
+            return np.zeros(0, bool)
+        self._counts["exists_calls"] += 1
+        try:
+            rc = np.asarray(self._call("batch_is_exist", keys), np.int64)
+        except (CallTimeout, CallUnavailable):
+            return np.zeros(len(keys), bool)  # unknown -> treat as absent (a miss, never a wrong hit)
+        if rc.shape != (len(keys),):
+            return np.zeros(len(keys), bool)
+        return rc == 1  # 1 present, 0 absent, negative = error -> absent
+
+    def put(self, keys, scatter: ScatterList) -> np.ndarray:
+        keys, scatter = check_batch(keys, scatter)
+        return self._transfer("put", keys, scatter)
+
+    def get(self, keys, scatter: ScatterList) -> np.ndarray:
+        keys, scatter = check_batch(keys, scatter)
+        return self._transfer("get", keys, scatter)
+
+    def remove(self, keys) -> int:
+        keys = base.check_keys(keys)
+        if not keys:
+            return 0
+        try:
+            rc = np.asarray(self._call("batch_remove", keys), np.int64)
+        except (CallTimeout, CallUnavailable):
+            return 0
+        return int((rc == 0).sum())
+
+    def put_bytes(self, key: str, data: bytes) -> bool:
+        (key,) = base.check_keys([key])
+        try:
+            return self._call("put", key, bytes(data)) == 0
+        except (CallTimeout, CallUnavailable):
+            return False
+
+    def get_bytes(self, key: str) -> bytes | None:
+        (key,) = base.check_keys([key])
+        try:
+            data = self._call("get", key)
+            if data:
+                return bytes(data)
+            # b"" means "absent" or "empty object": ask for the size to tell them apart
+            return b"" if self._call("get_size", key) == 0 else None
+        except (CallTimeout, CallUnavailable):
+            return None
+
+    def stats(self) -> dict:
+        d = dict(self._counts, failed_by_status=dict(self._counts["failed_by_status"]))
+        d.update(scheme=self.scheme, master=self.master, protocol=self.protocol, registered_regions=len(self._regions),
+                 timeouts=self._runner.timeouts, refused_calls=self._runner.refused,
+                 abandoned_calls=self._runner.abandoned)
+        return d
+
+    def quiesce(self, timeout_s: float | None = None) -> bool:
+        """Wait until calls that timed out have returned (their destination memory is no longer written)."""
+        return self._runner.quiesce(timeout_s)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        client = getattr(self, "_client", None)
+        if client is not None and self._owns_client and self._runner.abandoned == 0:
+            try:
+                self._runner.call(client.close)
+            except (CallTimeout, CallUnavailable, RuntimeError) as e:
+                log.warning("mooncake close: %s", e)
+        self._runner.shutdown()
+
+
+def _flag(u: StoreURL, name: str, default):
+    v = u.pop(name, None)
+    if v is None or v == "":
+        return default
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={v!r} in {u.raw!r}: use 0 or 1")
+
+
+def open_url(u: StoreURL) -> MooncakeStore:
+    """``mooncake://MASTER:PORT?metadata=...&protocol=tcp&segment=4GiB&buffer=128MiB&local=...&device=&timeout=5``"""
+    if not u.host or not u.port:
+        raise ConfigError(f"Mooncake URL needs the master as HOST:PORT: mooncake://127.0.0.1:50051?metadata=..., "
+                          f"got {u.raw!r}")
+    metadata = u.pop("metadata")
+    if not metadata:
+        raise ConfigError(f"Mooncake URL needs metadata=http://HOST:PORT/metadata (or an etcd address), got {u.raw!r}")
+    protocol = u.pop("protocol", "tcp") or "tcp"
+    if protocol not in ("tcp", "rdma"):
+        raise ConfigError(f"Mooncake protocol must be tcp or rdma, got {protocol!r}")
+    try:
+        timeout_s = float(u.pop("timeout", "5"))
+        workers = int(u.pop("workers", "4"))
+    except ValueError as e:
+        raise ConfigError(f"bad number in {u.raw!r}: {e}") from None
+    kw = dict(protocol=protocol, segment=parse_size(u.pop("segment", "4GiB")),
+              buffer=parse_size(u.pop("buffer", "128MiB")), local=u.pop("local", "127.0.0.1") or "127.0.0.1",
+              device=u.pop("device", "") or "", timeout_s=timeout_s, workers=workers,
+              require_registered=_flag(u, "require_registered", None),
+              device_memory=_flag(u, "device_memory", False), check=_flag(u, "check", True))
+    u.reject_unknown()
+    return MooncakeStore(f"{u.host}:{u.port}", metadata, **kw)

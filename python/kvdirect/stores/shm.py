@@ -1,0 +1,204 @@
+"""The embedded shared-memory pool: ``shm://NAME?size=1GiB&checksum=on&create=auto``.
+
+One file ``/dev/shm/kvdirect-NAME`` shared by every process on the node (C++:
+csrc/shm/shm_pool.h documents the contract). URL parameters:
+
+* ``size``: pool size when it is created (default 1GiB). Opening an existing pool
+  uses the existing one whatever ``size`` says; ``stats()`` then reports
+  ``size_requested`` next to the real ``size`` and a warning is issued.
+* ``checksum``: ``on`` (default) computes a checksum on put and verifies it on
+  get; ``off`` skips both (objects written with it on are then not verified).
+* ``create``: ``auto`` (default: open, else create), ``no`` (must exist),
+  ``yes`` (must not exist yet).
+* ``block``: allocation block size when created (default 64KiB; a power of two,
+  ideally the page size or a divisor of it).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Sequence
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from kvdirect.errors import ConfigError, StoreError
+from kvdirect.stores.base import INVALID_ARGUMENT, NOT_FOUND, OK, ScatterList, Store
+from kvdirect.stores.url import StoreURL, parse_size
+
+DEFAULT_SIZE = 1 << 30
+DEFAULT_BLOCK = 64 << 10
+DEFAULT_PIN_SLOTS = 4096
+_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+_BOOL = {"on": True, "1": True, "true": True, "yes": True, "off": False, "0": False, "false": False, "no": False}
+_CREATE = {"auto": "auto", "no": "open", "never": "open", "yes": "create", "always": "create", "only": "create"}
+
+
+def _core():
+    from kvdirect import _core
+
+    return _core
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ConfigError(f"bad shm pool name {name!r}: use 1..200 of letters, digits, '.', '_', '-' "
+                          "(not starting with '.')")
+    return name
+
+
+def pool_path(name: str) -> str:
+    return _core().ShmPool.path_for(check_name(name))
+
+
+class ShmStore(Store):
+    """A handle on the node-local shared-memory pool NAME (see module docstring)."""
+
+    scheme = "shm"
+    supports_device_memory = False
+
+    def __init__(self, name: str = "kvdirect", *, size: int | str | None = None, checksum: bool = True,
+                 create: str = "auto", block_size: int | str = DEFAULT_BLOCK,
+                 pin_slots: int = DEFAULT_PIN_SLOTS):
+        check_name(name)
+        if create not in _CREATE:
+            raise ConfigError(f"create={create!r}: use auto, no or yes")
+        requested = parse_size(size) if size is not None else None
+        st, msg, pool, created = _core().ShmPool.open(
+            name, _CREATE[create], requested if requested is not None else DEFAULT_SIZE,
+            parse_size(block_size), int(pin_slots))
+        if st != OK:
+            if st == INVALID_ARGUMENT:
+                raise ConfigError(msg)
+            raise StoreError(msg)
+        self._pool = pool
+        self.name = name
+        self.path = pool_path(name)
+        self.created = bool(created)
+        self.checksum = bool(checksum)
+        pool.set_verify_checksum(self.checksum)
+        pool.set_write_checksum(self.checksum)
+        self._size_requested = requested
+        if requested is not None and not created:
+            actual = pool.stats()["size"]
+            if actual != requested:
+                warnings.warn(f"shm pool {name!r} already exists with size {actual} bytes; using it as is "
+                              f"(requested {requested}). To resize: `kvdirect pool destroy {name}`.",
+                              stacklevel=2)
+
+    # -- the store interface -------------------------------------------------
+    def exists(self, keys: Sequence[str]) -> np.ndarray:
+        return self._pool.exists(keys)
+
+    def put(self, keys: Sequence[str], scatter: ScatterList) -> np.ndarray:
+        return self._pool.put(keys, scatter.addrs, scatter.sizes)
+
+    def get(self, keys: Sequence[str], scatter: ScatterList) -> np.ndarray:
+        return self._pool.get(keys, scatter.addrs, scatter.sizes)
+
+    def remove(self, keys: Sequence[str]) -> int:
+        return int(self._pool.remove(keys))
+
+    def open_read(self, keys: Sequence[str], object_sizes) -> "PiecewiseRead":
+        """Pin objects and read them piece by piece (layer-wise loads); see PiecewiseRead."""
+        return PiecewiseRead(self._pool, keys, object_sizes)
+
+    def put_bytes(self, key: str, data) -> bool:
+        return self._pool.put_bytes(key, data) == OK
+
+    def get_bytes(self, key: str) -> bytes | None:
+        st, data = self._pool.get_bytes(key)
+        return data if st == OK else None
+
+    def get_bytes_status(self, key: str) -> tuple[int, bytes | None]:
+        """Like get_bytes, plus the status (NOT_FOUND, CORRUPT, BUSY...) of a miss."""
+        return self._pool.get_bytes(key)
+
+    def stats(self) -> dict:
+        s = dict(self._pool.stats())
+        s.update(name=self.name, path=self.path, checksum=self.checksum,
+                 size_requested=self._size_requested, kernel=_core().shm_copy_kernel())
+        return s
+
+    def close(self) -> None:
+        if self._pool is not None and not self._pool.closed:
+            self._pool.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._pool.closed
+
+    def destroy(self) -> None:
+        """Close this handle and unlink the pool file (other processes' mappings stay valid)."""
+        self.close()
+        destroy_pool(self.name, missing_ok=True)
+
+    def _debug_hold(self, phase: str, seconds: float, marker: str = "") -> None:
+        """Test hook: at `phase` (lock, alloc, put_copy, get_copy) create `marker` and sleep, once."""
+        self._pool.debug_hold(phase, float(seconds), marker)
+
+    def __repr__(self) -> str:
+        return f"ShmStore({self.name!r}, path={self.path!r}, checksum={'on' if self.checksum else 'off'})"
+
+
+class PiecewiseRead:
+    """A batch of pinned objects read in consecutive pieces (one layer at a time).
+
+    ``status`` starts as the per-key result of pinning; ``read(scatter, n)`` copies
+    the next bytes of the first ``n`` objects; ``end()`` verifies checksums, unpins
+    and returns the final status (OK only for objects delivered whole and verified).
+    Always call ``end()`` (or use it as a context manager): pins are held until then.
+    """
+
+    def __init__(self, pool, keys, object_sizes):
+        self._pool = pool
+        sizes = np.ascontiguousarray(object_sizes, dtype=np.uint64)
+        self._session, self.status = pool.read_begin(keys, sizes)
+        self._final = None
+
+    def read(self, scatter: ScatterList) -> None:
+        self._pool.read_next(self._session, scatter.addrs, scatter.sizes)
+
+    def end(self) -> np.ndarray:
+        if self._final is None:
+            self._final = self._pool.read_end(self._session)
+        return self._final
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.end()
+
+
+def destroy_pool(name: str, missing_ok: bool = False) -> bool:
+    """Unlink /dev/shm/kvdirect-NAME; returns whether it existed."""
+    st, msg = _core().ShmPool.destroy(check_name(name))
+    if st == OK:
+        return True
+    if st == NOT_FOUND and missing_ok:
+        return False
+    raise StoreError(msg)
+
+
+def open_url(u: StoreURL) -> ShmStore:
+    # urlsplit lowercases the host: take the name from the raw netloc to keep its case
+    parts = urlsplit(u.raw) if u.raw else None
+    name = (parts.netloc if parts else u.host) or u.path
+    if not name:
+        raise ConfigError(f"shm URL needs a pool name, e.g. shm://kvdirect?size=8GiB (got {u.raw!r})")
+    if u.path and parts and parts.netloc:
+        raise ConfigError(f"shm URL {u.raw!r}: the pool name goes in the host part only, e.g. shm://{name}?size=1GiB")
+    size = u.pop("size")
+    checksum = u.pop("checksum", "on").lower()
+    if checksum not in _BOOL:
+        raise ConfigError(f"checksum={checksum!r} in {u.raw!r}: use on or off")
+    create = u.pop("create", "auto").lower()
+    block = u.pop("block", DEFAULT_BLOCK)
+    pins = u.pop("pins", DEFAULT_PIN_SLOTS)
+    u.reject_unknown()
+    try:
+        pins = int(pins)
+    except ValueError:
+        raise ConfigError(f"pins={pins!r} in {u.raw!r}: use an integer") from None
+    return ShmStore(name, size=size, checksum=_BOOL[checksum], create=create, block_size=block, pin_slots=pins)

@@ -1,0 +1,84 @@
+"""Tensor parallelism: every rank agrees on pages hit and loaded (all-reduce MIN, gloo)."""
+import multiprocessing as mp
+import os
+import uuid
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="TP agreement uses torch.distributed (in the [test] extra)")
+
+P, LAYERS, SLOTS = 4, 2, 256
+
+
+def _rank(rank, world, init, url, q):
+    import torch.distributed as dist
+
+    from kvdirect import KVLayout, keys
+    from kvdirect.cache import KVDirectCache, torch_dist_min
+    from kvdirect.config import CacheConfig
+    from kvdirect.stores import open_store
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        k = [np.full((SLOTS, 2, 8), rank + 1, np.float32) for _ in range(LAYERS)]
+        v = [x.copy() for x in k]
+        layout = KVLayout.from_mha(k, v, page_size=P)
+        cfg = CacheConfig(store=None, model="tp-model")
+        writer = KVDirectCache(layout, url, config=cfg, tp_rank=rank, tp_size=world)
+        toks = np.random.default_rng(3).integers(0, 9999, 8 * P).astype(np.int32)
+        writer.write_back(toks, np.arange(8 * P))
+        writer.flush()
+        if rank == 1:  # this rank's copy of page 5 vanished from the pool
+            d = keys.page_digests(toks, P, namespace_seed=keys.namespace_seed())
+            open_store(url).remove(keys.pool_keys(d, writer.fingerprint)[5:6])
+        dist.barrier()
+        k2 = [np.zeros((SLOTS, 2, 8), np.float32) for _ in range(LAYERS)]
+        v2 = [x.copy() for x in k2]
+        freed = []
+        reader = KVDirectCache(KVLayout.from_mha(k2, v2, page_size=P), url, config=cfg,
+                               tp_rank=rank, tp_size=world, tp_reduce_min=torch_dist_min(),
+                               free_slots=freed.append)
+        m = reader.match(toks)
+        pool_len = m.pool_len
+        slots = np.arange(100, 100 + m.pool_len)
+        loaded = reader.load(m, slots)
+        # a second request where only rank 0's get fails mid-way: both use the same count
+        toks2 = np.random.default_rng(4).integers(0, 9999, 6 * P).astype(np.int32)
+        writer.write_back(toks2, np.arange(6 * P))
+        writer.flush()
+        dist.barrier()
+        m2 = reader.match(toks2)
+        pool2 = m2.pool_len
+        if rank == 0:
+            d = keys.page_digests(toks2, P, namespace_seed=keys.namespace_seed())
+            open_store(url).remove(keys.pool_keys(d, reader.fingerprint)[2:3])
+        dist.barrier()
+        loaded2 = reader.load(m2, np.arange(200, 200 + m2.pool_len))
+        ok_bytes = bool((k2[1][100:100 + loaded] == rank + 1).all())
+        q.put((rank, pool_len, loaded, pool2, loaded2, ok_bytes))
+        reader.close(), writer.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tp_ranks_agree_on_hits_and_loads(tmp_path):
+    url = f"shm://kvd-tp-{uuid.uuid4().hex[:8]}?size=32MiB"
+    init = f"file://{tmp_path}/pg"
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, 2, init, url, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    from kvdirect.stores.shm import destroy_pool
+    destroy_pool(url.split("//")[1].split("?")[0], missing_ok=True)
+    assert [p.exitcode for p in procs] == [0, 0]
+    res = sorted(q.get(timeout=5) for _ in range(2))
+    (_, pool0, load0, pool2_0, load2_0, ok0), (_, pool1, load1, pool2_1, load2_1, ok1) = res
+    # rank 1 misses page 5, so both ranks reuse only pages 0..4
+    assert pool0 == pool1 == 5 * P and load0 == load1 == 5 * P
+    # both saw 6 pages at match time; rank 0 then failed page 2: both load 2 pages
+    assert pool2_0 == pool2_1 == 6 * P and load2_0 == load2_1 == 2 * P
+    assert ok0 and ok1  # each rank got its own rank's bytes (fingerprint carries tp_rank)

@@ -1,0 +1,400 @@
+"""MooncakeStore against a real mooncake_master on loopback (HTTP metadata server, free ports)."""
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from kvdirect.errors import ConfigError, StoreError
+from kvdirect.stores import ScatterList, base, open_store
+from kvdirect.stores import mooncake as mc_mod
+
+try:
+    import mooncake.store  # noqa: F401
+    _IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover - depends on the machine
+    _IMPORT_ERROR = e
+
+needs_mooncake = pytest.mark.skipif(
+    _IMPORT_ERROR is not None,
+    reason=f"mooncake client not importable ({_IMPORT_ERROR}); "
+           "pip install 'kvdirect[mooncake]' and apt-get install libibverbs1 librdmacm1 libnuma1")
+
+SEGMENT = 64 << 20
+
+
+@pytest.fixture(scope="module")
+def master():
+    from kvdirect.services import start_mooncake_master
+
+    svc = start_mooncake_master(store_params=dict(segment="64MiB", buffer="16MiB", timeout=10))
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def store(master):
+    s = open_store(master.store_url)
+    yield s
+    s.close()
+
+
+class Pages:
+    """A registered host 'KV pool': n pages, each scattered over `layers` segments of `seg` bytes
+    placed at stride so that no two segments of a page are adjacent."""
+
+    def __init__(self, store, n, layers, seg, fill=None, register=True):
+        self.n, self.layers, self.seg = n, layers, seg
+        self.mem = np.zeros(n * layers * seg * 2, np.uint8)
+        if fill is not None:
+            self.mem[:] = np.random.default_rng(fill).integers(0, 256, self.mem.size, dtype=np.uint8)
+        base_addr = self.mem.ctypes.data
+        # segment (page i, layer l) at offset (l * n + i) * 2 * seg: layer-major like a real KV pool
+        off = (np.arange(layers)[None, :] * n + np.arange(n)[:, None]) * 2 * seg
+        self.scatter = ScatterList(base_addr + off.astype(np.uint64), np.full((n, layers), seg, np.uint64))
+        self._off = off
+        if register:
+            store.register(base_addr, self.mem.nbytes)
+
+    def page_bytes(self, i):
+        return np.concatenate([self.mem[o:o + self.seg] for o in self._off[i]])
+
+
+def keys(prefix, n):
+    return [f"{prefix}-{os.getpid()}-{i}" for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- real master
+
+
+@needs_mooncake
+def test_scattered_round_trip(store):
+    src = Pages(store, 8, layers=6, seg=4096, fill=1)
+    dst = Pages(store, 8, layers=6, seg=4096)
+    k = keys("rt", 8)
+    st = store.put(k, src.scatter)
+    assert st.dtype == np.int32 and (st == base.OK).all(), st
+    st = store.get(k, dst.scatter)
+    assert (st == base.OK).all(), st
+    for i in range(8):
+        assert np.array_equal(dst.page_bytes(i), src.page_bytes(i))
+    # the object is the concatenation of its segments: a single-segment reader sees the same bytes
+    flat = np.zeros(6 * 4096, np.uint8)
+    store.register(flat.ctypes.data, flat.nbytes)
+    st = store.get(k[3:4], ScatterList(np.array([flat.ctypes.data], np.uint64), np.array([flat.nbytes], np.uint64)))
+    assert st.tolist() == [base.OK]
+    assert np.array_equal(flat, src.page_bytes(3))
+
+
+@needs_mooncake
+def test_single_segment_round_trip(store):
+    src = Pages(store, 5, layers=1, seg=10000, fill=2)
+    dst = Pages(store, 5, layers=1, seg=10000)
+    k = keys("single", 5)
+    assert (store.put(k, src.scatter) == base.OK).all()
+    assert (store.get(k, dst.scatter) == base.OK).all()
+    assert all(np.array_equal(dst.page_bytes(i), src.page_bytes(i)) for i in range(5))
+
+
+@needs_mooncake
+def test_exists_and_prefix(store):
+    src = Pages(store, 4, layers=2, seg=512, fill=3)
+    k = keys("ex", 4)
+    assert not store.exists(k).any()
+    assert store.exists_prefix(k) == 0
+    assert (store.put(k[:2], src.scatter.take(slice(0, 2))) == base.OK).all()
+    assert store.exists(k).tolist() == [True, True, False, False]
+    assert store.exists_prefix(k) == 2
+    assert store.exists_prefix([k[0], k[3], k[1]]) == 1
+    assert store.exists([]).shape == (0,)
+
+
+@needs_mooncake
+def test_remove(store):
+    src = Pages(store, 3, layers=2, seg=256, fill=4)
+    k = keys("rm", 3)
+    assert (store.put(k, src.scatter) == base.OK).all()
+    assert store.remove(k[:2] + ["never-stored-" + k[0]]) == 2
+    assert store.exists(k).tolist() == [False, False, True]
+    assert store.remove(k[:2]) == 0
+
+
+@needs_mooncake
+def test_put_status_is_not_inverted():
+    """The reference design read Mooncake's 0 ("stored") as a failure. A stored key must be OK and
+    readable; a key that cannot be stored must be a failure and absent.
+
+    Own master: a put that runs out of space makes mooncake_master evict other objects, which
+    would disturb the tests sharing the module's master."""
+    from kvdirect.services import start_mooncake_master
+
+    with start_mooncake_master(store_params=dict(segment="64MiB", buffer="16MiB")) as svc:
+        with open_store(svc.store_url) as store:
+            src = Pages(store, 1, layers=2, seg=1024, fill=5)
+            dst = Pages(store, 1, layers=2, seg=1024)
+            k = keys("status", 2)
+            assert store.put(k[:1], src.scatter).tolist() == [base.OK]
+            assert store.exists(k[:1]).tolist() == [True]
+            assert store.get(k[:1], dst.scatter).tolist() == [base.OK]
+            assert np.array_equal(dst.page_bytes(0), src.page_bytes(0))
+            # re-putting a stored key reports it stored (the pool holds it), not a failure
+            assert store.put(k[:1], src.scatter).tolist() == [base.OK]
+            # an object larger than all pool memory can never be stored (np.empty: no pages touched)
+            huge = np.empty(2 * SEGMENT, np.uint8)
+            store.register(huge.ctypes.data, huge.nbytes)
+            st = store.put(k[1:], ScatterList(np.array([huge.ctypes.data], np.uint64),
+                                              np.array([huge.nbytes], np.uint64)))
+            assert st.tolist() == [base.NO_SPACE]
+            assert store.exists(k[1:]).tolist() == [False]
+            assert store.stats()["failed_by_status"] == {base.NO_SPACE: 1}
+
+
+@needs_mooncake
+def test_get_of_missing_key_and_mixed_batch(store):
+    src = Pages(store, 3, layers=3, seg=300, fill=6)
+    dst = Pages(store, 3, layers=3, seg=300)
+    k = keys("mixed", 3)
+    assert (store.put([k[0], k[2]], src.scatter.take([0, 2])) == base.OK).all()
+    st = store.get(k, dst.scatter)
+    assert st.tolist() == [base.OK, base.NOT_FOUND, base.OK]
+    assert np.array_equal(dst.page_bytes(0), src.page_bytes(0))
+    assert np.array_equal(dst.page_bytes(2), src.page_bytes(2))
+    assert not dst.page_bytes(1).any()
+
+
+@needs_mooncake
+def test_get_of_another_size_is_a_failure(store):
+    """A get that delivers fewer bytes than the scatter list's total (or needs more room) is never OK."""
+    src = Pages(store, 1, layers=2, seg=1000, fill=7)
+    k = keys("size", 1)
+    assert store.put(k, src.scatter).tolist() == [base.OK]
+    buf = np.zeros(8192, np.uint8)
+    store.register(buf.ctypes.data, buf.nbytes)
+    a = buf.ctypes.data
+    cases = {
+        "single buffer larger than object": ([[a]], [[3000]]),
+        "single buffer smaller than object": ([[a]], [[1500]]),
+        "segments summing to more": ([[a, a + 4000]], [[1000, 1500]]),
+        "segments summing to less": ([[a, a + 4000]], [[1000, 500]]),
+    }
+    for name, (addrs, sizes) in cases.items():
+        st = store.get(k, ScatterList(np.array(addrs, np.uint64), np.array(sizes, np.uint64)))
+        assert st[0] != base.OK, name
+    # same total, different split: the object is its concatenated bytes, so this is a full read
+    st = store.get(k, ScatterList(np.array([[a, a + 4000]], np.uint64), np.array([[500, 1500]], np.uint64)))
+    assert st.tolist() == [base.OK]
+    assert np.array_equal(np.concatenate([buf[:500], buf[4000:5500]]), src.page_bytes(0))
+
+
+@needs_mooncake
+def test_unregistered_memory_policy(master, store):
+    """tcp: segments outside registered regions work (Mooncake's TCP transport copies any address);
+    require_registered=1 (the default with rdma) fails such keys with INVALID_ARGUMENT, no call made."""
+    src = Pages(store, 2, layers=2, seg=512, fill=8, register=False)
+    dst = Pages(store, 2, layers=2, seg=512, register=False)
+    k = keys("unreg", 2)
+    assert (store.put(k, src.scatter) == base.OK).all()
+    assert (store.get(k, dst.scatter) == base.OK).all()
+    assert all(np.array_equal(dst.page_bytes(i), src.page_bytes(i)) for i in range(2))
+
+    strict = open_store(master.store_url + "&require_registered=1&segment=0")
+    try:
+        k2 = keys("strict", 2)
+        assert (strict.put(k2, src.scatter) == base.INVALID_ARGUMENT).all()
+        assert not strict.exists(k2).any()
+        strict.register(src.mem.ctypes.data, src.mem.nbytes)
+        strict.register(src.mem.ctypes.data, src.mem.nbytes)  # once per region: a repeat is a no-op
+        assert strict.stats()["registered_regions"] == 1
+        assert (strict.put(k2, src.scatter) == base.OK).all()
+        dst.mem[:] = 0
+        assert (strict.get(k2, dst.scatter) == base.INVALID_ARGUMENT).all()  # dst not registered
+        assert not dst.mem.any()
+        strict.register(dst.mem.ctypes.data, dst.mem.nbytes)
+        assert (strict.get(k2, dst.scatter) == base.OK).all()
+        assert all(np.array_equal(dst.page_bytes(i), src.page_bytes(i)) for i in range(2))
+    finally:
+        strict.close()
+
+
+@needs_mooncake
+def test_reregistering_reused_memory(master):
+    """Memory freed and reallocated at an overlapping address: registering it again must work
+    (the stale registration is dropped first; Mooncake itself refuses overlapping ones)."""
+    with open_store(master.store_url + "&segment=0&require_registered=1") as s:
+        mem = np.zeros(1 << 16, np.uint8)
+        a = mem.ctypes.data
+        s.register(a, 4096)
+        s.register(a + 1024, 1024)       # inside a registered region: nothing to do
+        assert s.stats()["registered_regions"] == 1
+        s.register(a + 2048, 8192)       # overlaps the first: replaces it
+        s.register(a, 1 << 16)           # same start, longer: replaces again
+        assert s.stats()["registered_regions"] == 1
+        src = Pages(s, 2, layers=2, seg=256, fill=11, register=False)
+        s.register(src.mem.ctypes.data, src.mem.nbytes)
+        k = keys("rereg", 2)
+        assert (s.put(k, src.scatter) == base.OK).all()
+        out = np.zeros(1 << 16, np.uint8)
+        s.register(out.ctypes.data, out.nbytes)
+        dst = ScatterList(out.ctypes.data + np.arange(4, dtype=np.uint64).reshape(2, 2) * 256,
+                          np.full((2, 2), 256, np.uint64))
+        assert (s.get(k, dst) == base.OK).all()
+        assert np.array_equal(out[:512], src.page_bytes(0)) and np.array_equal(out[512:1024], src.page_bytes(1))
+        s.unregister(out.ctypes.data)
+        assert (s.get(k, dst) == base.INVALID_ARGUMENT).all()
+
+
+@needs_mooncake
+def test_bytes_round_trip(store):
+    k = keys("bytes", 2)
+    assert store.put_bytes(k[0], b"\x00kv\xffdirect")
+    assert store.get_bytes(k[0]) == b"\x00kv\xffdirect"
+    assert store.get_bytes(k[1]) is None
+
+
+class _SlowClient:
+    """Wraps the real client; batch_get_into* block until released (a hung transfer)."""
+
+    def __init__(self, real):
+        self.real, self.release = real, threading.Event()
+
+    def __getattr__(self, name):
+        fn = getattr(self.real, name)
+        if name.startswith("batch_get_into"):
+            def slow(*a, **kw):
+                self.release.wait(30)
+                return fn(*a, **kw)
+            return slow
+        return fn
+
+
+@needs_mooncake
+def test_call_deadline_reports_timeout_and_fails_fast_while_stuck(master, store):
+    src = Pages(store, 2, layers=2, seg=256, fill=9)
+    dst = Pages(store, 2, layers=2, seg=256)
+    k = keys("deadline", 2)
+    assert (store.put(k, src.scatter) == base.OK).all()
+    slow = _SlowClient(store._client)
+    s = mc_mod.MooncakeStore(store.master, store.metadata, client=slow, timeout_s=0.2, workers=1)
+    try:
+        assert (s.get(k, dst.scatter) == base.TIMEOUT).all()
+        st = s.stats()
+        assert st["timeouts"] == 1 and st["abandoned_calls"] == 1
+        # the only worker is stuck in the client: the next call is refused at once, not queued
+        assert (s.get(k, dst.scatter) == base.UNAVAILABLE).all()
+        assert not s.exists(k).any()  # unknown -> absent, never a wrong hit
+        slow.release.set()
+        assert s.quiesce(10)
+        assert (s.get(k, dst.scatter) == base.OK).all()
+        assert all(np.array_equal(dst.page_bytes(i), src.page_bytes(i)) for i in range(2))
+    finally:
+        slow.release.set()
+        s.close()
+    assert store.exists(k).all()  # closing the wrapper did not close the shared client
+
+
+_WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from kvdirect.stores import open_store, ScatterList
+    url, prefix = sys.argv[1], sys.argv[2]
+    s = open_store(url)
+    mem = np.random.default_rng(42).integers(0, 256, 16 * 3 * 2048, dtype=np.uint8)
+    s.register(mem.ctypes.data, mem.nbytes)
+    addrs = mem.ctypes.data + np.arange(16 * 3, dtype=np.uint64).reshape(16, 3) * 2048
+    st = s.put([f"{prefix}-{i}" for i in range(16)], ScatterList(addrs, np.full((16, 3), 2048, np.uint64)))
+    print("PUT", ",".join(map(str, st.tolist())), flush=True)
+    sys.stdin.readline()   # keep this client (and the segment it contributes) alive until told
+    s.close()
+    print("BYE", flush=True)
+""")
+
+
+@needs_mooncake
+def test_data_survives_across_client_processes(master, store):
+    """Process A writes pages; this process (another client instance) reads them byte for byte."""
+    prefix = f"xproc-{os.getpid()}"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    a = subprocess.Popen([sys.executable, "-c", _WRITER, master.store_url, prefix], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = a.stdout.readline()
+        assert line.startswith("PUT "), line
+        assert set(line.split()[1].split(",")) == {"0"}
+        expect = np.random.default_rng(42).integers(0, 256, 16 * 3 * 2048, dtype=np.uint8)
+        out = np.zeros(16 * 3 * 2048, np.uint8)
+        store.register(out.ctypes.data, out.nbytes)
+        # read into a different layout of the same bytes: 2 segments per page, reversed page order
+        order = np.arange(16)[::-1]
+        addrs = out.ctypes.data + (order[:, None] * 3 * 2048 + np.array([0, 4096])[None, :]).astype(np.uint64)
+        sizes = np.tile(np.array([4096, 2048], np.uint64), (16, 1))
+        st = store.get([f"{prefix}-{i}" for i in order], ScatterList(addrs, sizes))
+        assert (st == base.OK).all(), st
+        assert np.array_equal(out, expect)
+        a.stdin.write("\n")
+        a.stdin.flush()
+        assert a.stdout.readline().strip() == "BYE"
+        assert a.wait(30) == 0
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+
+
+# ----------------------------------------------------------------------------- no master / no client
+
+
+@needs_mooncake
+def test_master_unreachable_is_a_clear_store_error():
+    from kvdirect.services import free_ports, mooncake_store_url
+
+    rpc, http = free_ports(2)
+    with pytest.raises(StoreError) as ei:
+        open_store(mooncake_store_url("127.0.0.1", rpc, http, segment="16MiB", buffer="16MiB"))
+    msg = str(ei.value)
+    assert f"127.0.0.1:{rpc}" in msg and "mooncake_master" in msg and f"--rpc_port={rpc}" in msg
+
+
+@needs_mooncake
+def test_metadata_server_unreachable_is_a_clear_store_error(master):
+    from kvdirect.services import free_port, mooncake_store_url
+
+    dead = free_port()
+    url = mooncake_store_url("127.0.0.1", master.ports["rpc"], dead)
+    with pytest.raises(StoreError, match=f"metadata server http://127.0.0.1:{dead}/metadata"):
+        open_store(url)
+
+
+def test_not_importable_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mooncake.store", None)
+    monkeypatch.setitem(sys.modules, "mooncake", None)
+    with pytest.raises(StoreError) as ei:
+        open_store("mooncake://127.0.0.1:1?metadata=http://127.0.0.1:2/metadata")
+    assert 'pip install "kvdirect[mooncake]"' in str(ei.value)
+    assert "libibverbs1 librdmacm1 libnuma1" in str(ei.value)
+
+
+@pytest.mark.parametrize("url, match", [
+    ("mooncake://?metadata=http://h:1/metadata", "HOST:PORT"),
+    ("mooncake://127.0.0.1:50051", "metadata="),
+    ("mooncake://127.0.0.1:50051?metadata=http://h:1/m&protocol=udp", "tcp or rdma"),
+    ("mooncake://127.0.0.1:50051?metadata=http://h:1/m&segment=lots", "bad size"),
+    ("mooncake://127.0.0.1:50051?metadata=http://h:1/m&timeout=soon", "bad number"),
+    ("mooncake://127.0.0.1:50051?metadata=http://h:1/m&colour=blue", "unknown parameter"),
+    ("mooncake://127.0.0.1:50051?metadata=http://h:1/m&check=maybe", "use 0 or 1"),
+])
+def test_bad_urls(url, match):
+    with pytest.raises(ConfigError, match=match):
+        open_store(url)
+
+
+def test_status_mapping_tables():
+    """Mooncake's integer results -> kvdirect statuses, exactly (no client needed)."""
+    put = mc_mod.put_status([0, -705, -200, -900, -800, -600, -12345, 7])
+    assert put.tolist() == [base.OK, base.OK, base.NO_SPACE, base.UNAVAILABLE, base.IO_ERROR,
+                            base.INVALID_ARGUMENT, base.IO_ERROR, base.IO_ERROR]
+    get = mc_mod.get_status([4096, 4095, 0, -704, -703, -600, -800, -900, 8192, -705],
+                            [4096, 4096, 4096, 10, 10, 10, 10, 10, 4096, 10])
+    assert get.tolist() == [base.OK, base.CORRUPT, base.CORRUPT, base.NOT_FOUND, base.NOT_FOUND,
+                            base.INVALID_ARGUMENT, base.IO_ERROR, base.UNAVAILABLE, base.CORRUPT, base.IO_ERROR]
