@@ -122,9 +122,10 @@ def test_namespaces_isolated_on_device_and_in_pool(pool_url):
     a.cache.kv.flush()
     for kw in ({}, {"extra_key": "lora-b"}, {"cache_salt": "tenant-1"},
                {"extra_key": "lora-a", "cache_salt": "tenant-1"}):
-        r = a.serve(np.concatenate([t, [1]]), **kw)
+        # unfinished requests: nothing is written back under kw's namespace meanwhile
+        r = a.serve(np.concatenate([t, [1]]), finish=False, **kw)
         assert r["device_hit"] == 0 and r["host_hit"] == 0, kw
-        r = b.serve(np.concatenate([t, [1]]), **kw)
+        r = b.serve(np.concatenate([t, [1]]), finish=False, **kw)
         assert r["device_hit"] == 0 and r["host_hit"] == 0, kw
     r = b.serve(np.concatenate([t, [1]]), extra_key="lora-a")
     assert r["host_hit"] == 40 and r["loaded"] == 40
@@ -173,6 +174,8 @@ def test_locking_protects_from_eviction(pool_url):
     cache = build(e)
     t = toks(17, 12)
     e.serve(t)
+    assert cache.total_size() == 16
+    cache.kv.flush()                                   # pages being written are pinned until stored
     assert (cache.evictable_size(), cache.protected_size()) == (16, 0)
     m = _match(cache, t)
     lock = cache.lock(m.last_device_node)
