@@ -20,7 +20,7 @@ from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import InitLoadBackParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-from sglang.srt.mem_cache.common import release_kv_cache
+from sglang.srt.mem_cache.common import checkpoint_kv_cache, release_kv_cache
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool, ReqToTokenPool
 from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 from sglang.srt.sampling.sampling_params import SamplingParams
@@ -106,7 +106,10 @@ class Engine:
             b[slots[start:].long()] = torch.from_numpy(vals[start:]).to(b.dtype).view(-1, *b.shape[1:])
 
     # ---- one request, scheduler style -----------------------------------------------
-    def serve(self, tokens, *, extra_key=None, cache_salt=None, finish=True):
+    def serve(self, tokens, *, extra_key=None, cache_salt=None, finish=True, chunk=None, on_chunk=None):
+        """One request. ``chunk``: chunked prefill of that many tokens per round; after each
+        round but the last the scheduler checkpoints the unfinished request
+        (``checkpoint_kv_cache``) and ``on_chunk(req, extend_end)`` is called."""
         tokens = np.asarray(tokens, dtype=np.int64)
         cache = self.cache
         req = Req(f"r{next(_rid)}", "", array("q", tokens.tolist()), SamplingParams(max_new_tokens=1),
@@ -134,9 +137,22 @@ class Engine:
         new = new[:n_new]
         slots = torch.cat([prefix.to(torch.int64), new.to(torch.int64)])
         self.req_to_token_pool.write((req.kv.req_pool_idx, slice(0, len(tokens))), slots.to(torch.int32))
-        req.kv.kv_allocated_len = req.kv.kv_committed_len = len(tokens)
-        self.compute(tokens, slots, req.prefix_len)
-        kv = self.kv_at(slots)
+        req.kv.kv_allocated_len = len(tokens)
+        start = req.prefix_len
+        step = chunk or len(tokens)
+        while True:                                      # one prefill round per chunk
+            end = min(start + step, len(tokens))
+            req.extend_end = end
+            self.compute(tokens[:end], slots[:end], start)
+            req.kv.kv_committed_len = end
+            if end == len(tokens):
+                break
+            checkpoint_kv_cache(req, cache)              # stash_chunked_request
+            if on_chunk is not None:
+                on_chunk(req, end)
+            start = req.prefix_len
+        row = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, : len(tokens)].to(torch.int64)
+        kv = self.kv_at(row)                             # the KV the request attends to
         if finish:
             req.finished_reason = FINISH_LENGTH(length=0)
             release_kv_cache(req, cache, checkpoint=True)  # -> checkpoint, free_kv_row, unlock

@@ -114,6 +114,42 @@ def test_second_instance_loads_byte_identical_kv(pool_url, P, kind):
         c.cache.shutdown()
 
 
+@pytest.mark.parametrize("P", [1, 4])
+def test_unfinished_request_is_written_back_per_chunk(pool_url, P):
+    """Chunked prefill: each checkpoint of the unfinished request inserts its full pages and
+    writes them to the pool, so another instance reuses them before the request finishes."""
+    a, b = Engine(P), Engine(P)
+    build(a), build(b)
+    t = toks(24 * P + 3, 21)
+    seen = []
+
+    def on_chunk(req, end):
+        full = end // P * P
+        assert a.cache.total_size() == full           # inserted while still running
+        assert a.cache.evictable_size() == 0           # and locked by the request
+        a.cache.kv.flush()
+        assert a.cache.kv.stats()["stored_pages"] == full // P
+        r = b.serve(np.concatenate([t[:full], toks(2, 22 + len(seen))]))
+        had = seen[-1][0] if seen else 0              # B keeps the earlier chunk on device
+        assert (r["device_hit"], r["host_hit"], r["loaded"]) == (had, full - had, full - had)
+        seen.append((full, r["kv"]))
+
+    ra = a.serve(t, chunk=10 * P + 1, on_chunk=on_chunk)
+    C, n = 10 * P + 1, len(t) // P * P
+    assert [f for f, _ in seen] == [C // P * P, 2 * C // P * P]
+    for full, kv in seen:                              # B's loaded KV equals what A computed
+        for x, y in zip(ra["kv"], kv):
+            assert torch.equal(x[:full].view(torch.uint8), y[:full].view(torch.uint8))
+    for c in (a, b):
+        c.cache.kv.flush()
+        assert c.cache.protected_size() == 0
+        assert c.allocator.available_size() + c.cache.evictable_size() == c.size
+    assert a.cache.total_size() == n
+    c = a.cache.kv.stats()
+    assert c["stored_pages"] == n // P and c["store_failed_pages"] == 0   # each page written once
+    a.cache.shutdown(), b.cache.shutdown()
+
+
 def test_namespaces_isolated_on_device_and_in_pool(pool_url):
     a, b = Engine(4), Engine(4)
     build(a), build(b)
@@ -212,6 +248,7 @@ def test_evicted_pages_come_back_from_the_pool(pool_url):
     cache.kv.flush()
     assert cache.evict(EvictParams(num_tokens=10 ** 6)).num_tokens_evicted == 32
     assert cache.total_size() == 0
+    assert e.allocator.available_size() == e.size       # every slot back in SGLang's allocator
     r = e.serve(np.concatenate([t, [5]]))
     assert (r["device_hit"], r["host_hit"], r["loaded"]) == (0, 32, 32)
     for x, y in zip(first["kv"], r["kv"]):
