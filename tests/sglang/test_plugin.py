@@ -1,7 +1,6 @@
 """The kvdirect SGLang plugin against the real sglang==0.5.23 package, on CPU."""
 import json
 import os
-import sys
 from array import array
 from importlib.metadata import entry_points
 
@@ -23,18 +22,6 @@ from kvdirect.errors import ConfigError  # noqa: E402
 EP_VALUE = "kvdirect.sglang:register"
 
 
-def _ensure_entry_point(tmp_path):
-    """The installed kvdirect declares the entry point once pyproject.toml has it; until
-    then expose the same declaration through a dist-info on sys.path (what pip writes)."""
-    if any(ep.name == "kvdirect" for ep in entry_points(group="sglang.srt.plugins")):
-        return
-    d = tmp_path / "kvdirect_sglang_plugin-0.0.0.dist-info"
-    d.mkdir()
-    (d / "METADATA").write_text("Metadata-Version: 2.1\nName: kvdirect-sglang-plugin\nVersion: 0.0.0\n")
-    (d / "entry_points.txt").write_text(f"[sglang.srt.plugins]\nkvdirect = {EP_VALUE}\n")
-    sys.path.insert(0, str(tmp_path))
-
-
 def build(engine, **ctx_kw):
     plugin.register()
     engine.cache = get_radix_cache_factory("kvdirect")(engine.context(**ctx_kw))
@@ -46,8 +33,8 @@ def toks(n, seed):
 
 
 # ---- plugin discovery and factory ------------------------------------------------------
-def test_entry_point_discovered_and_registers(tmp_path, monkeypatch):
-    _ensure_entry_point(tmp_path)
+def test_entry_point_discovered_and_registers(monkeypatch):
+    # declared by the installed kvdirect (pyproject.toml), found the way SGLang looks
     eps = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "kvdirect"]
     assert [ep.value for ep in eps] == [EP_VALUE]
     import sglang.srt.mem_cache.registry as registry
