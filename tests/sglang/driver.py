@@ -18,7 +18,7 @@ import torch
 
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
-from sglang.srt.mem_cache.base_prefix_cache import InitLoadBackParams
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.common import checkpoint_kv_cache, release_kv_cache
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool, ReqToTokenPool
@@ -106,6 +106,13 @@ class Engine:
             b[slots[start:].long()] = torch.from_numpy(vals[start:]).to(b.dtype).view(-1, *b.shape[1:])
 
     # ---- one request, scheduler style -----------------------------------------------
+    def waiting(self, tokens, **kw) -> Req:
+        """A request in the waiting queue, matched (calc_priority) but not admitted."""
+        req = Req(f"r{next(_rid)}", "", array("q", np.asarray(tokens, dtype=np.int64).tolist()),
+                  SamplingParams(max_new_tokens=1), **kw)
+        req.init_next_round_input(self.cache)
+        return req
+
     def serve(self, tokens, *, extra_key=None, cache_salt=None, finish=True, chunk=None, on_chunk=None):
         """One request. ``chunk``: chunked prefill of that many tokens per round; after each
         round but the last the scheduler checkpoints the unfinished request
@@ -117,22 +124,22 @@ class Engine:
         req.init_next_round_input(cache)                 # -> match_kv_cache -> match_prefix
         device_hit, host_hit = req.prefix_len, req.host_hit_length
         loaded = 0
-        tmp = cache.lock(req.last_node)                  # admission's temporary pin
-        try:
-            if req.host_hit_length > 0:
-                loaded, req.last_node = cache.init_load_back(InitLoadBackParams(
-                    best_match_node=req.best_match_node, host_hit_length=req.host_hit_length, req=req))
-                req.prefix_len += loaded
-                if cache.load_back_is_cache_owned():
-                    req.kv.cache_protected_len = req.prefix_len
-        finally:
-            cache.unlock(tmp)
+        # PrefillAdder.add_one_req: no pin before init_load_back for a non-unified tree
+        if req.host_hit_length > 0:
+            loaded, req.last_node = cache.init_load_back(InitLoadBackParams(
+                best_match_node=req.best_match_node, host_hit_length=req.host_hit_length, req=req))
+            req.prefix_len += loaded
+            if cache.load_back_is_cache_owned():
+                req.kv.cache_protected_len = req.prefix_len
         req.lock = cache.lock(req.last_node)             # _commit_prefill_admission
         self.req_to_token_pool.alloc([req])
         prefix = cache.prefix_device_indices(req) if req.prefix_len else torch.empty(0, dtype=torch.int64)
         n_new = len(tokens) - req.prefix_len
         P = self.page_size
-        new = self.allocator.alloc(-(-n_new // P) * P)
+        need = -(-n_new // P) * P
+        if self.allocator.available_size() < need:       # the scheduler evicts to admit
+            cache.evict(EvictParams(num_tokens=need - self.allocator.available_size()))
+        new = self.allocator.alloc(need)
         assert new is not None, "device pool exhausted in test"
         new = new[:n_new]
         slots = torch.cat([prefix.to(torch.int64), new.to(torch.int64)])

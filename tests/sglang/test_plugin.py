@@ -12,7 +12,7 @@ sglang = pytest.importorskip("sglang")
 
 from driver import Engine  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import (  # noqa: E402
-    BasePrefixCache, EvictParams, MatchPrefixParams)
+    BasePrefixCache, EvictParams, InitLoadBackParams, MatchPrefixParams)
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey  # noqa: E402
 from sglang.srt.mem_cache.registry import get_radix_cache_factory  # noqa: E402
 
@@ -134,6 +134,54 @@ def test_unfinished_request_is_written_back_per_chunk(pool_url, P):
     assert a.cache.total_size() == n
     c = a.cache.kv.stats()
     assert c["stored_pages"] == n // P and c["store_failed_pages"] == 0   # each page written once
+    a.cache.shutdown(), b.cache.shutdown()
+
+
+def test_load_back_under_memory_pressure_keeps_the_matched_prefix(pool_url):
+    """init_load_back must evict to find slots, but never the device prefix it extends."""
+    a, b = Engine(4), Engine(4, size=64)
+    build(a), build(b)
+    t = toks(40, 31)
+    ra = a.serve(np.concatenate([t, [7]]))
+    a.cache.kv.flush()
+    b.serve(t[:17])                                     # B holds t's first 16 tokens on device
+    for seed in (32, 33, 34):
+        b.serve(toks(13, seed))                         # 3 x 12 cached tokens, more recent
+    b.cache.kv.flush()
+    assert b.allocator.available_size() == 64 - 16 - 36
+    r = b.serve(np.concatenate([t, [9]]))               # 24 pool tokens need 24 slots: evict 12
+    assert (r["device_hit"], r["host_hit"], r["loaded"]) == (16, 24, 24)
+    for x, y in zip(ra["kv"], r["kv"]):
+        assert torch.equal(x[:40].view(torch.uint8), y[:40].view(torch.uint8))
+    b.cache.kv.flush()
+    assert b.allocator.available_size() + b.cache.evictable_size() == 64
+    a.cache.shutdown(), b.cache.shutdown()
+
+
+def test_load_back_does_not_evict_prefixes_matched_in_the_same_round(pool_url):
+    """X is matched (waiting queue) but not locked; Y's init_load_back must not evict X's
+    device prefix to make room, or X would be handed freed slots."""
+    a, b = Engine(4), Engine(4, size=64)
+    build(a), build(b)
+    u, x = toks(40, 41), toks(17, 42)
+    a.serve(np.concatenate([u, [7]]))
+    a.cache.kv.flush()
+    rx = b.serve(x)                                     # 16 tokens of x cached on B
+    b.cache.kv.flush()
+    b.serve(toks(29, 43), finish=False)                 # a running request holds 32 slots
+    assert (b.allocator.available_size(), b.cache.evictable_size()) == (16, 16)
+    X = b.waiting(np.concatenate([x[:16], [1, 2]]))
+    Y = b.waiting(np.concatenate([u, [9]]))
+    assert (X.prefix_len, Y.host_hit_length) == (16, 40)
+    loaded, _ = b.cache.init_load_back(InitLoadBackParams(
+        best_match_node=Y.best_match_node, host_hit_length=Y.host_hit_length, req=Y))
+    assert loaded == 0                                  # no room without evicting X's prefix
+    assert b.allocator.available_size() == 16 and b.cache.evictable_size() == 16
+    lock = b.cache.lock(X.last_node)
+    slots = b.cache.path_device_indices(X.last_node)
+    for want, got in zip(rx["kv"], b.kv_at(slots)):
+        assert torch.equal(want[:16], got)
+    b.cache.unlock(lock)
     a.cache.shutdown(), b.cache.shutdown()
 
 
