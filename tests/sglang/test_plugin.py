@@ -14,7 +14,7 @@ from driver import Engine  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import (  # noqa: E402
     BasePrefixCache, EvictParams, InitLoadBackParams, MatchPrefixParams)
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey  # noqa: E402
-from sglang.srt.mem_cache.registry import get_radix_cache_factory  # noqa: E402
+from sglang.srt.mem_cache.registry import create_tree_cache  # noqa: E402
 
 import kvdirect.sglang as plugin  # noqa: E402
 from kvdirect.errors import ConfigError  # noqa: E402
@@ -24,7 +24,8 @@ EP_VALUE = "kvdirect.sglang:register"
 
 def build(engine, **ctx_kw):
     plugin.register()
-    engine.cache = get_radix_cache_factory("kvdirect")(engine.context(**ctx_kw))
+    # SGLang's own start-up path: --radix-cache-backend kvdirect -> registered factory
+    engine.cache = create_tree_cache(engine.context(**ctx_kw))
     return engine.cache
 
 

@@ -75,6 +75,9 @@ def build_cache(ctx, *, config: CacheConfig | None = None, store=None):
     check_supported(ctx)
     config = config or CacheConfig.from_env()
     config = CacheConfig.from_dict({**config.to_dict(), "model": model_identity(ctx, config)})
+    if config.layerwise:
+        log.warning("kvdirect: layerwise loading is not wired into SGLang yet; "
+                    "loads happen synchronously in init_load_back")
     params = ctx.params
     kvcache = params.token_to_kv_pool_allocator.get_kvcache()
     layout = layout_from_pool(kvcache, params.page_size)
