@@ -150,6 +150,7 @@ class KVDirectCache:
         self.index = PrefixIndex(self.page_size, max_pool_only_pages=self.config.max_pool_only_pages)
         fields = dict(layout.fingerprint_fields())
         fields["layout_kind"] = fields.pop("kind")  # the stored page format, not the device layout
+        fields["v_head_dim"] = fields["v_head_dim"] or None  # MLA: no separate V (layout says 0)
         self.fingerprint = _keys.LayoutFingerprint(model=self.config.model, tp_size=tp_size,
                                                    tp_rank=tp_rank, **fields)
         self._seed_cache: dict = {}

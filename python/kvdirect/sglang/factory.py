@@ -1,0 +1,89 @@
+"""Build the kvdirect prefix cache from SGLang's ``TreeCacheBuildContext``.
+
+Everything kvdirect needs comes from the context (allocator -> KV pool ->
+layout; TP rank/size/group; model path) plus one ``CacheConfig`` read from
+``KVDIRECT_CONFIG``. Configurations kvdirect cannot serve correctly are
+refused here, at start-up, with the reason and what to do instead.
+"""
+from __future__ import annotations
+
+import logging
+
+from kvdirect.config import CacheConfig
+from kvdirect.errors import ConfigError
+
+log = logging.getLogger("kvdirect.sglang")
+
+
+def check_supported(ctx) -> None:
+    """Raise ConfigError for model/server setups the kvdirect cache cannot serve."""
+    params = ctx.params
+    why = None
+    if ctx.is_hybrid_swa:
+        why = "hybrid sliding-window-attention (SWA) models"
+    elif ctx.is_hybrid_ssm:
+        why = "hybrid Mamba/SSM models"
+    elif getattr(ctx, "is_dsa", False):
+        why = "DSA (sparse-attention indexer) models"
+    elif ctx.enable_hierarchical_cache:
+        why = "--enable-hierarchical-cache together with kvdirect (kvdirect replaces HiCache's tiers)"
+    elif getattr(params, "is_eagle", False):
+        why = "EAGLE speculative decoding (bigram keys)"
+    elif getattr(params, "mtp_draft_device_pools", ()) or getattr(params, "sidecar_draft_device_pools", ()):
+        why = "speculative decoding with separate draft KV pools (draft KV would not be loaded)"
+    elif getattr(params, "sliding_window_size", None):
+        why = "models with a sliding window"
+    elif getattr(params, "attn_cp_size", 1) > 1 or getattr(params, "pp_size", 1) > 1:
+        why = "context or pipeline parallelism (attn_cp_size/pp_size > 1)"
+    if why:
+        raise ConfigError(f"--radix-cache-backend kvdirect does not support {why}; "
+                          "drop --radix-cache-backend kvdirect for this deployment")
+
+
+def model_identity(ctx, config: CacheConfig) -> str:
+    """The model name in kvdirect's layout fingerprint (pages of other models never match)."""
+    if config.model and config.model != "unknown":
+        return config.model
+    sa = ctx.server_args
+    for attr in ("served_model_name", "model_path"):
+        v = getattr(sa, attr, None)
+        if v:
+            return str(v)
+    mc = ctx.model_config
+    return str(getattr(mc, "model_path", None) or "unknown")
+
+
+def _tp_reduce(ctx):
+    """All-reduce MIN across TP ranks (CPU group when SGLang has one)."""
+    if ctx.tp_size <= 1:
+        return None
+    from kvdirect.cache import torch_dist_min
+
+    group = getattr(ctx.params, "tp_cache_group", None)
+    if group is None and ctx.tp_group is not None:
+        group = getattr(ctx.tp_group, "cpu_group", None) or getattr(ctx.tp_group, "device_group", None)
+    if group is None:
+        raise ConfigError("kvdirect with tp_size > 1 needs SGLang's TP process group; none in the build context")
+    return torch_dist_min(group)
+
+
+def build_cache(ctx, *, config: CacheConfig | None = None, store=None):
+    """The ``register_radix_cache_backend`` factory: TreeCacheBuildContext -> cache."""
+    from kvdirect.sglang.pools import layout_from_pool
+    from kvdirect.sglang.radix_cache import KVDirectRadixCache
+
+    check_supported(ctx)
+    config = config or CacheConfig.from_env()
+    config = CacheConfig.from_dict({**config.to_dict(), "model": model_identity(ctx, config)})
+    if config.layerwise:
+        log.warning("kvdirect: layerwise loading is not wired into SGLang yet; "
+                    "loads happen synchronously in init_load_back")
+    params = ctx.params
+    kvcache = params.token_to_kv_pool_allocator.get_kvcache()
+    layout = layout_from_pool(kvcache, params.page_size)
+    cache = KVDirectRadixCache(params, layout, config=config, store=store, tp_rank=ctx.tp_rank,
+                               tp_size=ctx.tp_size, tp_reduce_min=_tp_reduce(ctx))
+    log.info("kvdirect prefix cache: %r, store=%s, model=%s, tp=%d/%d", layout,
+             cache.kv.store.scheme if cache.kv.store is not None else None, config.model,
+             ctx.tp_rank, ctx.tp_size)
+    return cache

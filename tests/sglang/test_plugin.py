@@ -1,0 +1,325 @@
+"""The kvdirect SGLang plugin against the real sglang==0.5.23 package, on CPU."""
+import json
+import os
+from array import array
+from importlib.metadata import entry_points
+
+import numpy as np
+import pytest
+import torch
+
+sglang = pytest.importorskip("sglang")
+
+from driver import Engine  # noqa: E402
+from sglang.srt.mem_cache.base_prefix_cache import (  # noqa: E402
+    BasePrefixCache, EvictParams, InitLoadBackParams, MatchPrefixParams)
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey  # noqa: E402
+from sglang.srt.mem_cache.registry import create_tree_cache  # noqa: E402
+
+import kvdirect.sglang as plugin  # noqa: E402
+from kvdirect.errors import ConfigError  # noqa: E402
+
+EP_VALUE = "kvdirect.sglang:register"
+
+
+def build(engine, **ctx_kw):
+    plugin.register()
+    # SGLang's own start-up path: --radix-cache-backend kvdirect -> registered factory
+    engine.cache = create_tree_cache(engine.context(**ctx_kw))
+    return engine.cache
+
+
+def toks(n, seed):
+    return np.random.default_rng(seed).integers(0, 30000, n)
+
+
+# ---- plugin discovery and factory ------------------------------------------------------
+def test_entry_point_discovered_and_registers(monkeypatch):
+    # declared by the installed kvdirect (pyproject.toml), found the way SGLang looks
+    eps = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "kvdirect"]
+    assert [ep.value for ep in eps] == [EP_VALUE]
+    import sglang.srt.mem_cache.registry as registry
+    import sglang.srt.plugins as plugins
+    monkeypatch.setattr(plugins, "_plugins_loaded", False)
+    monkeypatch.delitem(registry._RADIX_CACHE_REGISTRY, "kvdirect", raising=False)
+    monkeypatch.setenv("SGLANG_PLUGINS", "kvdirect")
+    plugins.load_plugins()                       # SGLang's own start-up path
+    assert "kvdirect" in registry.registered_radix_cache_backends()
+    assert plugin.register() is False            # idempotent: a second load does not fail
+
+
+@pytest.mark.parametrize("P", [1, 4])
+def test_factory_builds_cache_from_build_context(pool_url, P):
+    e = Engine(P)
+    cache = build(e)
+    assert isinstance(cache, BasePrefixCache)
+    assert cache.page_size == P and cache.kv.layout.num_layers == 2
+    assert cache.kv.store is not None and cache.kv.store.scheme == "shm"
+    assert cache.kv.config.model == "test/tiny-model"   # from server_args, in the fingerprint
+    assert (cache.total_size(), cache.evictable_size(), cache.protected_size()) == (0, 0, 0)
+    cache.shutdown()
+
+
+@pytest.mark.parametrize("flag,word", [("is_hybrid_swa", "SWA"), ("is_hybrid_ssm", "Mamba"),
+                                       ("enable_hierarchical_cache", "hierarchical")])
+def test_unsupported_models_refused_at_start_up(pool_url, flag, word):
+    with pytest.raises(ConfigError, match=word):
+        build(Engine(1), **{flag: True})
+
+
+def test_bad_config_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("KVDIRECT_CONFIG", '{"stroe": "shm://x"}')
+    with pytest.raises(ConfigError, match="stroe"):
+        build(Engine(1))
+
+
+# ---- two instances, one pool -------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+@pytest.mark.parametrize("P", [1, 4])
+def test_second_instance_loads_byte_identical_kv(pool_url, P, kind):
+    a, b = Engine(P, kind), Engine(P, kind)
+    build(a), build(b)
+    shared = toks(12 * P + (P > 1), 1)
+    ra = a.serve(np.concatenate([shared, toks(5, 2)]))
+    a.cache.kv.flush()
+    assert a.cache.stats()["stored_pages"] >= 12
+    q = np.concatenate([shared, toks(7, 3)])
+    rb = b.serve(q)
+    n = len(shared) // P * P
+    assert (rb["device_hit"], rb["host_hit"], rb["loaded"]) == (0, n, n)
+    for x, y in zip(ra["kv"], rb["kv"]):          # every loaded byte equals A's
+        assert torch.equal(x[:n].view(torch.uint8), y[:n].view(torch.uint8))
+    # now a device hit on B, no pool traffic
+    loads = b.cache.stats()["loaded_pages"]
+    rb2 = b.serve(np.concatenate([shared, toks(3, 4)]))
+    assert (rb2["device_hit"], rb2["host_hit"]) == (n, 0)
+    assert b.cache.stats()["loaded_pages"] == loads
+    for c in (a, b):
+        c.cache.kv.flush()                            # writes in flight are pinned (protected)
+        assert c.cache.protected_size() == 0
+        # SGLang's idle leak invariant: available + evictable == capacity
+        assert c.allocator.available_size() + c.cache.evictable_size() == c.size
+        c.cache.shutdown()
+
+
+@pytest.mark.parametrize("P", [1, 4])
+def test_unfinished_request_is_written_back_per_chunk(pool_url, P):
+    """Chunked prefill: each checkpoint of the unfinished request inserts its full pages and
+    writes them to the pool, so another instance reuses them before the request finishes."""
+    a, b = Engine(P), Engine(P)
+    build(a), build(b)
+    t = toks(24 * P + 3, 21)
+    seen = []
+
+    def on_chunk(req, end):
+        full = end // P * P
+        assert a.cache.total_size() == full           # inserted while still running
+        assert a.cache.evictable_size() == 0           # and locked by the request
+        a.cache.kv.flush()
+        assert a.cache.kv.stats()["stored_pages"] == full // P
+        r = b.serve(np.concatenate([t[:full], toks(2, 22 + len(seen))]))
+        had = seen[-1][0] if seen else 0              # B keeps the earlier chunk on device
+        assert (r["device_hit"], r["host_hit"], r["loaded"]) == (had, full - had, full - had)
+        seen.append((full, r["kv"]))
+
+    ra = a.serve(t, chunk=10 * P + 1, on_chunk=on_chunk)
+    C, n = 10 * P + 1, len(t) // P * P
+    assert [f for f, _ in seen] == [C // P * P, 2 * C // P * P]
+    for full, kv in seen:                              # B's loaded KV equals what A computed
+        for x, y in zip(ra["kv"], kv):
+            assert torch.equal(x[:full].view(torch.uint8), y[:full].view(torch.uint8))
+    for c in (a, b):
+        c.cache.kv.flush()
+        assert c.cache.protected_size() == 0
+        assert c.allocator.available_size() + c.cache.evictable_size() == c.size
+    assert a.cache.total_size() == n
+    c = a.cache.kv.stats()
+    assert c["stored_pages"] == n // P and c["store_failed_pages"] == 0   # each page written once
+    a.cache.shutdown(), b.cache.shutdown()
+
+
+def test_load_back_under_memory_pressure_keeps_the_matched_prefix(pool_url):
+    """init_load_back must evict to find slots, but never the device prefix it extends."""
+    a, b = Engine(4), Engine(4, size=64)
+    build(a), build(b)
+    t = toks(40, 31)
+    ra = a.serve(np.concatenate([t, [7]]))
+    a.cache.kv.flush()
+    b.serve(t[:17])                                     # B holds t's first 16 tokens on device
+    for seed in (32, 33, 34):
+        b.serve(toks(13, seed))                         # 3 x 12 cached tokens, more recent
+    b.cache.kv.flush()
+    assert b.allocator.available_size() == 64 - 16 - 36
+    r = b.serve(np.concatenate([t, [9]]))               # 24 pool tokens need 24 slots: evict 12
+    assert (r["device_hit"], r["host_hit"], r["loaded"]) == (16, 24, 24)
+    for x, y in zip(ra["kv"], r["kv"]):
+        assert torch.equal(x[:40].view(torch.uint8), y[:40].view(torch.uint8))
+    b.cache.kv.flush()
+    assert b.allocator.available_size() + b.cache.evictable_size() == 64
+    a.cache.shutdown(), b.cache.shutdown()
+
+
+def test_load_back_does_not_evict_prefixes_matched_in_the_same_round(pool_url):
+    """X is matched (waiting queue) but not locked; Y's init_load_back must not evict X's
+    device prefix to make room, or X would be handed freed slots."""
+    a, b = Engine(4), Engine(4, size=64)
+    build(a), build(b)
+    u, x = toks(40, 41), toks(17, 42)
+    a.serve(np.concatenate([u, [7]]))
+    a.cache.kv.flush()
+    rx = b.serve(x)                                     # 16 tokens of x cached on B
+    b.cache.kv.flush()
+    b.serve(toks(29, 43), finish=False)                 # a running request holds 32 slots
+    assert (b.allocator.available_size(), b.cache.evictable_size()) == (16, 16)
+    X = b.waiting(np.concatenate([x[:16], [1, 2]]))
+    Y = b.waiting(np.concatenate([u, [9]]))
+    assert (X.prefix_len, Y.host_hit_length) == (16, 40)
+    loaded, _ = b.cache.init_load_back(InitLoadBackParams(
+        best_match_node=Y.best_match_node, host_hit_length=Y.host_hit_length, req=Y))
+    assert loaded == 0                                  # no room without evicting X's prefix
+    assert b.allocator.available_size() == 16 and b.cache.evictable_size() == 16
+    lock = b.cache.lock(X.last_node)
+    slots = b.cache.path_device_indices(X.last_node)
+    for want, got in zip(rx["kv"], b.kv_at(slots)):
+        assert torch.equal(want[:16], got)
+    b.cache.unlock(lock)
+    a.cache.shutdown(), b.cache.shutdown()
+
+
+def test_namespaces_isolated_on_device_and_in_pool(pool_url):
+    a, b = Engine(4), Engine(4)
+    build(a), build(b)
+    t = toks(40, 5)
+    a.serve(t, extra_key="lora-a")
+    a.cache.kv.flush()
+    for kw in ({}, {"extra_key": "lora-b"}, {"cache_salt": "tenant-1"},
+               {"extra_key": "lora-a", "cache_salt": "tenant-1"}):
+        # unfinished requests: nothing is written back under kw's namespace meanwhile
+        r = a.serve(np.concatenate([t, [1]]), finish=False, **kw)
+        assert r["device_hit"] == 0 and r["host_hit"] == 0, kw
+        r = b.serve(np.concatenate([t, [1]]), finish=False, **kw)
+        assert r["device_hit"] == 0 and r["host_hit"] == 0, kw
+    r = b.serve(np.concatenate([t, [1]]), extra_key="lora-a")
+    assert r["host_hit"] == 40 and r["loaded"] == 40
+    a.cache.shutdown(), b.cache.shutdown()
+
+
+# ---- what SGLang's own radix cache tests check --------------------------------------------
+def _match(cache, tokens, extra_key=None):
+    return cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", list(map(int, tokens))), extra_key)))
+
+
+@pytest.mark.parametrize("P", [1, 4])
+def test_sizes_and_matches_agree_with_sglang_radix_cache(pool_url, P):
+    """Same scheduler-driven sequence through SGLang's RadixCache and kvdirect's cache."""
+    ref, kvd = Engine(P), Engine(P)
+    ref.cache = RadixCache(ref.params)
+    build(kvd)
+    base = toks(9 * P + 1, 7)
+    seqs = [base, np.concatenate([base[:5 * P + 1], toks(6, 8)]), toks(3 * P + 2, 9),
+            np.concatenate([base, toks(2 * P, 10)]), base[: 2 * P + 1]]
+    for s in seqs:
+        r1, r2 = ref.serve(s), kvd.serve(s)
+        kvd.cache.kv.flush()                           # pages being written count as protected
+        assert r1["device_hit"] == r2["device_hit"], len(s)
+        assert (ref.cache.total_size(), ref.cache.evictable_size(), ref.cache.protected_size()) == \
+               (kvd.cache.total_size(), kvd.cache.evictable_size(), kvd.cache.protected_size())
+        assert ref.allocator.available_size() == kvd.allocator.available_size()
+    for q in (base[:P - 1] if P > 1 else base[:0], base[: 3 * P + 1], seqs[3]):
+        assert _match(ref.cache, q).device_prefix_len == _match(kvd.cache, q).device_prefix_len
+    kvd.cache.shutdown()
+
+
+def test_page_alignment(pool_url):
+    e = Engine(4)
+    cache = build(e)
+    e.serve(toks(10, 11))
+    assert cache.total_size() == 8                     # trailing partial page not cached
+    t = e.served[0].origin_input_ids
+    assert _match(cache, t[:7]).device_prefix_len == 4
+    assert _match(cache, t[:3]).device_prefix_len == 0
+    cache.shutdown()
+
+
+def test_locking_protects_from_eviction(pool_url):
+    e = Engine(4)
+    cache = build(e)
+    t = toks(17, 12)
+    e.serve(t)
+    assert cache.total_size() == 16
+    cache.kv.flush()                                   # pages being written are pinned until stored
+    assert (cache.evictable_size(), cache.protected_size()) == (16, 0)
+    m = _match(cache, t)
+    lock = cache.lock(m.last_device_node)
+    assert (cache.evictable_size(), cache.protected_size()) == (0, 16)
+    assert cache.evict(EvictParams(num_tokens=100)).num_tokens_evicted == 0
+    cache.unlock(lock)
+    assert (cache.evictable_size(), cache.protected_size()) == (16, 0)
+    before = e.allocator.available_size()
+    assert cache.evict(EvictParams(num_tokens=4)).num_tokens_evicted >= 4
+    assert e.allocator.available_size() > before      # slots went back to SGLang's allocator
+    cache.shutdown()
+
+
+def test_eviction_order_is_lru(pool_url, monkeypatch):
+    monkeypatch.setenv("KVDIRECT_CONFIG", json.dumps({"store": None}))  # device only
+    e = Engine(4)
+    cache = build(e)
+    s1, s2, s3 = toks(9, 13), toks(9, 14), toks(9, 15)
+    for s in (s1, s2, s3):
+        e.serve(s)
+    _match(cache, s1)                                    # s1 becomes most recent
+    assert cache.evict(EvictParams(num_tokens=8)).num_tokens_evicted == 8
+    assert _match(cache, s2).device_prefix_len == 0      # least recently used went first
+    assert _match(cache, s1).device_prefix_len == 8
+    assert _match(cache, s3).device_prefix_len == 8
+    cache.shutdown()
+
+
+def test_evicted_pages_come_back_from_the_pool(pool_url):
+    e = Engine(4)
+    cache = build(e)
+    t = toks(33, 16)
+    first = e.serve(t)
+    cache.kv.flush()
+    assert cache.evict(EvictParams(num_tokens=10 ** 6)).num_tokens_evicted == 32
+    assert cache.total_size() == 0
+    assert e.allocator.available_size() == e.size       # every slot back in SGLang's allocator
+    r = e.serve(np.concatenate([t, [5]]))
+    assert (r["device_hit"], r["host_hit"], r["loaded"]) == (0, 32, 32)
+    for x, y in zip(first["kv"], r["kv"]):
+        assert torch.equal(x[:32], y[:32])
+    cache.shutdown()
+
+
+# ---- layouts of the real pools ------------------------------------------------------------
+def test_layouts_of_sglang_pools():
+    from kvdirect.sglang.pools import layout_from_pool
+    mha = Engine(4, "mha").kvpool
+    lay = layout_from_pool(mha, 4)
+    assert lay.page_bytes == 2 * 2 * 4 * 2 * 8 * 4      # layers x K/V x P x heads x dim x fp32
+    mla = Engine(4, "mla").kvpool
+    assert layout_from_pool(mla, 4).page_bytes == 2 * 4 * (16 + 8) * 2
+
+    class NPUMHATokenToKVPool:                         # the NPU pool's buffers, on CPU
+        def __init__(self):
+            self.k = torch.zeros(2, 9, 4, 2, 8, dtype=torch.float16)
+            self.v = torch.zeros(2, 9, 4, 2, 8, dtype=torch.float16)
+
+        def get_hicache_transfer_buffers(self):
+            return self.k, self.v
+
+    npu = layout_from_pool(NPUMHATokenToKVPool(), 4)
+    assert npu.kind == "ascend" and npu.page_bytes == 2 * 2 * 4 * 2 * 8 * 2
+
+    class NPUMLATokenToKVPool:
+        k_buffer = torch.zeros(2, 9, 4, 1, 16, dtype=torch.bfloat16)
+        v_buffer = torch.zeros(2, 9, 4, 1, 8, dtype=torch.bfloat16)
+
+    assert layout_from_pool(NPUMLATokenToKVPool(), 4).kind == "ascend_mla"
+
+    class MHATokenToKVPoolFP4:
+        pass
+
+    with pytest.raises(ConfigError, match="MHATokenToKVPoolFP4"):
+        layout_from_pool(MHATokenToKVPoolFP4(), 4)
