@@ -49,7 +49,7 @@ def url():
     u = pool_url()
     yield u
     from kvdirect.stores.shm import destroy_pool
-    destroy_pool(u.split("//")[1].split("?")[0])
+    destroy_pool(u.split("//")[1].split("?")[0], missing_ok=True)
 
 
 def make(dev, store, **cfg):
