@@ -1,0 +1,178 @@
+"""Shared pieces of the reliability suite: a CPU 'device' KV pool, deterministic KV,
+an engine-like request driver that verifies every byte, and the figures report.
+
+KV of a token depends only on its prefix (a rolling hash), so any two requests
+sharing a prefix have identical pages: a page loaded from the pool can be compared
+byte for byte with what a recompute would produce.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from kvdirect import KVLayout
+from kvdirect.cache import KVDirectCache
+from kvdirect.config import CacheConfig
+
+CI = bool(os.environ.get("CI"))
+LAYERS, HEADS, DIM = 2, 2, 8
+
+_report_lock = threading.Lock()
+
+
+def report(scenario: str, **figures) -> None:
+    """Record figures of a scenario: appended (JSON lines) to $KVDIRECT_RELIABILITY_REPORT, and printed."""
+    line = json.dumps({"scenario": scenario, **figures}, sort_keys=True)
+    print("FIGURES", line)
+    path = os.environ.get("KVDIRECT_RELIABILITY_REPORT")
+    if path:
+        with _report_lock, open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def uniq(prefix: str = "rel") -> str:
+    return f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def expected_kv(tokens) -> np.ndarray:
+    """[layers, 2 (K/V), tokens, heads, dim] float32 KV that depends only on each token's prefix."""
+    t = np.asarray(tokens, np.int64)
+    h = (np.cumsum(t * 2654435761 % 1000003) % 1000003).astype(np.float64)
+    base = np.arange(HEADS * DIM, dtype=np.float64).reshape(1, HEADS, DIM)
+    out = np.empty((LAYERS, 2, len(t), HEADS, DIM), np.float32)
+    for l in range(LAYERS):
+        v = h[:, None, None] * (l + 1) + base
+        out[l, 0] = v
+        out[l, 1] = -v - 1
+    return out
+
+
+class Device:
+    """Per-layer K/V arrays on the CPU plus a page allocator (what an engine's KV pool is)."""
+
+    def __init__(self, page_size: int, slots: int = 1024):
+        self.P = page_size
+        self.slots = slots
+        self.k = [np.zeros((slots, HEADS, DIM), np.float32) for _ in range(LAYERS)]
+        self.v = [np.zeros((slots, HEADS, DIM), np.float32) for _ in range(LAYERS)]
+        self.layout = KVLayout.from_mha(self.k, self.v, page_size=page_size)
+        self.free = list(range(0, slots, page_size))[::-1]
+        self.lock = threading.Lock()
+
+    def alloc(self, n_tokens: int, cache: KVDirectCache | None = None) -> np.ndarray:
+        n_pages = -(-n_tokens // self.P)
+        with self.lock:
+            short = n_pages - len(self.free)
+        if short > 0 and cache is not None:
+            cache.evict(short * self.P)
+        with self.lock:
+            if len(self.free) < n_pages:
+                raise MemoryError(f"device pool exhausted: need {n_pages} pages, {len(self.free)} free")
+            firsts = [self.free.pop() for _ in range(n_pages)]
+        return (np.asarray(firsts, np.int64)[:, None] + np.arange(self.P)).reshape(-1)[:n_tokens]
+
+    def free_slots(self, slots) -> None:
+        slots = np.asarray(slots, np.int64)
+        with self.lock:
+            for s in np.unique(slots - slots % self.P):
+                self.free.append(int(s))
+
+    def write(self, slots, kv) -> None:
+        for l in range(LAYERS):
+            self.k[l][slots] = kv[l, 0]
+            self.v[l][slots] = kv[l, 1]
+
+    def wrong_bytes(self, slots, kv) -> int:
+        """Bytes of the device KV at `slots` that differ from `kv`."""
+        bad = 0
+        for l in range(LAYERS):
+            bad += int((self.k[l][slots].view(np.uint8) != kv[l, 0].view(np.uint8)).sum())
+            bad += int((self.v[l][slots].view(np.uint8) != kv[l, 1].view(np.uint8)).sum())
+        return bad
+
+
+def make_cache(dev: Device, store, **cfg) -> KVDirectCache:
+    cfg.setdefault("model", "reliability-model")
+    return KVDirectCache(dev.layout, store, free_slots=dev.free_slots, config=CacheConfig(**cfg))
+
+
+class Driver:
+    """Serves requests like an engine: match, lock, load, 'prefill' the rest, verify, write back.
+
+    Every served request checks every KV byte of its whole prompt on the device against
+    expected_kv: a loaded (or device-cached) page with a wrong byte is counted in
+    ``wrong_bytes``. ``data_lost`` counts requests that could not be served."""
+
+    def __init__(self, cache: KVDirectCache, dev: Device, namespace=None):
+        self.cache, self.dev, self.ns = cache, dev, namespace
+        self.served = self.wrong_bytes = self.data_lost = 0
+        self.loaded_tokens = self.device_hit_tokens = self.computed_tokens = 0
+        self.latencies = []
+
+    def serve(self, tokens) -> int:
+        c, dev = self.cache, self.dev
+        t0 = time.perf_counter()
+        c.poll()
+        m = c.match(tokens, self.ns)
+        c.lock(m.node)
+        try:
+            slots = dev.alloc(m.pool_len, c)
+            loaded = c.load(m, slots)
+            cached = m.device_len
+            rest = dev.alloc(len(tokens) - cached, c)
+            all_slots = np.concatenate([m.device_slots, rest]).astype(np.int64)
+            kv = expected_kv(tokens)
+            dev.write(rest, kv[:, :, cached:])  # the engine computes only the uncached suffix
+            bad = dev.wrong_bytes(all_slots, kv)
+            already = c.write_back(tokens, all_slots, self.ns)
+            if already > cached:
+                dev.free_slots(all_slots[cached:already])
+            tail = len(tokens) // dev.P * dev.P
+            if tail < len(tokens):  # the partial last page stays with the request: free it now
+                dev.free_slots(all_slots[tail:])
+        finally:
+            c.unlock(m.node)
+        c.poll()
+        self.served += 1
+        self.wrong_bytes += bad
+        self.loaded_tokens += loaded
+        self.device_hit_tokens += cached - loaded
+        self.computed_tokens += len(tokens) - cached
+        self.latencies.append(time.perf_counter() - t0)
+        return bad
+
+
+def tokens_of(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 50000, n).astype(np.int32)
+
+
+def wait_for_file(path, timeout=15.0) -> None:
+    t0 = time.monotonic()
+    while not os.path.exists(path):
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"child never reached its hold point ({path})")
+        time.sleep(0.002)
+
+
+def run_bounded(fn, timeout=30.0):
+    """Run fn on a thread; fail (instead of hanging the suite) if it deadlocks."""
+    box = {}
+
+    def target():
+        try:
+            box["v"] = fn()
+        except BaseException as e:  # noqa: BLE001
+            box["e"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"operation did not finish within {timeout}s (deadlock?)"
+    if "e" in box:
+        raise box["e"]
+    return box.get("v")
