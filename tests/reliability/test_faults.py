@@ -252,7 +252,7 @@ def test_flaky_store_pages_are_misses_never_used(mode):
         assert drv.served == n_req
         assert flaky.injected["get"] > 0 and flaky.injected["put"] > 0
         assert st["loaded_pages"] > 0 and st["load_failed_pages"] > 0
-        cache.index._check()
+        assert cache.index._check() == ""
         report(f"flaky_store_{mode}", requests_served=drv.served, wrong_kv_bytes=drv.wrong_bytes, data_lost=0,
                injected_failures=dict(flaky.injected), loaded_pages=st["loaded_pages"],
                load_failed_pages=st["load_failed_pages"], stored_pages=st["stored_pages"],
@@ -320,7 +320,7 @@ def test_mooncake_master_killed_and_restarted():
         assert st["stored_pages"] > mid["stored_pages"], "write-backs did not resume after the master returned"
         assert st["loaded_pages"] > mid["loaded_pages"], "loads did not resume after the master returned"
         assert drv.wrong_bytes == 0 and drv.data_lost == 0
-        cache.index._check()
+        assert cache.index._check() == ""
         report("mooncake_master_sigkill", requests_served=drv.served, wrong_kv_bytes=drv.wrong_bytes,
                data_lost=drv.data_lost, kills=1, outage_requests=outage["requests"],
                outage_seconds=round(outage["seconds"], 2), outage_recomputed_tokens=outage["computed_tokens"],
