@@ -290,3 +290,13 @@ def test_null_address_in_scatter_list_is_refused(world):
         w = world
         w.store.get(["sentinel-0"], ScatterList(np.zeros((1, 1), np.uint64), np.full((1, 1), 1000, np.uint64)))
     world.intact()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (csrc/python/bind_shm.cpp keys_from): the error message cuts a too-long "
+                   "key after 40 bytes, inside a UTF-8 character: UnicodeDecodeError instead of ConfigError; "
+                   "fix proposed in docs/reliability.md")
+def test_long_non_ascii_key_gives_config_error(world):
+    key = "0" * 39 + "\u00e9" + "0" * 300  # found by test_fuzz.py
+    with pytest.raises(ConfigError, match=r"1\.\.255 bytes"):
+        world.store.exists([key])
+    world.intact()
