@@ -126,10 +126,9 @@ def test_shm_sigkill_at_random_points_many_times(tmp_path):
         surv_ops = sum(r[1] for r in results)
         # recovery: the whole pool is usable again (dead reservations and pins reclaimed)
         keys = [f"fill{j}" for j in range(blocks)]
-        st = run_bounded(lambda: store.put(keys, ScatterList(
-            np.full((blocks, 1), np.zeros(4096, np.uint8).ctypes.data, np.uint64),
-            np.full((blocks, 1), 4096, np.uint64))), 30)
-        # (one shared zero page as the source of every fill object)
+        zero = np.zeros(4096, np.uint8)  # one page, the source of every fill object (kept alive)
+        st = run_bounded(lambda: store.put(keys, ScatterList(np.full((blocks, 1), zero.ctypes.data, np.uint64),
+                                                             np.full((blocks, 1), 4096, np.uint64))), 30)
         assert (st == OK).all(), np.unique(st, return_counts=True)
         s = store.stats()
         assert s["writing"] == 0 and s["pins"] == 0 and s["objects"] == blocks
@@ -152,20 +151,24 @@ def test_shm_sigkill_at_random_points_many_times(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # pool full while readers hold pins
 
-def _pin_reader(name, keys, seeds, pieces, q):
-    """Pin objects, read them piece by piece slowly (as a layer-wise load does), verify."""
+def _pin_reader(name, keys, seeds, pieces, q, pinned_ev, done_ev):
+    """Pin objects, read them piece by piece (as a layer-wise load does) while the writer
+    fills the pool; the last piece comes only after the writer is done; verify."""
     s = open_store(f"shm://{name}?create=no")
     sizes = np.array([obj_size(k) for k in seeds], np.uint64)
     outs = [np.zeros(int(n), np.uint8) for n in sizes]
     rd = s.open_read(keys, sizes)
     pinned = rd.status.copy()
+    pinned_ev.set()
     for j in range(pieces):
+        if j == pieces - 1:
+            done_ev.wait(120)
         lo = [len(o) * j // pieces for o in outs]
         hi = [len(o) * (j + 1) // pieces for o in outs]
         sl = ScatterList(np.array([[o.ctypes.data + a] for o, a in zip(outs, lo)], np.uint64),
                          np.array([[b - a] for a, b in zip(lo, hi)], np.uint64))
         rd.read(sl)
-        time.sleep(0.05)
+        time.sleep(0.01)
     final = rd.end()
     bad = sum(int(f == OK and not np.array_equal(o, obj_content(k))) for f, o, k in zip(final, outs, seeds))
     q.put((pinned.tolist(), final.tolist(), bad))
@@ -179,11 +182,15 @@ def test_pool_full_while_readers_hold_pins():
         pinned_seeds = list(range(8))
         store.put([f"k{k}" for k in pinned_seeds], _multi(pinned_seeds))
         q = CTX.Queue()
+        pinned_evs = [CTX.Event() for _ in range(2)]
+        done = CTX.Event()
         readers = [CTX.Process(target=_pin_reader, args=(name, [f"k{k}" for k in pinned_seeds[r::2]],
-                                                        pinned_seeds[r::2], 12, q)) for r in range(2)]
+                                                        pinned_seeds[r::2], 12, q, pinned_evs[r], done))
+                   for r in range(2)]
         for p in readers:
             p.start()
-        time.sleep(0.1)  # let them pin
+        for e in pinned_evs:
+            assert e.wait(60)
         # writer: several times the capacity of new objects, forcing eviction under pressure
         written = no_space = other = 0
         seed = 1000
@@ -194,8 +201,9 @@ def test_pool_full_while_readers_hold_pins():
             no_space += st == NO_SPACE
             other += st not in (OK, NO_SPACE)
             seed += 1
-        still = store.exists([f"k{k}" for k in pinned_seeds])
-        res = [q.get(timeout=30) for _ in readers]
+        still = store.exists([f"k{k}" for k in pinned_seeds])  # readers are still mid-read here
+        done.set()
+        res = [q.get(timeout=60) for _ in readers]
         for p in readers:
             p.join(10)
             assert p.exitcode == 0

@@ -192,6 +192,6 @@ def test_index_survives_hostile_input(ops):
             pass
         assert idx._check() == ""
     r = idx.match(good)
-    assert r.device_len in (0, 16)  # the good document is intact (or evicted as a whole page path)
-    if r.device_len:
-        assert np.array_equal(r.device_slots, np.arange(16))
+    # the good document is intact: whatever of it is still on device (eviction takes whole pages
+    # from the end) has exactly its own slots
+    assert r.device_len % 4 == 0 and np.array_equal(r.device_slots, np.arange(r.device_len))
