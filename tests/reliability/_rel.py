@@ -63,17 +63,26 @@ class Device:
         self.layout = KVLayout.from_mha(self.k, self.v, page_size=page_size)
         self.free = list(range(0, slots, page_size))[::-1]
         self.lock = threading.Lock()
+        self.stalls = 0  # allocations that had to wait for pinned pages to be released
 
     def alloc(self, n_tokens: int, cache: KVDirectCache | None = None) -> np.ndarray:
         n_pages = -(-n_tokens // self.P)
-        with self.lock:
-            short = n_pages - len(self.free)
-        if short > 0 and cache is not None:
-            cache.evict(short * self.P)
-        with self.lock:
-            if len(self.free) < n_pages:
+        deadline = time.monotonic() + 60
+        while True:
+            with self.lock:
+                short = n_pages - len(self.free)
+            if short > 0 and cache is not None:
+                cache.evict(short * self.P)
+            with self.lock:
+                if len(self.free) >= n_pages:
+                    firsts = [self.free.pop() for _ in range(n_pages)]
+                    break
+            # pages pinned by writes still in flight: an engine queues the request and retries
+            if cache is None or time.monotonic() > deadline:
                 raise MemoryError(f"device pool exhausted: need {n_pages} pages, {len(self.free)} free")
-            firsts = [self.free.pop() for _ in range(n_pages)]
+            self.stalls += 1
+            cache.poll()
+            time.sleep(0.01)
         return (np.asarray(firsts, np.int64)[:, None] + np.arange(self.P)).reshape(-1)[:n_tokens]
 
     def free_slots(self, slots) -> None:

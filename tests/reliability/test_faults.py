@@ -336,7 +336,8 @@ def test_mooncake_master_killed_and_restarted():
                seconds_to_resume=round(time.monotonic() - t_up, 2),
                stored_pages_before_kill=before["stored_pages"], stored_pages_after_restart=st["stored_pages"] - mid["stored_pages"],
                loaded_pages_after_restart=st["loaded_pages"] - mid["loaded_pages"],
-               load_failed_pages=st["load_failed_pages"], store_failures=st["failures"])
+               load_failed_pages=st["load_failed_pages"], store_failures=st["failures"],
+               allocation_stalls=dev.stalls)
     finally:
         cache.close()
         for s in (svc, svc2):
