@@ -7,9 +7,9 @@
 #   scripts/sanitize.sh tests/test_x.py  # or any pytest arguments
 #   KVDIRECT_SANITIZE=thread scripts/sanitize.sh   # ThreadSanitizer instead (slower)
 #
-# Needs: a C++ compiler with the sanitizer runtimes (gcc: libasan/libubsan), cmake, and the
-# Python test dependencies already installed (numpy, pytest, hypothesis, pybind11): run it
-# after the README's install command. The normal install is left untouched: the sanitized
+# Needs: a C++ compiler with the sanitizer runtimes (gcc: libasan/libubsan) and the Python
+# test dependencies (run it after the README's install command); cmake and pybind11 are
+# pip-installed when missing. The normal install is left untouched: the sanitized
 # module is staged under build/sanitize/site and put first on PYTHONPATH; a sitecustomize
 # there drops an editable install's import hook so every Python process (also children)
 # imports the sanitized kvdirect._core. Exits non-zero on any test failure or sanitizer report.
@@ -21,6 +21,9 @@ B=${KVDIRECT_SANITIZE_BUILD:-$ROOT/build/sanitize}
 PY=${PYTHON:-python3}
 JOBS=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 
+# build tools: the README install builds in an isolated environment, so they may be missing here
+command -v cmake >/dev/null || "$PY" -m pip install -q "cmake>=3.18" ninja
+"$PY" -m pybind11 --cmakedir >/dev/null 2>&1 || "$PY" -m pip install -q "pybind11>=2.12"
 gen=()
 command -v ninja >/dev/null && gen=(-G Ninja)
 echo "== configure + build the core with -fsanitize=$SAN in $B"
