@@ -19,7 +19,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -177,17 +176,8 @@ def sglang_via_subprocess(a):
 
 # ---------------------------------------------------------------------------
 def machine():
-    cpu = platform.processor() or "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"numpy {np.__version__}, load avg {load[0]:.2f}")
+    from kvdirect.runtime import machine_description
+    return machine_description()
 
 
 def run_micro(a):

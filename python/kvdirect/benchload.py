@@ -16,7 +16,6 @@ is a memcpy; on an accelerator it would be an H2D copy.
 from __future__ import annotations
 
 import json
-import platform
 import time
 import uuid
 
@@ -24,21 +23,8 @@ import numpy as np
 
 
 def _machine() -> str:
-    try:
-        import cpuinfo  # optional
-        cpu = cpuinfo.get_cpu_info().get("brand_raw", "")
-    except Exception:
-        cpu = ""
-    if not cpu:
-        try:
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    import os
-    return f"{cpu or platform.processor()} x{os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+    from kvdirect.runtime import machine_description
+    return machine_description()
 
 
 class _Device:

@@ -264,13 +264,9 @@ def _summarise_level(cfg: DemoConfig, reuse: float, recs: dict, bytes_per_token:
 
 # -- the driver --------------------------------------------------------------------
 def machine_info(device: str = "cpu") -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": f"{platform.system()} {platform.release()}",
+    from kvdirect.runtime import cpu_model
+
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": f"{platform.system()} {platform.release()}",
             "python": platform.python_version(), "device": device}
     try:
         import torch

@@ -73,3 +73,26 @@ def store_client(module: str) -> Probe:
 
 def ascend_home() -> str | None:
     return os.environ.get("ASCEND_HOME_PATH") or None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo), or the platform's best guess."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description() -> str:
+    """One line naming the machine a benchmark ran on (benchmarks print it with their figures)."""
+    import platform
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}, "
+            f"Python {platform.python_version()}, load avg {load:.2f}")

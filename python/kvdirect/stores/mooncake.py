@@ -40,6 +40,7 @@ as memory that was freed and reused: the stale registrations are dropped first
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from urllib.parse import urlsplit
 
@@ -140,6 +141,10 @@ class MooncakeStore(Store):
         cls = import_client()
         if check:
             self._preflight()
+        if local in ("127.0.0.1", "localhost", "::1") and "MC_TCP_BIND_ADDRESS" not in os.environ:
+            # a loopback client listens on loopback only (by default Mooncake binds its RPC
+            # server to the first active network interface, even for a local-only pool)
+            os.environ["MC_TCP_BIND_ADDRESS"] = "127.0.0.1"
         self._client = cls()
         rc = self._client.setup(local, metadata, self.segment, self.buffer, protocol, device, master)
         if rc != 0:
