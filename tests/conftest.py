@@ -4,11 +4,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("KVDIRECT_SHARED", ROOT.parent / "shared"))
-if not SHARED.is_dir() and (ROOT.parent.parent / "shared").is_dir():
-    SHARED = ROOT.parent.parent / "shared"   # git worktrees under /work/wt/NAME
-TESTDATA = SHARED / "testdata"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kvd_testutil import ROOT, SHARED, TESTDATA, run_cli  # noqa: E402,F401  (shared helpers)
 
 # hypothesis: CI profile runs more examples; every run is deterministic-seeded
 try:
@@ -28,14 +25,3 @@ def testdata() -> Path:
     if not TESTDATA.is_dir():
         pytest.skip(f"shared test data not found at {TESTDATA} (it sits beside the checkout)")
     return TESTDATA
-
-
-def run_cli(*args, env=None, check=True):
-    import subprocess
-
-    r = subprocess.run([sys.executable, "-m", "kvdirect", *args], capture_output=True,
-                       text=True, env=env, timeout=300)
-    if check and r.returncode != 0:
-        raise AssertionError(f"kvdirect {' '.join(args)} exited {r.returncode}\n"
-                             f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}")
-    return r

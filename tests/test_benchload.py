@@ -2,7 +2,7 @@
 import glob
 import json
 
-from conftest import run_cli
+from kvd_testutil import run_cli
 
 
 def test_bench_load_json(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 import kvdirect
 from kvdirect import _core
-from conftest import ROOT, run_cli
+from kvd_testutil import ROOT, run_cli
 
 sys.path.insert(0, str(ROOT / "build_support"))
 import kvd_version  # noqa: E402

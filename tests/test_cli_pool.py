@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from conftest import run_cli
+from kvd_testutil import run_cli
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from kvd_testutil import run_cli
 
 pytest.importorskip("torch", reason="the demo needs the [demo] extra (torch)")
 pytest.importorskip("transformers", reason="the demo needs the [demo] extra (transformers)")

@@ -231,7 +231,7 @@ py::list hex_list(const uint8_t* digests, size_t n, std::string_view prefix) {
     PyObject* s = PyUnicode_New(len, 127);
     if (!s) throw py::error_already_set();
     char* dst = reinterpret_cast<char*>(PyUnicode_1BYTE_DATA(s));
-    std::memcpy(dst, prefix.data(), prefix.size());
+    if (!prefix.empty()) std::memcpy(dst, prefix.data(), prefix.size());  // data() may be null
     kvd::keys::to_hex(digests + i * kDigestBytes, 1, dst + prefix.size());
     PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), s);
   }

@@ -22,6 +22,13 @@ namespace {
   throw py::error_already_set();
 }
 
+// Longest prefix of s[0, len) of at most max bytes that does not split a UTF-8 character.
+size_t utf8_cut(const char* s, size_t len, size_t max) {
+  size_t cut = std::min(len, max);
+  while (cut > 0 && cut < len && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;
+  return cut;
+}
+
 std::vector<std::string> keys_from(py::handle seq) {
   py::object fast = py::reinterpret_steal<py::object>(PySequence_Fast(seq.ptr(), "store keys must be a sequence of str"));
   if (!fast) throw py::error_already_set();
@@ -37,7 +44,7 @@ std::vector<std::string> keys_from(py::handle seq) {
     if (!s) throw py::error_already_set();
     if (len == 0 || size_t(len) > kvd::shm::kMaxKeyBytes)
       raise_config("store key must be 1.." + std::to_string(kvd::shm::kMaxKeyBytes) + " bytes, got " +
-                   std::to_string(len) + ": '" + std::string(s, std::min<Py_ssize_t>(len, 40)) + "'");
+                   std::to_string(len) + ": '" + std::string(s, utf8_cut(s, size_t(len), 40)) + "'");
     out.emplace_back(s, size_t(len));
   }
   return out;
@@ -52,6 +59,12 @@ void check_scatter(const std::vector<std::string>& keys, const U64Array& addrs, 
   if (size_t(addrs.shape(0)) != keys.size())
     raise_config("scatter list has " + std::to_string(addrs.shape(0)) + " rows for " + std::to_string(keys.size()) +
                  " keys");
+  const uint64_t* a = addrs.data();
+  const uint64_t* z = sizes.data();
+  for (py::ssize_t i = 0; i < addrs.size(); ++i)
+    if (a[i] == 0 && z[i] != 0)
+      raise_config("scatter list segment " + std::to_string(i % addrs.shape(1)) + " of key " +
+                   std::to_string(i / addrs.shape(1)) + " has a null address");
 }
 
 Pool& live(Pool& p) {

@@ -750,6 +750,14 @@ void copy_object(uint8_t* data, const uint32_t* next, uint64_t bs, uint32_t firs
 bool key_ok(const std::string& k) { return !k.empty() && k.size() <= kMaxKeyBytes; }
 }  // namespace
 
+// A published record is read only when its size agrees with its block count and its first
+// block lies in the pool: a damaged record is a miss, never a walk past the data region.
+bool Pool::record_ok(uint32_t id) const {
+  const ObjRec& o = objs_[id];
+  const uint64_t nb = hdr_->nblocks, bs = hdr_->block_size;
+  return o.nblocks <= nb && o.nblocks == (o.size + bs - 1) / bs && (o.nblocks == 0 || o.first_block < nb);
+}
+
 void Pool::exists(const std::string* keys, size_t n, uint8_t* out) {
   std::shared_lock<std::shared_mutex> cg(close_mu_);
   if (!base_) throw std::runtime_error("shm pool is closed");
@@ -813,6 +821,7 @@ void Pool::get(const std::string* keys, size_t n, const uint64_t* addrs, const u
         uint64_t total = 0;
         for (size_t j = 0; j < nseg; ++j) total += sizes[i * nseg + j];
         if (id < 0) s = Status::kNotFound;
+        else if (!record_ok(uint32_t(id))) s = Status::kCorrupt;
         else if (objs_[id].size != total) s = Status::kInvalidArgument;  // nothing copied
         else if ((pins[i] = pin_obj(uint32_t(id))) == kNil) s = Status::kBusy;
         else {
@@ -879,6 +888,7 @@ std::unique_ptr<Pool::ReadSession> Pool::read_begin(const std::string* keys, siz
     if (!key_ok(keys[i])) st = Status::kInvalidArgument;
     else if ((id = index_find(keys[i].data(), keys[i].size(), key_hash64(keys[i].data(), keys[i].size()))) < 0)
       st = Status::kNotFound;
+    else if (!record_ok(uint32_t(id))) st = Status::kCorrupt;
     else if (objs_[id].size != total_sizes[i]) st = Status::kInvalidArgument;
     else if ((s->pins[i] = pin_obj(uint32_t(id))) == kNil) st = Status::kBusy;
     else {
@@ -992,6 +1002,10 @@ Status Pool::pin_one(const std::string& key, uint32_t* pin, uint64_t* size) {
   if (id < 0) {
     hdr_->misses++;
     return Status::kNotFound;
+  }
+  if (!record_ok(uint32_t(id))) {
+    hdr_->misses++;
+    return Status::kCorrupt;
   }
   uint32_t p = pin_obj(uint32_t(id));
   if (p == kNil) {

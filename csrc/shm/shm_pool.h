@@ -164,6 +164,7 @@ class Pool {
   uint32_t pin_obj(uint32_t id);
   void unpin(uint32_t pin);
   bool dead(uint32_t pid);
+  bool record_ok(uint32_t id) const;
 
   std::string name_;
   int fd_ = -1;

@@ -283,8 +283,6 @@ def test_bad_cli_input(world, case):
     world.intact()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (bind_shm.cpp check_scatter): a null destination address is accepted "
-                   "and the get reports OK without delivering a byte; fix in docs/reliability-fixes.diff")
 def test_null_address_in_scatter_list_is_refused(world):
     with pytest.raises(ConfigError, match="null"):
         w = world
@@ -292,9 +290,6 @@ def test_null_address_in_scatter_list_is_refused(world):
     world.intact()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (csrc/python/bind_shm.cpp keys_from): the error message cuts a too-long "
-                   "key after 40 bytes, inside a UTF-8 character: UnicodeDecodeError instead of ConfigError; "
-                   "fix in docs/reliability-fixes.diff")
 def test_long_non_ascii_key_gives_config_error(world):
     key = "0" * 39 + "\u00e9" + "0" * 300  # found by test_fuzz.py
     with pytest.raises(ConfigError, match=r"1\.\.255 bytes"):

@@ -277,9 +277,6 @@ print("STATUS", st, None if b is None else len(b))
 """
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (csrc/shm/shm_pool.cpp pin_one/get/read_begin): an object record "
-                   "whose size disagrees with its block chain is trusted: the read walks past the chain (SIGSEGV) or "
-                   "allocates the bogus size (MemoryError); fix in docs/reliability-fixes.diff")
 @pytest.mark.parametrize("size", [9000, 1 << 40])
 def test_corrupted_object_record_is_a_clean_miss(name, size):
     r = subprocess.run([sys.executable, "-c", _CORRUPT_RECORD.format(name=name, size=size)],
