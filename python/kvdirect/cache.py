@@ -196,6 +196,7 @@ class KVDirectCache:
             self.store.register(addr, length)
 
     def _seed(self, namespace):
+        namespace = namespace or None  # the index treats "" and None as one namespace: so do keys
         if namespace not in self._seed_cache:
             self._seed_cache[namespace] = _keys.namespace_seed(extra_key=namespace)
         return self._seed_cache[namespace]

@@ -15,6 +15,8 @@ Contract (all stores, tested in tests/test_stores_contract.py):
   ``kvdirect._core.Status`` values (NOT_FOUND=1, ... UNAVAILABLE=7).
 * Puts are atomic per key: a reader sees nothing or the whole object.
 * ``exists_prefix`` counts leading keys present, stopping at the first miss.
+  ``exists`` raises ``StoreError`` when the pool cannot answer (unreachable,
+  timed out): callers count that as misses and back off.
 * ``register`` is called once per memory region a store reads or writes
   (device KV pool, staging buffer); never per call.
 """

@@ -279,8 +279,10 @@ class MooncakeStore(Store):
         self._counts["exists_calls"] += 1
         try:
             rc = np.asarray(self._call("batch_is_exist", keys), np.int64)
-        except (CallTimeout, CallUnavailable):
-            return np.zeros(len(keys), bool)  # unknown -> treat as absent (a miss, never a wrong hit)
+        except (CallTimeout, CallUnavailable) as e:
+            # the pool cannot answer: raise, so the cache counts it as misses and backs off
+            # instead of waiting for this deadline on every request
+            raise StoreError(f"Mooncake batch_is_exist did not answer: {e}") from None
         if rc.shape != (len(keys),):
             return np.zeros(len(keys), bool)
         return rc == 1  # 1 present, 0 absent, negative = error -> absent
