@@ -38,7 +38,7 @@ REFERENCE = {"model": "Qwen3-32B, 2 instances, Ascend A3 (SGLang PR #14056)",
 
 @dataclass
 class DemoConfig:
-    prompts: int = 8  # per reuse level
+    prompts: int = 12  # per reuse level
     prompt_len: int = 3584
     reuse: tuple = (0.0, 0.5, 1.0)
     output_len: int = 4
@@ -442,7 +442,7 @@ def plot(result: dict, path: str) -> None:
         bars = ax.bar(x + (i - (len(modes) - 1) / 2) * w, vals, w, label=m, color=colors[m])
         if m == "kvdirect":
             for b, r in zip(bars, runs):
-                ax.annotate(f"-{100 * r['ttft_reduction']:.0f}%", (b.get_x() + b.get_width() / 2, b.get_height()),
+                ax.annotate(f"{-100 * r['ttft_reduction']:+.0f}%", (b.get_x() + b.get_width() / 2, b.get_height()),
                             ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [f"{100 * r['reuse']:.0f}%" for r in runs])
     ax.set_xlabel("prefix reuse")

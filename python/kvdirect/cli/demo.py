@@ -65,7 +65,7 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="two instances share one KV pool: TTFT with and without kvdirect",
                        description=__doc__)
-    p.add_argument("--prompts", type=int, default=8, help="prompts per reuse level (default 8)")
+    p.add_argument("--prompts", type=int, default=12, help="prompts per reuse level (default 12)")
     p.add_argument("--prompt-len", type=int, default=3584, help="tokens per prompt (default 3584)")
     p.add_argument("--reuse", default="0,0.5,1", help="prefix reuse levels, fractions or percents (default 0,0.5,1)")
     p.add_argument("--output-len", type=int, default=4, help="greedy tokens per request (default 4)")

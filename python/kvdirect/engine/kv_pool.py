@@ -99,8 +99,11 @@ class PagedKVPool:
         self.device = torch.device(device)
         self.dtype = dtype
         shape = (num_layers, num_slots, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        # empty + fill touches every page now (torch.zeros may map lazily-zeroed memory),
+        # as a serving engine's KV pool is resident before it serves: no page faults
+        # land inside a request's timing, whichever mode wrote its slots first
+        self.k = torch.empty(shape, dtype=dtype, device=self.device).fill_(0)
+        self.v = torch.empty(shape, dtype=dtype, device=self.device).fill_(0)
         # SGLang-style per-layer views (distinct base addresses per layer)
         self.k_buffers = list(self.k.unbind(0))
         self.v_buffers = list(self.v.unbind(0))
