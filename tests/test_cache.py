@@ -517,3 +517,41 @@ def test_stats_and_prometheus(url):
     text = prom.generate_latest(reg).decode()
     assert "kvdirect_stored_pages_total 5.0" in text
     assert 'kvdirect_store_ms{quantile="p50"}' in text
+
+
+@pytest.mark.parametrize("staging_pages", [1, 3, 64])
+def test_staged_path_through_a_bounded_host_buffer(url, staging_pages):
+    """Stores that cannot address device memory go through bounded host staging buffers."""
+    P = 4
+    a, b = Device(P), Device(P)
+    page_bytes = a.layout.page_bytes
+    ca = make(a, url, stage=True, staging_bytes=staging_pages * page_bytes)
+    toks = tokens_of(7 * P, 40)
+    serve(ca, a, toks)
+    ca.flush()
+    assert ca.stats()["stored_pages"] == 7
+    assert all(buf.nbytes == staging_pages * page_bytes for buf in ca._staging.values())
+    cb = make(b, url, stage=True, staging_bytes=staging_pages * page_bytes)
+    m = cb.match(toks)
+    slots = b.alloc(m.pool_len)
+    assert cb.load(m, slots) == 7 * P
+    exp = expected_kv(b, toks)
+    for layer in range(LAYERS):
+        np.testing.assert_array_equal(b.k[layer][slots], exp[layer])
+        np.testing.assert_array_equal(b.v[layer][slots], -exp[layer])
+
+
+def test_staged_load_stops_at_the_first_failed_page(url):
+    P = 4
+    a, b = Device(P), Device(P)
+    ca = make(a, url)
+    toks = tokens_of(6 * P, 41)
+    serve(ca, a, toks)
+    ca.flush()
+    store = ScriptedStore(open_store(url))
+    store.fail_get_after = 1  # within each chunk of 2 pages, the 2nd fails
+    cb = make(b, store, stage=True, staging_bytes=2 * b.layout.page_bytes)
+    m = cb.match(toks)
+    slots = b.alloc(m.pool_len)
+    assert cb.load(m, slots) == P
+    np.testing.assert_array_equal(b.k[0][slots[:P]], expected_kv(b, toks)[0][:P])

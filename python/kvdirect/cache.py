@@ -177,7 +177,7 @@ class KVDirectCache:
             self._stage = self.config.stage if self.config.stage is not None else (
                 layout.device != "cpu" and not self.store.supports_device_memory)
             self._register_memory()
-        self._staging = None
+        self._staging: dict = {}  # (role, thread) -> bounded host buffer
         self._copy = None
         self._writer = ThreadPoolExecutor(max_workers=self.config.writer_threads,
                                           thread_name_prefix="kvdirect-put")
@@ -192,8 +192,9 @@ class KVDirectCache:
     def _register_memory(self):
         if self._stage:
             return
+        kind = "host" if self.layout.device == "cpu" else "device"
         for addr, length in self.layout.regions():
-            self.store.register(addr, length)
+            self.store.register(addr, length, memory=kind)
 
     def _seed(self, namespace):
         namespace = namespace or None  # the index treats "" and None as one namespace: so do keys
@@ -306,17 +307,39 @@ class KVDirectCache:
     def _get(self, keys: list, scatter: ScatterList) -> np.ndarray:
         if not self._stage:
             return np.asarray(self.store.get(keys, scatter), dtype=np.int32)
-        # stage: pool -> host buffer -> device pages through the copy engine
-        obj = int(scatter.object_sizes[0]) if len(scatter) else 0
-        buf = np.empty(obj * len(keys), dtype=np.uint8)
-        base = buf.ctypes.data
-        host = ScatterList(base + np.arange(len(keys), dtype=np.uint64) * obj,
-                           np.full(len(keys), obj, dtype=np.uint64))
-        status = np.asarray(self.store.get(keys, host), dtype=np.int32)
-        n_ok = first_failure(status)
-        if n_ok:
-            self._copy_engine().scatter(scatter.take(slice(0, n_ok)), base, n_ok * obj)
+        # pool -> bounded host staging buffer -> device pages (copy engine), chunk by chunk
+        status = np.full(len(keys), UNAVAILABLE, dtype=np.int32)
+        buf = self._staging_buffer("get")
+        for lo, hi, host in self._staged_chunks(buf, scatter):
+            st = np.asarray(self.store.get(keys[lo:hi], host), dtype=np.int32)
+            status[lo:hi] = st
+            n_ok = first_failure(st)
+            if n_ok:
+                self._copy_engine().scatter(scatter.take(slice(lo, lo + n_ok)), buf.ctypes.data,
+                                            int(host.object_sizes[:n_ok].sum()))
+            if n_ok < hi - lo:
+                break  # loading stops at the first failed page
         return status
+
+    def _staging_buffer(self, role: str) -> np.ndarray:
+        """One bounded host buffer per role and thread, registered with the store once."""
+        key = (role, threading.get_ident())
+        buf = self._staging.get(key)
+        if buf is None:
+            buf = np.empty(max(self.config.staging_bytes, self.layout.page_bytes), dtype=np.uint8)
+            self._staging[key] = buf
+            self.store.register(buf.ctypes.data, buf.nbytes, memory="host")
+        return buf
+
+    def _staged_chunks(self, buf: np.ndarray, scatter: ScatterList):
+        """(lo, hi, host scatter list) chunks of whole page objects that fit the buffer."""
+        obj = self.layout.page_bytes
+        per = max(1, buf.nbytes // obj)
+        base = buf.ctypes.data
+        for lo in range(0, len(scatter), per):
+            hi = min(len(scatter), lo + per)
+            offs = base + np.arange(hi - lo, dtype=np.uint64) * np.uint64(obj)
+            yield lo, hi, ScatterList(offs, np.full(hi - lo, obj, dtype=np.uint64))
 
     def _copy_engine(self):
         if self._copy is None:
@@ -533,13 +556,13 @@ class KVDirectCache:
             self._inflight_cv.notify_all()
 
     def _put_staged(self, keys, scatter: ScatterList) -> np.ndarray:
-        obj = int(scatter.object_sizes[0])
-        buf = np.empty(obj * len(keys), dtype=np.uint8)
-        base = buf.ctypes.data
-        self._copy_engine().gather(scatter, base, buf.nbytes)
-        host = ScatterList(base + np.arange(len(keys), dtype=np.uint64) * obj,
-                           np.full(len(keys), obj, dtype=np.uint64))
-        return np.asarray(self.store.put(keys, host), dtype=np.int32)
+        status = np.empty(len(keys), dtype=np.int32)
+        buf = self._staging_buffer("put")
+        for lo, hi, host in self._staged_chunks(buf, scatter):
+            self._copy_engine().gather(scatter.take(slice(lo, hi)), buf.ctypes.data,
+                                       int(host.object_sizes.sum()))
+            status[lo:hi] = np.asarray(self.store.put(keys[lo:hi], host), dtype=np.int32)
+        return status
 
     def poll(self) -> int:
         """Apply finished writes (scheduler thread). Returns how many jobs were applied."""

@@ -44,6 +44,8 @@ class CacheConfig:
     max_pool_only_pages: int = 1 << 20
     #: stage device pages through host memory: None = when the store cannot address device memory
     stage: bool | None = None
+    #: bytes of each host staging buffer (bounds memory used when staging)
+    staging_bytes: int = 64 << 20
     #: layer-by-layer loading with per-layer completion (see KVDirectCache.load_layerwise)
     layerwise: bool = False
     #: seconds between repeated log lines for the same error kind
@@ -56,7 +58,7 @@ class CacheConfig:
         if self.backpressure not in ("wait", "drop"):
             raise ConfigError(f"backpressure must be 'wait' or 'drop', got {self.backpressure!r}")
         for name in ("min_query_pages", "max_query_pages", "max_inflight_pages", "writer_threads",
-                     "max_pool_only_pages", "latency_window"):
+                     "max_pool_only_pages", "latency_window", "staging_bytes"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "min_query_pages" else 1):
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")

@@ -75,8 +75,8 @@ class FlakyStore(Store):
 
     # -------------------------------------------------------------- Store interface
 
-    def register(self, addr: int, length: int) -> None:
-        self.inner.register(addr, length)
+    def register(self, addr: int, length: int, memory: str | None = None) -> None:
+        self.inner.register(addr, length, memory=memory)
 
     def exists(self, keys) -> np.ndarray:
         keys = base.check_keys(keys)

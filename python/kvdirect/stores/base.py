@@ -112,8 +112,11 @@ class Store(abc.ABC):
     def get(self, keys: Sequence[str], scatter: ScatterList) -> np.ndarray:
         """Read each key's object into its segments; int32 status per key (0 = every byte delivered)."""
 
-    def register(self, addr: int, length: int) -> None:
-        """Register memory the store will DMA from/to; once per region. Default: nothing needed."""
+    def register(self, addr: int, length: int, memory: str | None = None) -> None:
+        """Register memory the store will DMA from/to; once per region. Default: nothing needed.
+
+        ``memory``: "device" or "host" where the store must know (MemCache picks
+        L2G/G2L or H2G/G2H by it); None: the store's default for its memory."""
 
     @abc.abstractmethod
     def remove(self, keys: Sequence[str]) -> int:

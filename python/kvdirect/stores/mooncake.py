@@ -241,8 +241,8 @@ class MooncakeStore(Store):
 
     # ------------------------------------------------------------------ Store interface
 
-    def register(self, addr: int, length: int) -> None:
-        """register_buffer once per region. A new region overlapping earlier ones means that memory
+    def register(self, addr: int, length: int, memory: str | None = None) -> None:
+        """register_buffer once per region (Mooncake needs no memory kind). A new region overlapping earlier ones means that memory
         was freed and reused (two live allocations cannot overlap): the stale registrations are
         dropped first, since Mooncake refuses overlapping ones (INVALID_PARAMS)."""
         with self._reg_lock:
