@@ -103,10 +103,6 @@ class CacheMatch:
     _digests: np.ndarray | None = None  # page digests [pages from 0 .. device+pool), uint8 x 32
     _index_pool_pages: int = 0          # pool pages the index knew without asking the store
 
-    @property
-    def cached_len(self) -> int:
-        return self.device_len
-
 
 @dataclass
 class _WriteJob:
