@@ -538,7 +538,7 @@ class KVDirectCache:
             todo = np.flatnonzero(~have)
             if todo.size:
                 sub = job.scatter.take(todo)
-                keys = [job.keys[i] for i in todo]
+                keys = job.keys if todo.size == len(job.keys) else [job.keys[i] for i in todo]
                 if self._stage:
                     st = self._put_staged(keys, sub)
                 else:
