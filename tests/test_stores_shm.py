@@ -13,6 +13,8 @@ import uuid
 import numpy as np
 import pytest
 
+from kvd_testutil import run_bounded, wait_for_file
+
 from kvdirect import _core
 from kvdirect.errors import ConfigError, StoreError
 from kvdirect.stores import ScatterList, open_store
@@ -36,33 +38,6 @@ def sl_of(*arrays) -> ScatterList:
                      np.array([[a.nbytes] for a in arrays], dtype=np.uint64))
     object.__setattr__(sl, "_keep", arrays)
     return sl
-
-
-def wait_for(path, timeout=10.0):
-    t0 = time.monotonic()
-    while not os.path.exists(path):
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"child never reached the hold point ({path})")
-        time.sleep(0.005)
-
-
-def run_with_timeout(fn, timeout=10.0):
-    """Runs fn in a thread; fails instead of hanging the suite on a deadlock."""
-    box = {}
-
-    def target():
-        try:
-            box["v"] = fn()
-        except BaseException as e:  # noqa: BLE001
-            box["e"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), "pool operation hung (deadlock after a crash?)"
-    if "e" in box:
-        raise box["e"]
-    return box.get("v")
 
 
 # ---------------------------------------------------------------------------
@@ -280,7 +255,7 @@ def _pin_in_thread(name, keys, marker, seconds):
 
     t = threading.Thread(target=run)
     t.start()
-    wait_for(marker)
+    wait_for_file(marker)
     return t, h, bufs, box
 
 
@@ -472,7 +447,7 @@ def _kill_at(name, phase, tmp_path, key="victim", nbytes=3 * 4096):
     marker = str(tmp_path / f"{phase}.marker")
     p = CTX.Process(target=_hold_child, args=(name, phase, marker, key, nbytes))
     p.start()
-    wait_for(marker)
+    wait_for_file(marker)
     os.kill(p.pid, signal.SIGKILL)
     p.join(10)
     assert p.exitcode == -signal.SIGKILL
@@ -484,7 +459,7 @@ def test_killed_while_holding_the_lock(pool_name, tmp_path, phase):
         s.put_bytes("before", b"still here")
         free0 = s.stats()["free_blocks"]
         _kill_at(pool_name, phase, tmp_path)
-        st = run_with_timeout(s.stats)  # must not deadlock
+        st = run_bounded(s.stats)  # must not deadlock
         assert st["recoveries"] == 1
         assert st["free_blocks"] == free0 and st["writing"] == 0  # the half-done allocation was rolled back
         assert s.get_bytes("before") == b"still here"

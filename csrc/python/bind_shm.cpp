@@ -72,6 +72,25 @@ Pool& live(Pool& p) {
   return p;
 }
 
+using BatchOp = void (Pool::*)(const std::string*, size_t, const uint64_t*, const uint64_t*, size_t, int32_t*);
+
+// put and get: keys + scatter list in, one int32 status per key out, GIL released for the copy.
+py::array_t<int32_t> batch_transfer(Pool& p, BatchOp op, py::handle keys, const U64Array& addrs,
+                                    const U64Array& sizes) {
+  auto k = keys_from(keys);
+  check_scatter(k, addrs, sizes);
+  py::array_t<int32_t> out(py::ssize_t(k.size()));
+  int32_t* o = out.mutable_data();
+  const uint64_t* a = addrs.data();
+  const uint64_t* s = sizes.data();
+  size_t nseg = size_t(addrs.shape(1));
+  {
+    py::gil_scoped_release nogil;
+    (live(p).*op)(k.data(), k.size(), a, s, nseg, o);
+  }
+  return out;
+}
+
 }  // namespace
 
 KVD_BINDINGS(50, shm) {
@@ -131,33 +150,11 @@ KVD_BINDINGS(50, shm) {
            })
       .def("put",
            [](Pool& p, py::handle keys, const U64Array& addrs, const U64Array& sizes) {
-             auto k = keys_from(keys);
-             check_scatter(k, addrs, sizes);
-             py::array_t<int32_t> out(py::ssize_t(k.size()));
-             int32_t* o = out.mutable_data();
-             const uint64_t* a = addrs.data();
-             const uint64_t* s = sizes.data();
-             size_t nseg = size_t(addrs.shape(1));
-             {
-               py::gil_scoped_release nogil;
-               live(p).put(k.data(), k.size(), a, s, nseg, o);
-             }
-             return out;
+             return batch_transfer(p, &Pool::put, keys, addrs, sizes);
            })
       .def("get",
            [](Pool& p, py::handle keys, const U64Array& addrs, const U64Array& sizes) {
-             auto k = keys_from(keys);
-             check_scatter(k, addrs, sizes);
-             py::array_t<int32_t> out(py::ssize_t(k.size()));
-             int32_t* o = out.mutable_data();
-             const uint64_t* a = addrs.data();
-             const uint64_t* s = sizes.data();
-             size_t nseg = size_t(addrs.shape(1));
-             {
-               py::gil_scoped_release nogil;
-               live(p).get(k.data(), k.size(), a, s, nseg, o);
-             }
-             return out;
+             return batch_transfer(p, &Pool::get, keys, addrs, sizes);
            })
       .def("read_begin",
            [](Pool& p, py::handle keys, const U64Array& total_sizes) {

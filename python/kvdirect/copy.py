@@ -160,28 +160,22 @@ class CopyEngine:
 
     def gather(self, scatter: ScatterList, dst, dst_size: int | None = None, *, stream: int = 0) -> int:
         """Pack every segment of ``scatter`` into ``dst``; returns the bytes written."""
-        addrs, sizes = _u64(scatter.addrs), _u64(scatter.sizes)
-        d, n = _addr_size(dst, dst_size, "gather dst")
-        if self._cpu is not None:
-            try:
-                self._cpu.gather(addrs, sizes, d, n)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-        else:
-            self._cuda.gather(addrs, sizes, d, n, True, stream)
-        return int(sizes.sum(dtype=np.uint64))
+        return self._pack(scatter, dst, dst_size, True, stream, "gather dst")
 
     def scatter(self, scatter: ScatterList, src, src_size: int | None = None, *, stream: int = 0) -> int:
         """Unpack ``src`` (packed objects) into the segments of ``scatter``; returns the bytes read."""
+        return self._pack(scatter, src, src_size, False, stream, "scatter src")
+
+    def _pack(self, scatter: ScatterList, buf, buf_size, to_packed: bool, stream: int, what: str) -> int:
         addrs, sizes = _u64(scatter.addrs), _u64(scatter.sizes)
-        s, n = _addr_size(src, src_size, "scatter src")
+        b, n = _addr_size(buf, buf_size, what)
         if self._cpu is not None:
             try:
-                self._cpu.scatter(addrs, sizes, s, n)
+                (self._cpu.gather if to_packed else self._cpu.scatter)(addrs, sizes, b, n)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         else:
-            self._cuda.gather(addrs, sizes, s, n, False, stream)
+            self._cuda.gather(addrs, sizes, b, n, to_packed, stream)
         return int(sizes.sum(dtype=np.uint64))
 
     def copy_segments(self, src_addrs, dst_addrs, sizes, *, stream: int = 0) -> int:

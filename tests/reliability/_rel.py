@@ -14,6 +14,7 @@ import time
 import uuid
 
 import numpy as np
+from kvd_testutil import run_bounded, wait_for_file  # noqa: F401  (shared test helpers)
 
 from kvdirect import KVLayout
 from kvdirect.cache import KVDirectCache
@@ -160,28 +161,3 @@ def tokens_of(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 50000, n).astype(np.int32)
 
 
-def wait_for_file(path, timeout=15.0) -> None:
-    t0 = time.monotonic()
-    while not os.path.exists(path):
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"child never reached its hold point ({path})")
-        time.sleep(0.002)
-
-
-def run_bounded(fn, timeout=30.0):
-    """Run fn on a thread; fail (instead of hanging the suite) if it deadlocks."""
-    box = {}
-
-    def target():
-        try:
-            box["v"] = fn()
-        except BaseException as e:  # noqa: BLE001
-            box["e"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), f"operation did not finish within {timeout}s (deadlock?)"
-    if "e" in box:
-        raise box["e"]
-    return box.get("v")
