@@ -137,6 +137,12 @@ class KVDirectCache:
                  config: CacheConfig | None = None, namespace_seed: Callable | None = None,
                  tp_rank: int = 0, tp_size: int = 1, tp_reduce_min: Callable[[int], int] | None = None):
         self.config = config or CacheConfig()
+        if not self.config.model:
+            raise ConfigError(
+                "KVDirectCache needs the model identity: set CacheConfig(model=...) (\"model\" in "
+                "KVDIRECT_CONFIG) to a string naming the weights, their revision and quantization "
+                "(kvdirect.config.model_identity builds one); instances share pool pages only when "
+                "it is equal, so two different models must never use the same one")
         self.layout = layout
         self.page_size = int(page_size or layout.page_size)
         if self.page_size != layout.page_size:

@@ -7,6 +7,7 @@ file). Unknown keys are errors, so a typo never silently does nothing.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,8 +24,11 @@ class CacheConfig:
     store: str | None = "shm://kvdirect?size=1GiB"
     #: run without the pool when the store cannot be opened (logged), instead of failing
     allow_no_store: bool = True
-    #: model identity for the layout fingerprint (instances with other models never share pages)
-    model: str = "unknown"
+    #: model identity in every page key (required by KVDirectCache). Instances share pool
+    #: pages only when their identities are equal, so it must tell apart everything that
+    #: changes the KV bytes besides the layout: the weights (name or path), their revision
+    #: and their quantization. Engine integrations fill it with :func:`model_identity`.
+    model: str | None = None
     #: write finished pages back to the pool asynchronously
     write_back: bool = True
     #: skip the store existence query when fewer uncached full pages than this remain
@@ -62,6 +66,8 @@ class CacheConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "min_query_pages" else 1):
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
+            raise ConfigError(f"model must be a non-empty identity string, got {self.model!r}")
         if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise ConfigError("need 0 < retry_initial_s <= retry_max_s")
 
@@ -99,3 +105,26 @@ class CacheConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def model_identity(model: str, *, revision: str | None = None, quantization: str | None = None,
+                   config_file: str | os.PathLike | None = None) -> str:
+    """A model identity string for ``CacheConfig.model`` from what an engine knows.
+
+    ``model``: the served name, hub id or path; ``revision`` and ``quantization``
+    as the engine was started with; ``config_file``: the model's ``config.json``
+    where one exists (its SHA-256 enters the identity, so a changed architecture
+    or a re-quantised checkpoint under the same name never shares pages).
+    Weights replaced under the same name, revision and config are not detected:
+    give such a deployment an explicit ``model`` (e.g. with a version).
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise ConfigError(f"model identity needs a model name or path, got {model!r}")
+    parts = [model.strip()]
+    if revision:
+        parts.append(f"rev={revision}")
+    if quantization:
+        parts.append(f"quant={quantization}")
+    if config_file is not None and Path(config_file).is_file():
+        parts.append("config=" + hashlib.sha256(Path(config_file).read_bytes()).hexdigest()[:16])
+    return "|".join(parts)

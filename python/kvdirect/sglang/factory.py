@@ -8,8 +8,10 @@ refused here, at start-up, with the reason and what to do instead.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from kvdirect.config import CacheConfig
+from kvdirect.config import model_identity as _model_identity
 from kvdirect.errors import ConfigError
 
 log = logging.getLogger("kvdirect.sglang")
@@ -41,16 +43,23 @@ def check_supported(ctx) -> None:
 
 
 def model_identity(ctx, config: CacheConfig) -> str:
-    """The model name in kvdirect's layout fingerprint (pages of other models never match)."""
-    if config.model and config.model != "unknown":
+    """The model identity in kvdirect's page keys: ``config.model`` when set, else the
+    served model name (or ``--model-path``), its revision, the weight quantization and
+    a digest of its ``config.json`` (see :func:`kvdirect.config.model_identity`)."""
+    if config.model:
         return config.model
     sa = ctx.server_args
-    for attr in ("served_model_name", "model_path"):
-        v = getattr(sa, attr, None)
-        if v:
-            return str(v)
     mc = ctx.model_config
-    return str(getattr(mc, "model_path", None) or "unknown")
+    name = (getattr(sa, "served_model_name", None) or getattr(sa, "model_path", None)
+            or getattr(mc, "model_path", None))
+    if not name:
+        raise ConfigError("kvdirect cannot tell which model this server runs (no served_model_name or "
+                          "model_path); set \"model\" in KVDIRECT_CONFIG")
+    path = getattr(sa, "model_path", None) or getattr(mc, "model_path", None)
+    cfg = Path(path) / "config.json" if path else None
+    return _model_identity(str(name), revision=getattr(sa, "revision", None),
+                           quantization=getattr(sa, "quantization", None) or getattr(mc, "quantization", None),
+                           config_file=cfg)
 
 
 def _tp_reduce(ctx):
