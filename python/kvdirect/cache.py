@@ -150,11 +150,8 @@ class KVDirectCache:
         self.free_slots = free_slots or (lambda slots: None)
         self._tp_reduce = tp_reduce_min
         self.index = PrefixIndex(self.page_size, max_pool_only_pages=self.config.max_pool_only_pages)
-        fields = dict(layout.fingerprint_fields())
-        fields["layout_kind"] = fields.pop("kind")  # the stored page format, not the device layout
-        fields["v_head_dim"] = fields["v_head_dim"] or None  # MLA: no separate V (layout says 0)
-        self.fingerprint = _keys.LayoutFingerprint(model=self.config.model, tp_size=tp_size,
-                                                   tp_rank=tp_rank, **fields)
+        self.fingerprint = _keys.LayoutFingerprint.from_layout(layout, model=self.config.model,
+                                                               tp_rank=tp_rank, tp_size=tp_size)
         self._seed_cache: dict = {}
         self._stats = _Stats(self.config.latency_window)
         self._last_log: dict = {}
@@ -199,7 +196,7 @@ class KVDirectCache:
             self.store.register(addr, length, memory=kind)
 
     def _seed(self, namespace):
-        namespace = namespace or None  # the index treats "" and None as one namespace: so do keys
+        namespace = _keys.request_namespace(namespace)  # "" and None are one, as in the index
         if namespace not in self._seed_cache:
             self._seed_cache[namespace] = _keys.namespace_seed(extra_key=namespace)
         return self._seed_cache[namespace]
