@@ -16,7 +16,6 @@ is a memcpy; on an accelerator it would be an H2D copy.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 
@@ -108,17 +107,6 @@ class StagedPath:
         self.host_free = list(range(len(self.host) // self.page_bytes))
 
 
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def check_workload(requests: int, prompt_len: int, page_size: int, layers: int, kv_heads: int,
                    head_dim: int, rounds: int = 1, own_pool: bool = True) -> int:
     """ConfigError unless the workload is well formed and fits this machine's memory; returns the bytes it needs."""
@@ -135,7 +123,9 @@ def check_workload(requests: int, prompt_len: int, page_size: int, layers: int, 
     page_bytes = 2 * layers * kv_heads * head_dim * 2 * page_size
     # two device pools, the staged path's host tier, and (own pool) the pool itself
     need = (pages + 8) * page_bytes * 3 + (int(pages * page_bytes * 1.5) + (64 << 20) if own_pool else 0)
-    avail = _available_memory()
+    from kvdirect.runtime import available_memory
+
+    avail = available_memory()
     if need > 0.8 * avail:
         raise ConfigError(f"this workload needs {need / 2**30:.1f} GiB of memory and {avail / 2**30:.1f} GiB "
                           "are available: use fewer --requests, a shorter --prompt-len or fewer --layers")

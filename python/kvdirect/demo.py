@@ -348,6 +348,12 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, timeout_s: float = 3600)
         # bytes the pool must hold: A's documents + every prompt B writes back
         need = cfg.prompts * (1 + len(cfg.reuse)) * (cfg.prompt_len + cfg.output_len) * cfg.spec.kv_bytes_per_token()
         size_mib = max(64, -(-2 * need // (1 << 20)))
+        from kvdirect.runtime import available_memory
+
+        if size_mib << 20 > 0.8 * available_memory():
+            raise ConfigError(f"the demo's KV pool would need {size_mib / 1024:.1f} GiB and "
+                              f"{available_memory() / 2**30:.1f} GiB are available: use fewer --prompts "
+                              "or a shorter --prompt-len")
         store_url = f"shm://kvdirect-demo-{os.getpid()}-{uuid.uuid4().hex[:8]}?size={size_mib}MiB"
     if use_kvd and store_url.startswith("shm://"):
         from kvdirect import open_store

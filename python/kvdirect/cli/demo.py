@@ -42,6 +42,10 @@ def run(args) -> int:
 
     from kvdirect.errors import ConfigError
 
+    store = args.store
+    if store and "kvdirect" in args.modes:
+        A.open_user_store(store).close()  # a bad or unreachable store fails here, before the model is built
+        store = A.existing_pool_url(store)
     try:
         from kvdirect.demo import DemoConfig, plot, render_table, run_demo
         from kvdirect.engine.model import ModelSpec
@@ -54,10 +58,6 @@ def run(args) -> int:
     if args.model_size == "small":
         spec_kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        intermediate_size=128, vocab_size=512)
-    store = args.store
-    if store and "kvdirect" in args.modes:
-        A.open_user_store(store).close()  # a bad or unreachable store fails here, before the model is built
-        store = A.existing_pool_url(store)
     cfg = DemoConfig(prompts=args.prompts, prompt_len=args.prompt_len, reuse=args.reuse,
                      output_len=args.output_len, page_size=args.page_size, store_url=store,
                      device=args.device, modes=args.modes, seed=args.seed, spec=ModelSpec(**spec_kw))
