@@ -16,8 +16,13 @@ MetaService before init).
 
 Semantics: ``batch_put_from_layers`` / ``batch_get_into_layers`` return one int
 per key, 0 = done, anything else failed (MemCache already reports a duplicate
-put as 0). ``batch_is_exist`` returns 1 / 0 / negative error. A get is used
-only if the key's stored size equals its scatter list's total (``verify``).
+put as 0). ``batch_is_exist`` returns 1 / 0 / negative error: an error for any
+key, or no answer within the deadline, makes ``exists`` raise StoreError (the
+store contract in ``kvdirect.stores.base``: never "absent" for "unknown"); so do
+failed ``remove_batch`` entries (other than "not found"), ``put`` errors other
+than no room, and a ``get`` that delivers nothing for a key ``is_exist`` reports
+present. A get is used only if the key's stored size equals its scatter list's
+total (``verify``).
 Limits enforced per call: at most 512 keys (batches are split), 255 segments
 per key (more: TOO_LARGE), keys under 256 bytes.
 

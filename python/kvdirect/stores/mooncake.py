@@ -24,7 +24,21 @@ Semantics (how Mooncake's integer results become kvdirect statuses):
 * Objects live in the memory that clients contribute (``segment``): when the
   client holding an object's replica closes, the object is gone.
 * ``remove`` does not force: Mooncake keeps objects under a read lease
-  (``default_kv_lease_ttl``, 10 s by default) and refuses to remove them until it expires.
+  (``default_kv_lease_ttl``, 10 s by default; reads and existence queries grant
+  it) and refuses to remove them until it expires (-706): that key is reported
+  (StoreError), not counted as absent.
+* Failures follow the store contract (``kvdirect.stores.base``): ``exists``
+  raises StoreError when the master cannot answer (a dead master answers -900
+  per key at once; a hung one runs into the deadline). ``put_bytes`` /
+  ``get_bytes`` / ``remove`` raise StoreError on failure; ``put_bytes`` of an
+  object larger than the client's transfer buffer (``buffer``) is False
+  (TOO_LARGE), as is one the pool has no room for. ``get`` of the byte API
+  answers b"" both for "absent" and for a failed read (empty objects cannot be
+  stored), so ``get_bytes`` asks ``get_size`` to tell them apart.
+
+If the package is installed but a system library it links is not (libibverbs,
+librdmacm, libnuma: ``apt-get install -y libibverbs1 librdmacm1 libnuma1``),
+opening raises StoreError naming the library and that command.
 
 Memory registration: ``register(addr, length)`` calls ``register_buffer`` once
 per region (a repeat is a no-op). With ``protocol=tcp`` Mooncake copies through
