@@ -157,7 +157,10 @@ def test_readme_table_is_the_demo_table_of_docs_demo_json():
     from kvd_testutil import ROOT
 
     result = json.loads((ROOT / "docs" / "demo.json").read_text())
-    assert render_table(result, markdown=True) in (ROOT / "README.md").read_text()
+    assert render_table(result, markdown=True) in (ROOT / "README.md").read_text(), (
+        "README's demo table differs from docs/demo.json; paste the output of: python -c \"import json; "
+        "from kvdirect.demo import render_table; print(render_table(json.load(open('docs/demo.json')), "
+        "markdown=True))\"")
     for r in result["runs"]:
         assert r["ttft_change"] == pytest.approx(r["ttft_mean_ms_kvdirect"] / r["ttft_mean_ms_baseline"] - 1)
     assert result["reference"]["ttft_change"]["1.0"] < 0  # negative: faster, as in the table
