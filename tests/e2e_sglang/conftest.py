@@ -29,8 +29,14 @@ except ImportError:
 
 
 @pytest.fixture(scope="session")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("e2e-sglang")
+def workdir():
+    """Models, server logs (kept when a test fails: see the path in its message)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="kvdirect-e2e-sglang-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -42,13 +42,20 @@ def check_prompts(server, wl: Workload, references, page_size: int, *, pool: boo
 def test_second_server_hits_first_servers_pages(farm, pools, references, page_size, other_model_dir):
     wl = Workload()
     url = pools.new()
+    # at page size 64, server B loads layer by layer (SGLang's KV pool waits per layer)
+    layerwise = page_size == 64
+    b_kw = dict(kvdirect_config=kv_config(url, layerwise=True), args=["--log-level", "info"]) if layerwise \
+        else dict(kvdirect_config=kv_config(url))
     a, b = farm.start_all([dict(page_size=page_size, kvdirect_config=kv_config(url), name=f"A-p{page_size}"),
-                           dict(page_size=page_size, kvdirect_config=kv_config(url), name=f"B-p{page_size}")])
+                           dict(page_size=page_size, name=f"B-p{page_size}", **b_kw)])
     serve_documents(a, wl, references)
     pages = len(wl.docs) * (wl.prompt_len // page_size)
     assert wait_pool_objects(url, pages) >= pages, "server A's pages did not reach the pool"
     totals = check_prompts(b, wl, references, page_size)
     assert totals["prompts"] >= 32 and totals["pool"] > 0
+    if layerwise:
+        log = b.log_text()
+        assert "layerwise=True" in log and "first layer-wise load" in log, b.log_tail()
 
     if page_size != 16:
         return

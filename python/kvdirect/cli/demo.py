@@ -16,6 +16,11 @@ def _floats(text: str) -> list[float]:
 def run(args) -> int:
     from kvdirect.errors import KVDirectError
 
+    if args.engine == "sglang":  # real SGLang servers: kvdirect/sglang_demo
+        from kvdirect.sglang_demo.cli import run as run_sglang
+
+        return run_sglang(args, _floats(args.reuse))
+
     try:
         from kvdirect.demo import DemoConfig, plot, render_table, run_demo
         from kvdirect.engine.model import ModelSpec
@@ -65,6 +70,10 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="two instances share one KV pool: TTFT with and without kvdirect",
                        description=__doc__)
+    p.add_argument("--engine", default="own", choices=["own", "sglang"],
+                   help="own: kvdirect's small reference engine (default); sglang: real SGLang 0.5.23 servers "
+                        "on CPU vs SGLang's cache and HiCache (run from a clone; builds the ~6 GB SGLang "
+                        "environment with scripts/sglang-env.sh on first use)")
     p.add_argument("--prompts", type=int, default=12, help="prompts per reuse level (default 12)")
     p.add_argument("--prompt-len", type=int, default=3584, help="tokens per prompt (default 3584)")
     p.add_argument("--reuse", default="0,0.5,1", help="prefix reuse levels, fractions or percents (default 0,0.5,1)")

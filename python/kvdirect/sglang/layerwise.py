@@ -60,6 +60,7 @@ class LayerLoads:
         self.consumer_index = -1
         self.producer_index = -1
         self.waits = 0                  # layer waits that found a load still in flight
+        self.started = 0                # layer-wise loads started
 
     # ---- the counter interface SGLang calls ----------------------------------
     def wait_until(self, layer: int) -> None:

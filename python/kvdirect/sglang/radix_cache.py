@@ -284,6 +284,10 @@ class KVDirectRadixCache(BasePrefixCache):
                      self._slots_tensor(np.concatenate([m.device_slots[:dev], slots[:want]])), self._epoch)
         pnode.pending = PendingLoad(lw, want, req, pnode)
         self.layer_loads.add(pnode.pending)
+        if not self.layer_loads.started:
+            log.info("kvdirect: first layer-wise load: %d tokens, layer 0 of %d arrived before the forward pass",
+                     want, self.layer_loads.num_layers)
+        self.layer_loads.started += 1
         return want, pnode
 
     def _finish_pending(self, p) -> None:
