@@ -67,9 +67,11 @@ class LayerLoads:
         if not self.pending:
             return
         for p in self.pending:
-            if not p.done and not p.load._events[layer].is_set():
+            try:
+                p.load.wait_layer(layer, timeout=0)
+            except TimeoutError:  # the layer is still arriving: the forward pass waits for it
                 self.waits += 1
-            p.load.wait_layer(layer)
+                p.load.wait_layer(layer)
         if layer >= self.num_layers - 1:
             self.settle()
 
