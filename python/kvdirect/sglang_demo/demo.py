@@ -86,7 +86,7 @@ def find_repo() -> Path:
     for base in [Path.cwd(), *Path.cwd().parents, *Path(__file__).resolve().parents]:
         if all((base / n).exists() for n in need):
             return base
-    raise ConfigError("kvdirect demo --engine sglang runs from a clone of the kvdirect repository (it uses "
+    raise ConfigError("it runs from a clone of the kvdirect repository (it uses "
                       + ", ".join(need) + "): cd into the clone and run it again")
 
 
