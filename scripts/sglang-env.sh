@@ -83,8 +83,13 @@ if [ ! -x "$py" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$recipe_digest" ]; then
 fi
 
 # kvdirect from this checkout, reinstalled when its sources changed.
-src_digest=$(cd "$root" && { git ls-files -s -- python csrc CMakeLists.txt pyproject.toml build_support VERSION 2>/dev/null;
-  git diff HEAD -- python csrc CMakeLists.txt pyproject.toml build_support VERSION 2>/dev/null; } | sha256sum | cut -c1-16)
+srcs=(python csrc CMakeLists.txt pyproject.toml build_support VERSION)
+if git -C "$root" rev-parse --git-dir >/dev/null 2>&1; then
+  src_digest=$(cd "$root" && { git ls-files -s -- "${srcs[@]}"; git diff HEAD -- "${srcs[@]}";
+    git ls-files -z -o --exclude-standard -- "${srcs[@]}" | xargs -0 -r sha256sum; } | sha256sum | cut -c1-16)
+else  # not a git checkout: hash the files themselves
+  src_digest=$(cd "$root" && find "${srcs[@]}" -type f -not -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+fi
 if [ "$(cat "$dir/.kvdirect-checkout" 2>/dev/null)" != "$root $src_digest" ]; then
   say "installing kvdirect from $root into $dir"
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} "$py" -m pip install -q --no-deps \
