@@ -136,9 +136,10 @@ class Pools:
         self.names = []
 
     def new(self, size: str = "256MiB") -> str:
+        # 4 KiB blocks: an object takes at least one block, and page-size-1 pages are ~1 KiB
         name = f"kvd-e2e-{uuid.uuid4().hex[:10]}"
         self.names.append(name)
-        return f"shm://{name}?size={size}"
+        return f"shm://{name}?size={size}&block=4KiB"
 
     def destroy(self):
         from kvdirect.stores.shm import destroy_pool
