@@ -30,7 +30,8 @@ except ImportError:
 
 @pytest.fixture(scope="session")
 def workdir():
-    """Models, server logs (kept when a test fails: see the path in its message)."""
+    """Models and server logs of this session (removed at the end; a failing test's
+    message carries the tail of the server's log)."""
     import shutil
     import tempfile
 

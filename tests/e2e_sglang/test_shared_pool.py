@@ -3,7 +3,11 @@
 Server A serves documents and writes their KV back; server B's first request
 for a prompt sharing 0/50/100% of a document must report the shared whole pages
 as pool hits (SGLang's ``cached_tokens_details.host``) and produce the same
-greedy tokens as SGLang's own cache and ``--disable-radix-cache``.
+greedy tokens as SGLang's own cache and ``--disable-radix-cache``. At page size
+64 server B loads layer by layer (``"layerwise": true``: SGLang's KV pool waits
+for each layer through kvdirect's counter). At page size 16 the pool then
+outlives both servers (a restarted server hits on its first request) and a
+server of another model on the same pool hits nothing.
 """
 from __future__ import annotations
 
