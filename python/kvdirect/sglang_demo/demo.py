@@ -169,6 +169,18 @@ def _wait(pred, timeout: float = 60, what: str = "") -> None:
         time.sleep(0.1)
 
 
+def _wait_written(count, at_least: int, timeout: float, what: str) -> None:
+    """Wait until a store holds ``at_least`` objects and stopped growing for 0.5 s
+    (an L3 store may keep K and V, or several pages, per object)."""
+    _wait(lambda: count() >= at_least, timeout, what)
+    last, since = count(), time.monotonic()
+    while time.monotonic() - since < 0.5:
+        time.sleep(0.1)
+        now = count()
+        if now != last:
+            last, since = now, time.monotonic()
+
+
 def _shm_objects(url: str) -> int:
     from kvdirect.stores import open_store
 
@@ -249,8 +261,8 @@ def run_demo(cfg: SGLangDemoConfig, *, progress: bool = True) -> dict:
                 if shared:
                     before = _shm_objects(pool)
                     _gen(s["A"], doc, cfg.output_len)
-                    want = before + cfg.prompt_len // cfg.page_size
-                    _wait(lambda: _shm_objects(pool) >= want, 60, "server A's pages in the pool")
+                    _wait_written(lambda: _shm_objects(pool), before + cfg.prompt_len // cfg.page_size, 60,
+                                  "server A's pages in the pool")
                 runs = [("kvdirect", "B")] + ([("kvdirect_layerwise", "B-layerwise")] if "B-layerwise" in s else [])
                 runs.append(("baseline", None))
                 if "ideal" in cfg.modes:
@@ -303,8 +315,8 @@ def run_demo(cfg: SGLangDemoConfig, *, progress: bool = True) -> dict:
                         if shared:
                             before = count()
                             _gen(h1, doc, cfg.output_len)
-                            want = before + cfg.prompt_len // cfg.page_size
-                            _wait(lambda: count() >= want, 120, f"{mode} L3 write-through of server 1's pages")
+                            _wait_written(count, before + cfg.prompt_len // cfg.page_size, 120,
+                                          f"{mode} L3 write-through of server 1's pages")
                         recs[mode][li][i] = _gen(h2, prompt, cfg.output_len)
             finally:
                 servers.stop()
