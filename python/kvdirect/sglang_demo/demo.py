@@ -219,7 +219,11 @@ def run_demo(cfg: SGLangDemoConfig, *, progress: bool = True) -> dict:
     from kvdirect.services import find_mooncake_master, start_mooncake_master
     from kvdirect.stores.shm import destroy_pool
 
+    import signal
+
     t_start = time.monotonic()
+    # a SIGTERM (e.g. `timeout`) must still stop the servers and remove the pool: run the finally blocks
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     repo = find_repo()
     python = ensure_env(repo, cfg.sglang_env, progress)
     spec = dict(DEFAULT_SPEC, **cfg.spec)
