@@ -273,6 +273,8 @@ CLI_CASES = [
     ("cli-demo-device", ["demo", "--device", "tpu"], r"--device: invalid choice: 'tpu'"),
     ("cli-demo-modes-no-baseline", ["demo", "--modes", "kvdirect"], r"includes baseline"),
     ("cli-demo-modes-unknown", ["demo", "--modes", "baseline,turbo"], r"comma list of baseline, ideal, kvdirect"),
+    ("cli-demo-modes-sglang-only", ["demo", "--modes", "baseline,hicache"], r"exist only with --engine sglang"),
+    ("cli-demo-engine", ["demo", "--engine", "vllm"], r"--engine: invalid choice: 'vllm'"),
     ("cli-demo-model-size", ["demo", "--model-size", "huge"], r"--model-size: invalid choice"),
     ("cli-demo-seed-negative", ["demo", "--seed", "-1"], r"--seed: must be >= 0"),
     ("cli-demo-json-no-folder", ["demo", "--json", "{tmp}/no/demo.json"], r"--json: folder .* does not exist"),

@@ -8,6 +8,8 @@ import sys
 from kvdirect.cli import _args as A
 
 MODES = ("baseline", "ideal", "kvdirect")
+# modes of `--engine sglang` only (kvdirect.sglang_demo.demo.MODES)
+SGLANG_ONLY_MODES = ("kvdirect_layerwise", "hicache", "hicache_file")
 
 
 def reuse_levels(text: str) -> tuple:
@@ -30,10 +32,10 @@ def reuse_levels(text: str) -> tuple:
 
 def modes(text: str) -> tuple:
     ms = tuple(m.strip() for m in text.split(",") if m.strip())
-    bad = [m for m in ms if m not in MODES]
+    bad = [m for m in ms if m not in MODES + SGLANG_ONLY_MODES]
     if bad or "baseline" not in ms:
-        raise argparse.ArgumentTypeError(f"modes are a comma list of {', '.join(MODES)} that includes "
-                                         f"baseline, got {text!r}")
+        raise argparse.ArgumentTypeError(f"modes are a comma list of {', '.join(MODES)} (--engine sglang also "
+                                         f"{', '.join(SGLANG_ONLY_MODES)}) that includes baseline, got {text!r}")
     return ms
 
 
@@ -42,6 +44,15 @@ def run(args) -> int:
 
     from kvdirect.errors import ConfigError
 
+    if args.engine == "sglang":  # real SGLang servers: kvdirect/sglang_demo
+        from kvdirect.sglang_demo.cli import run as run_sglang
+
+        return run_sglang(args)
+    args.modes = args.modes or MODES
+    own_only = [m for m in args.modes if m not in MODES]
+    if own_only:
+        raise ConfigError(f"--modes {','.join(own_only)} exist only with --engine sglang; "
+                          f"the own engine runs {', '.join(MODES)}")
     store = args.store
     if store and "kvdirect" in args.modes:
         A.open_user_store(store).close()  # a bad or unreachable store fails here, before the model is built
@@ -94,6 +105,10 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="two instances share one KV pool: TTFT with and without kvdirect",
                        description=__doc__)
+    p.add_argument("--engine", default="own", choices=["own", "sglang"],
+                   help="own: kvdirect's small reference engine (default); sglang: real SGLang 0.5.23 servers "
+                        "on CPU vs SGLang's cache and HiCache (run from a clone; builds the ~6 GB SGLang "
+                        "environment with scripts/sglang-env.sh on first use)")
     p.add_argument("--prompts", type=A.positive_int, default=12, help="prompts per reuse level (default 12)")
     p.add_argument("--prompt-len", type=A.positive_int, default=3584,
                    help="tokens per prompt, at least two pages (default 3584)")
@@ -105,8 +120,9 @@ def register(sub) -> None:
                    help="KV pool URL; an shm:// pool must exist unless the URL says create=... "
                         "(default: an embedded shm pool made for this run and removed after it)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--modes", type=modes, default=MODES,
-                   help="comma list of baseline, ideal, kvdirect (default: all three)")
+    p.add_argument("--modes", type=modes, default=None,
+                   help="comma list of baseline, ideal, kvdirect (default: all three); --engine sglang "
+                        f"also {', '.join(SGLANG_ONLY_MODES)} (default: all)")
     p.add_argument("--model-size", default="default", choices=["default", "small"],
                    help="'small' is a tiny model for quick checks")
     p.add_argument("--seed", type=A.non_negative_int, default=0)
