@@ -39,7 +39,7 @@ if [ -e "$MARK" ]; then
   step "an earlier build of $VENV did not finish: removing it"
   rm -rf "$VENV"
 fi
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm, mooncake.store" >/dev/null 2>&1; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm, mooncake.store, pytest" >/dev/null 2>&1; then
   step "building the vLLM environment in $VENV: $VLLM_PKG with a CPU torch, about 3.5 GiB on disk,"
   step "4-6 minutes on 2 cores (set KVDIRECT_VLLM_VENV to put it elsewhere)"
   rm -rf "$VENV"
@@ -47,7 +47,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm, mooncake
   touch "$MARK"
   "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q "$VLLM_PKG" "$MOONCAKE_PKG" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/pip" install -q "$VLLM_PKG" "$MOONCAKE_PKG" pytest 2>&1 | grep -v "^WARNING: Location" || true
   "$VENV/bin/python" -c "import vllm" 2>/dev/null \
     || { echo "[vllm-env] FAILED: pip install $VLLM_PKG did not produce an importable vllm" >&2; exit 1; }
   # The torchvision it resolves is a CUDA build that breaks `import transformers`

@@ -3,6 +3,7 @@
 Every engine runs in its own process (tests/vllm/driver.py), as two serving
 instances would; at most a few run at once on a small machine.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,9 +18,13 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-try:  # outside a vLLM environment these run through tests/test_vllm_connector.py
-    import vllm.distributed.kv_transfer  # noqa: F401  (not just "vllm": tests/vllm itself looks like one)
+# Outside a vLLM environment these run through tests/test_vllm_connector.py. Look the module up
+# without importing vLLM (slow); "vllm.distributed" because tests/vllm itself looks like "vllm".
+try:
+    _HAVE_VLLM = importlib.util.find_spec("vllm.distributed.kv_transfer") is not None
 except ImportError:
+    _HAVE_VLLM = False
+if not _HAVE_VLLM:
     collect_ignore_glob = ["test_*.py"]
 
 ENGINE_TIMEOUT_S = int(os.environ.get("KVDIRECT_VLLM_ENGINE_TIMEOUT", "600"))
@@ -62,13 +67,22 @@ def model():
     return str(make_model.build("tiny"))
 
 
-@pytest.fixture
-def shm_url():
+def _shm():
     from kvdirect.stores.shm import destroy_pool
 
     name = f"kvd-vllm-{uuid.uuid4().hex[:10]}"
     yield f"shm://{name}?size=256MiB"
     destroy_pool(name, missing_ok=True)
+
+
+@pytest.fixture
+def shm_url():
+    yield from _shm()
+
+
+@pytest.fixture(scope="module")
+def module_shm_url():
+    yield from _shm()
 
 
 @pytest.fixture(scope="module")
