@@ -22,12 +22,13 @@ scheduler outputs are read by attribute), so it is unit-tested without vLLM.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from kvdirect import keys as _keys
+from kvdirect.cache.health import StoreHealth
+from kvdirect.cache.stats import CacheStats
 from kvdirect.config import CacheConfig
 from kvdirect.errors import ConfigError, KVDirectError
 from kvdirect.index import PrefixIndex
@@ -70,27 +71,6 @@ class _Req:
     hit: tuple[int, int] | None = None  # (num_computed_tokens given, pool pages) of the last match
 
 
-class _Backoff:
-    """After a store failure, skip the store for a while (doubling), as the cache manager does."""
-
-    def __init__(self, cfg: CacheConfig):
-        self.cfg, self.until, self.delay, self.last_log = cfg, 0.0, cfg.retry_initial_s, -1e9
-
-    def ok(self) -> bool:
-        return time.monotonic() >= self.until
-
-    def failed(self, what: str, err) -> None:
-        now = time.monotonic()
-        if now - self.last_log >= self.cfg.log_interval_s:
-            self.last_log = now
-            log.warning("kvdirect: store %s failed (%s); treating pages as misses for %.1fs", what, err, self.delay)
-        self.until = now + self.delay
-        self.delay = min(self.delay * 2, self.cfg.retry_max_s)
-
-    def recovered(self) -> None:
-        self.delay = self.cfg.retry_initial_s
-
-
 class SchedulerSide:
     def __init__(self, config: CacheConfig, block_size: int, store, *, tp_size: int = 1,
                  load: bool = True, save: bool = True):
@@ -105,7 +85,7 @@ class SchedulerSide:
         self._reqs: dict[str, _Req] = {}
         self._unsupported: set[str] = set()
         self._loads: dict[str, PageRun] = {}
-        self._backoff = _Backoff(config)
+        self._health = StoreHealth(store, config, CacheStats(config.latency_window))
         self.stats = dict.fromkeys(("match_calls", "query_keys", "queries", "index_hit_pages", "query_hit_pages",
                                     "load_pages", "load_failed_requests", "save_pages_planned",
                                     "saved_pages_acked", "save_failed_pages", "held_requests"), 0)
@@ -176,17 +156,19 @@ class SchedulerSide:
         r = self.index.match(st.tokens[: limit * P], st.namespace)
         known = min(r.pool_len // P, limit)
         self.stats["index_hit_pages"] += known
-        if not self._backoff.ok() or limit - known < max(self.config.min_query_pages, 1):
-            return known if self._backoff.ok() else 0
+        if not self._health.available():
+            return 0  # the pool is unreachable: its pages are misses for now
+        if limit - known < max(self.config.min_query_pages, 1):
+            return known
         upto = min(limit, known + self.config.max_query_pages)
         n = upto - known
         try:
             present = np.asarray(self.store.exists(self._keys(st.digests[known:upto])), dtype=bool)
-            self._backoff.recovered()
+            self._health.recovered()
         except ConfigError:
             raise
         except Exception as e:  # a store error is a miss, never a crash
-            self._backoff.failed("exists", e)
+            self._health.failed("exists", e)
             return 0
         self.stats["queries"] += 1
         self.stats["query_keys"] += n * self.tp_size

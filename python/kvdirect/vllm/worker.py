@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from kvdirect import keys as _keys
+from kvdirect.cache.transfer import Transfer, first_failure
 from kvdirect.config import CacheConfig
 from kvdirect.errors import ConfigError, LayoutMismatchError
 from kvdirect.stores.base import OK, TIMEOUT, UNAVAILABLE, ScatterList
@@ -39,31 +40,27 @@ from kvdirect.vllm.plan import PageRun, SaveAck, StepPlan, WorkerReport
 log = logging.getLogger("kvdirect.vllm")
 
 
-def first_failure(status: np.ndarray) -> int:
-    bad = np.flatnonzero(np.asarray(status) != OK)
-    return int(bad[0]) if bad.size else len(status)
-
-
 class PageTransfer:
-    """Pages between engine memory (host memory on vLLM CPU) and the store, in one call per batch."""
+    """Pages between engine memory and the store, one call per batch: the cache manager's
+    transfer path (direct, or staged for stores that cannot address device memory), so
+    the ordered device transfers it gains serve vLLM too. Until then: host memory only."""
 
-    def __init__(self, store, layout):
+    def __init__(self, store, layout, config: CacheConfig | None = None):
         if layout.device != "cpu":
             raise ConfigError(f"kvdirect vLLM connector: KV cache on {layout.device}; only vLLM CPU is supported "
                               "(device engines need ordered device transfers, not wired for vLLM yet)")
         self.store, self.layout = store, layout
-        for addr, length in layout.regions():
-            store.register(addr, length, memory="host")
+        self._t = Transfer(store, layout, config or CacheConfig(model="-", store=None))
 
     def get(self, keys: list, scatter: ScatterList) -> np.ndarray:
-        return np.asarray(self.store.get(keys, scatter), dtype=np.int32)
+        return self._t.get(keys, scatter)
 
     def put(self, keys: list, scatter: ScatterList) -> np.ndarray:
-        return np.asarray(self.store.put(keys, scatter), dtype=np.int32)
+        return self._t.put(keys, scatter)
 
     def piecewise(self):
         """The store's ranged reader (layer-by-layer loads) or None."""
-        return getattr(self.store, "open_read", None)
+        return None if self._t.stage else getattr(self.store, "open_read", None)
 
 
 class _LayerwiseLoad:
@@ -105,7 +102,7 @@ class WorkerSide:
         self.layer_of = {n: i for i, n in enumerate(layer_names)}
         self.fingerprint = fingerprint
         self.rank = int(rank)
-        self.transfer = PageTransfer(store, layout)
+        self.transfer = PageTransfer(store, layout, config)
         self.store = store
         self._checked_plan = False
         self._writer = ThreadPoolExecutor(max_workers=config.writer_threads, thread_name_prefix="kvdirect-vllm-put")
