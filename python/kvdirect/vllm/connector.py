@@ -77,6 +77,7 @@ class KVDirectConnector(KVConnectorBase_V1):
         self.store = settings.open_pool(self.config)
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
+        self._saves_seen: set[str] = set()  # worker without a store: requests the scheduler may hold
         self._handshake: KVDirectHandshake | None = None
         if role == KVConnectorRole.SCHEDULER:
             if getattr(ktc, "kv_load_failure_policy", "recompute") != "recompute":
@@ -197,13 +198,20 @@ class KVDirectConnector(KVConnectorBase_V1):
         return  # saves start in wait_for_save, after every layer has written its KV
 
     def wait_for_save(self) -> None:
-        if self.worker is not None and self.has_connector_metadata():
+        if not self.has_connector_metadata():
+            return
+        plan = self._get_connector_metadata().plan
+        if self.worker is not None:
             self.worker.finish_loads()
-            self.worker.submit_saves(self._get_connector_metadata().plan)
+            self.worker.submit_saves(plan)
+        else:  # this worker serves without the pool (allow_no_store): nothing to wait for
+            self._saves_seen.update(r.req_id for r in plan.saves)
 
     def get_finished(self, finished_req_ids: set[str]):
         if self.worker is None:
-            return None, None
+            done = self._saves_seen & set(finished_req_ids or ())
+            self._saves_seen -= done
+            return (done or None), None
         return (self.worker.get_finished(finished_req_ids) or None), None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
