@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -36,28 +37,66 @@ class EngineFailed(AssertionError):
         self.stderr = stderr
 
 
-def run_engine(job: dict, *, timeout: int = ENGINE_TIMEOUT_S, expect_fail: bool = False) -> dict:
-    """Run one engine process on ``job`` (see driver.py); returns its result dict, or
-    (expect_fail) the EngineFailed with its stderr."""
+MAX_PARALLEL = int(os.environ.get("KVDIRECT_VLLM_PARALLEL", "3"))  # engines at once (memory, shared cores)
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KVDIRECT_CONFIG")}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return env
+
+
+def run_engines(jobs: dict, *, timeout: int = ENGINE_TIMEOUT_S, expect_fail: bool = False) -> dict:
+    """Run independent engine processes (name -> job, see driver.py), at most MAX_PARALLEL at
+    once; returns name -> result dict (or, expect_fail, name -> EngineFailed with its stderr)."""
+    pending, running, results = list(jobs.items()), {}, {}
     with tempfile.TemporaryDirectory(prefix="kvd-vllm-") as d:
-        jf, of = Path(d) / "job.json", Path(d) / "out.json"
-        jf.write_text(json.dumps(job))
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KVDIRECT_CONFIG")}
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         try:
-            r = subprocess.run([sys.executable, str(HERE / "driver.py"), str(jf), str(of)], capture_output=True,
-                               text=True, timeout=timeout, env=env, cwd=d)
-        except subprocess.TimeoutExpired as e:
-            raise AssertionError(f"engine did not finish within {timeout}s:\n{(e.stderr or b'')[-3000:]!r}") \
-                from None
-        if r.returncode != 0 or not of.exists():
-            err = EngineFailed(f"engine exited {r.returncode}:\n{r.stderr[-6000:]}", r.stderr)
-            if expect_fail:
-                return err
-            raise err
-        if expect_fail:
-            raise AssertionError(f"engine started although it should have refused:\n{r.stderr[-3000:]}")
-        return json.loads(of.read_text())
+            while pending or running:
+                while pending and len(running) < MAX_PARALLEL:
+                    name, job = pending.pop(0)
+                    wd = Path(d) / uuid.uuid4().hex[:8]
+                    wd.mkdir()
+                    (wd / "job.json").write_text(json.dumps(job))
+                    err = open(wd / "stderr", "w")
+                    p = subprocess.Popen([sys.executable, str(HERE / "driver.py"), str(wd / "job.json"),
+                                          str(wd / "out.json")], stdout=subprocess.DEVNULL, stderr=err,
+                                         env=_env(), cwd=wd, start_new_session=True)
+                    running[name] = (p, wd, err, time.monotonic())
+                for name, (p, wd, err, t0) in list(running.items()):
+                    rc = p.poll()
+                    if rc is None and time.monotonic() - t0 < timeout:
+                        continue
+                    if rc is None:
+                        p.kill()
+                        p.wait()
+                    err.close()
+                    del running[name]
+                    stderr = (wd / "stderr").read_text(errors="replace")
+                    out = wd / "out.json"
+                    if rc is None:
+                        raise AssertionError(f"engine {name!r} did not finish within {timeout}s:\n{stderr[-3000:]}")
+                    if rc != 0 or not out.exists():
+                        e = EngineFailed(f"engine {name!r} exited {rc}:\n{stderr[-6000:]}", stderr)
+                        if not expect_fail:
+                            raise e
+                        results[name] = e
+                    elif expect_fail:
+                        raise AssertionError(f"engine {name!r} started although it should have refused:\n"
+                                             f"{stderr[-3000:]}")
+                    else:
+                        results[name] = json.loads(out.read_text())
+                time.sleep(0.2)
+        finally:
+            for p, _, err, _ in running.values():
+                p.kill()
+                p.wait()
+                err.close()
+    return results
+
+
+def run_engine(job: dict, **kw) -> dict:
+    return run_engines({"engine": job}, **kw)["engine"]
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ compared with the bytes A stored.
 """
 import pytest
 
-from conftest import kvdirect, run_engine, tokens
+from conftest import _shm, kvdirect, run_engine, run_engines, tokens
 
 DOC = 640           # tokens per document: 20 pages of 32, 10 of 64
 MAX_TOKENS = 8
@@ -39,35 +39,42 @@ def expected_hit(shared: int, prompt_len: int, P: int) -> int:
 _baselines: dict = {}
 
 
+def baseline_job(model, prompts, max_tokens=MAX_TOKENS, **job):
+    return dict(model=model, kv=None, phases=[{"prompts": prompts, "max_tokens": max_tokens}], **COMMON, **job)
+
+
+def _bkey(prompts, max_tokens=MAX_TOKENS, **job):
+    return repr(sorted(job.items())), repr(prompts), max_tokens
+
+
 def baseline(model, prompts, max_tokens=MAX_TOKENS, **job):
-    key = (repr(sorted(job.items())), repr(prompts), max_tokens)
+    """Greedy outputs of the same engine without a connector (run once per setting)."""
+    key = _bkey(prompts, max_tokens, **job)
     if key not in _baselines:
-        r = run_engine(dict(model=model, kv=None, phases=[{"prompts": prompts, "max_tokens": max_tokens}],
-                            **COMMON, **job))
-        _baselines[key] = r["phases"][0]["outputs"]
+        _baselines[key] = run_engine(baseline_job(model, prompts, max_tokens, **job))["phases"][0]["outputs"]
     return _baselines[key]
 
 
-def serve_docs(model, url, docs, **job):
-    return run_engine(dict(model=model, kv=kvdirect(url), phases=[{"prompts": docs, "max_tokens": 1}],
-                           dump_pages=True, **COMMON, **job))
+def with_baseline(model, prompts, jobs: dict, **job) -> dict:
+    """Run ``jobs`` in parallel, plus the baseline for ``prompts`` if it is not known yet."""
+    key = _bkey(prompts, **job)
+    if key not in _baselines:
+        jobs = {**jobs, "_baseline": baseline_job(model, prompts, **job)}
+    r = run_engines(jobs)
+    if "_baseline" in r:
+        _baselines[key] = r.pop("_baseline")["phases"][0]["outputs"]
+    return r
 
 
-def serve_prompts(model, url, prompts, kv_extra=None, role="kv_both", **job):
+def docs_job(model, url, docs, **job):
+    return dict(model=model, kv=kvdirect(url), phases=[{"prompts": docs, "max_tokens": 1}], dump_pages=True,
+                **COMMON, **job)
+
+
+def prompts_job(model, url, prompts, kv_extra=None, role="kv_both", **job):
     kv = dict(kvdirect(url, **(kv_extra or {})), role=role)
-    return run_engine(dict(model=model, kv=kv, phases=[{"prompts": prompts, "max_tokens": MAX_TOKENS}],
-                           dump_pages=True, **COMMON, **job))
-
-
-@pytest.fixture(scope="module")
-def served32(model, module_shm_url):
-    """A pool into which instance A (fp32, block 32) wrote the documents. Instances that
-    share it only load (kv_consumer), so every test sees exactly A's pages."""
-    docs, _, _ = workload()
-    a = serve_docs(model, module_shm_url, docs)
-    assert a["worker_stats"]["stored_pages"] == len(docs) * (DOC // 32)
-    assert_no_leaks(a)
-    return module_shm_url, a
+    return dict(model=model, kv=kv, phases=[{"prompts": prompts, "max_tokens": MAX_TOKENS}], dump_pages=True,
+                **COMMON, **job)
 
 
 def assert_no_leaks(r):
@@ -103,72 +110,104 @@ def check_b(a, b, prompts, shared, want, P):
     assert_no_leaks(b)
 
 
-def test_two_instances_share_shm_pool(model, served32):
-    url, a = served32
-    docs, prompts, shared = workload()
-    b = serve_prompts(model, url, prompts, role="kv_consumer")
-    check_b(a, b, prompts, shared, baseline(model, prompts, block_size=32), 32)
-
-
-def test_two_instances_block_64_both_roles(model, shm_url):
-    docs, prompts, shared = workload()
-    a = serve_docs(model, shm_url, docs, block_size=64)
-    assert a["worker_stats"]["stored_pages"] == len(docs) * (DOC // 64)
-    assert_no_leaks(a)
-    b = serve_prompts(model, shm_url, prompts, block_size=64)
-    check_b(a, b, prompts, shared, baseline(model, prompts, block_size=64), 64)
-    assert b["worker_stats"]["stored_pages"] > 0  # B writes its own new pages back too
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_loaded_bytes_equal_stored_bytes(model, shm_url, dtype):
-    """In every dtype the bytes B loads are the bytes A stored (outputs are compared in fp32 only:
-    in 16-bit a suffix-only prefill may round differently from a full one)."""
-    docs, prompts, shared = workload()
-    a = serve_docs(model, shm_url, docs, dtype=dtype)
-    b = serve_prompts(model, shm_url, prompts, dtype=dtype)
-    check_b(a, b, prompts, shared, None, 32)
-
-
-def test_other_models_never_share_pages(model, served32):
-    """Same prompts, same pool, another model identity: no hit (the layout fingerprint differs)."""
-    url, _ = served32
+@pytest.fixture(scope="module")
+def served32(model, module_shm_url):
+    """A pool into which instance A (fp32, block 32) wrote the documents. Instances that
+    share it only load (kv_consumer), so every test sees exactly A's pages."""
     docs, prompts, _ = workload()
-    c = serve_prompts(model, url, prompts[:2], kv_extra={"model": "another-model"}, role="kv_consumer")
+    a = with_baseline(model, prompts, {"A": docs_job(model, module_shm_url, docs)}, block_size=32)["A"]
+    assert a["worker_stats"]["stored_pages"] == len(docs) * (DOC // 32)
+    assert a["layout_kind"].startswith("vllm/CPU_ATTN/"), a["layout_kind"]
+    assert_no_leaks(a)
+    return module_shm_url, a
+
+
+@pytest.fixture(scope="module")
+def consumers32(model, served32):
+    """Instances B (new processes) sharing A's pool, in parallel: plain, another model identity,
+    a third of the gets failing, prefix caching off."""
+    url, a = served32
+    docs, prompts, _ = workload()
+    return a, run_engines({
+        "plain": prompts_job(model, url, prompts, role="kv_consumer"),
+        "other_model": prompts_job(model, url, prompts[:2], kv_extra={"model": "another-model"}, role="kv_consumer"),
+        "fault_get": dict(prompts_job(model, url, prompts, role="kv_consumer"),
+                          fault={"fail_rate": 0.34, "ops": ["get"], "seed": 3}, dump_pages=False),
+        "prefix_off": prompts_job(model, url, prompts, role="kv_consumer", prefix_caching=False),
+    })
+
+
+def test_two_instances_share_shm_pool(model, consumers32):
+    a, bs = consumers32
+    docs, prompts, shared = workload()
+    check_b(a, bs["plain"], prompts, shared, baseline(model, prompts, block_size=32), 32)
+
+
+def test_other_models_never_share_pages(consumers32):
+    """Same prompts, same pool, another model identity: no hit (the layout fingerprint differs)."""
+    c = consumers32[1]["other_model"]
     assert c["phases"][0]["cached_tokens"] == [0, 0]
     assert c["sched_stats"]["query_hit_pages"] == 0
 
 
-def test_mooncake_store(model, mooncake_master):
-    url = mooncake_master.store_url
-    docs, prompts, shared = workload()
-    a = serve_docs(model, url, docs)
-    b = serve_prompts(model, url, prompts)
-    check_b(a, b, prompts, shared, baseline(model, prompts, block_size=32), 32)
-
-
-def test_failed_loads_recompute(model, served32):
+def test_failed_loads_recompute(model, consumers32):
     """A third of the gets fail (and scribble over their blocks): vLLM recomputes, outputs stay exact."""
-    url, _ = served32
+    b = consumers32[1]["fault_get"]
     docs, prompts, shared = workload()
-    b = run_engine(dict(model=model, kv=dict(kvdirect(url), role="kv_consumer"),
-                        fault={"fail_rate": 0.34, "ops": ["get"], "seed": 3},
-                        phases=[{"prompts": prompts, "max_tokens": MAX_TOKENS}], **COMMON))
     assert b["injected"]["get"] > 0
     assert b["worker_stats"]["load_failed_pages"] > 0
     assert b["phases"][0]["outputs"] == baseline(model, prompts, block_size=32)
     assert_no_leaks(b)
 
 
+def test_prefix_caching_off(model, consumers32):
+    a, bs = consumers32
+    docs, prompts, shared = workload()
+    check_b(a, bs["prefix_off"], prompts, shared, baseline(model, prompts, block_size=32), 32)
+
+
+def test_two_instances_block_64_both_roles(model, shm_url):
+    docs, prompts, shared = workload()
+    a = with_baseline(model, prompts, {"A": docs_job(model, shm_url, docs, block_size=64)}, block_size=64)["A"]
+    assert a["worker_stats"]["stored_pages"] == len(docs) * (DOC // 64)
+    assert_no_leaks(a)
+    b = run_engine(prompts_job(model, shm_url, prompts, block_size=64))
+    check_b(a, b, prompts, shared, baseline(model, prompts, block_size=64), 64)
+    assert b["worker_stats"]["stored_pages"] > 0  # B writes its own new pages back too
+
+
+def test_loaded_bytes_equal_stored_bytes_16bit(model):
+    """In bf16 and fp16 the bytes B loads are the bytes A stored (outputs are compared in fp32
+    only: in 16-bit a suffix-only prefill may round differently from a full one)."""
+    docs, prompts, shared = workload()
+    pools = {dt: _shm() for dt in ("bfloat16", "float16")}
+    urls = {dt: next(g) for dt, g in pools.items()}
+    try:
+        a = run_engines({dt: docs_job(model, urls[dt], docs, dtype=dt) for dt in urls})
+        b = run_engines({dt: prompts_job(model, urls[dt], prompts, dtype=dt) for dt in urls})
+        for dt in urls:
+            check_b(a[dt], b[dt], prompts, shared, None, 32)
+    finally:
+        for g in pools.values():
+            next(g, None)
+
+
+def test_mooncake_store(model, mooncake_master):
+    url = mooncake_master.store_url
+    docs, prompts, shared = workload()
+    a = run_engine(docs_job(model, url, docs))
+    b = run_engine(prompts_job(model, url, prompts))
+    check_b(a, b, prompts, shared, baseline(model, prompts, block_size=32), 32)
+
+
 def test_failed_saves_are_never_claimed(model, shm_url):
     """Half of A's puts fail: B loads only pages that were really stored, outputs stay exact."""
     docs, prompts, shared = workload()
-    a = run_engine(dict(model=model, kv=kvdirect(shm_url), fault={"fail_rate": 0.5, "ops": ["put"], "seed": 5},
-                        phases=[{"prompts": docs, "max_tokens": 1}], dump_pages=True, **COMMON))
+    a = run_engine(dict(docs_job(model, shm_url, docs), fault={"fail_rate": 0.5, "ops": ["put"], "seed": 5}))
     assert a["injected"]["put"] > 0 and a["worker_stats"]["store_failed_pages"] > 0
     assert a["sched_stats"]["saved_pages_acked"] < len(docs) * (DOC // 32)
     assert_no_leaks(a)
-    b = serve_prompts(model, shm_url, prompts, role="kv_consumer")
+    b = run_engine(prompts_job(model, shm_url, prompts, role="kv_consumer"))
     assert b["phases"][0]["outputs"] == baseline(model, prompts, block_size=32)
     hits = [expected_hit(s, len(p), 32) for s, p in zip(shared, prompts)]
     got = b["phases"][0]["cached_tokens"]
@@ -176,13 +215,6 @@ def test_failed_saves_are_never_claimed(model, shm_url):
     stored = {k for k, _, _, _ in a["pages"]["saved"]}
     assert {k for k, *_ in b["pages"]["loaded"]} <= stored
     assert b["worker_stats"].get("load_failed_pages", 0) == 0  # nothing was claimed that was not there
-
-
-def test_prefix_caching_off(model, served32):
-    url, a = served32
-    docs, prompts, shared = workload()
-    b = serve_prompts(model, url, prompts, role="kv_consumer", prefix_caching=False)
-    check_b(a, b, prompts, shared, baseline(model, prompts, block_size=32), 32)
 
 
 def test_preemption_and_aborts(model, shm_url):
@@ -194,8 +226,9 @@ def test_preemption_and_aborts(model, shm_url):
     phases = [{"prompts": long, "max_tokens": 96},
               {"prompts": short, "max_tokens": 32, "mode": "abort", "abort": 2, "abort_after_steps": 2}]
     job = dict(num_blocks=40, max_num_seqs=6, block_size=32, **COMMON)
-    base = run_engine(dict(model=model, kv=None, phases=phases, **job))
-    r = run_engine(dict(model=model, kv=kvdirect(shm_url), phases=phases, **job))
+    runs = run_engines({"base": dict(model=model, kv=None, phases=phases, **job),
+                        "kvdirect": dict(model=model, kv=kvdirect(shm_url), phases=phases, **job)})
+    base, r = runs["base"], runs["kvdirect"]
     assert r["metrics"].get("vllm:num_preemptions", 0) > 0, r["metrics"]
     assert r["phases"][0]["outputs"] == base["phases"][0]["outputs"]
     outs = r["phases"][1]["outputs"]
