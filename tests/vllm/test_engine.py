@@ -6,6 +6,8 @@ pages. Greedy outputs are compared with an engine without a connector (fp32, whe
 a suffix-only prefill rounds like a full one), and the KV bytes B loads are
 compared with the bytes A stored.
 """
+import re
+
 import pytest
 
 from conftest import _shm, kvdirect, run_engine, run_engines, tokens
@@ -193,11 +195,19 @@ def test_loaded_bytes_equal_stored_bytes_16bit(model):
 
 
 def test_mooncake_store(model, mooncake_master):
-    url = mooncake_master.store_url
+    """Objects live in memory that clients contribute: this process holds the pool's segment
+    (as a long-lived store node would) and the engines contribute none (segment=0)."""
+    from kvdirect.stores import open_store
+
+    holder = open_store(mooncake_master.store_url)
+    url = re.sub(r"segment=[^&]*", "segment=0", mooncake_master.store_url)
     docs, prompts, shared = workload()
     a = run_engine(docs_job(model, url, docs))
     b = run_engine(prompts_job(model, url, prompts))
-    check_b(a, b, prompts, shared, baseline(model, prompts, block_size=32), 32)
+    try:
+        check_b(a, b, prompts, shared, baseline(model, prompts, block_size=32), 32)
+    finally:
+        holder.close()
 
 
 def test_failed_saves_are_never_claimed(model, shm_url):
@@ -225,7 +235,7 @@ def test_preemption_and_aborts(model, shm_url):
     short = [tokens(500 + i, 300) for i in range(4)]
     phases = [{"prompts": long, "max_tokens": 96},
               {"prompts": short, "max_tokens": 32, "mode": "abort", "abort": 2, "abort_after_steps": 2}]
-    job = dict(num_blocks=40, max_num_seqs=6, block_size=32, **COMMON)
+    job = dict(COMMON, num_blocks=40, max_num_seqs=6, block_size=32, max_model_len=1024)
     runs = run_engines({"base": dict(model=model, kv=None, phases=phases, **job),
                         "kvdirect": dict(model=model, kv=kvdirect(shm_url), phases=phases, **job)})
     base, r = runs["base"], runs["kvdirect"]
