@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -63,10 +64,22 @@ def engine(py: Path, job: dict, timeout: int, label: str) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KVDIRECT_CONFIG")}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         t0 = time.perf_counter()
-        r = subprocess.run([str(py), str(ROOT / "tests/vllm/driver.py"), str(jf), str(of)], capture_output=True,
-                           text=True, timeout=timeout, env=env, cwd=d)
-        if r.returncode or not of.exists():
-            raise SystemExit(f"[bench_vllm] {label}: engine failed ({r.returncode}):\n{r.stderr[-4000:]}")
+        errf = Path(d) / "stderr"
+        with open(errf, "w") as err:
+            p = subprocess.Popen([str(py), str(ROOT / "tests/vllm/driver.py"), str(jf), str(of)],
+                                 stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=d, start_new_session=True)
+            try:
+                rc = p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                rc = None
+            finally:
+                try:  # the engine's own processes (engine core, workers) end with the driver
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+        if rc != 0 or not of.exists():
+            raise SystemExit(f"[bench_vllm] {label}: engine failed ({rc}):\n{errf.read_text()[-4000:]}")
         print(f"[bench_vllm] {label}: {time.perf_counter() - t0:.0f} s", flush=True)
         return json.loads(of.read_text())
 

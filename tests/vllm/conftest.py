@@ -6,6 +6,7 @@ instances would; at most a few run at once on a small machine.
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,15 @@ def _env():
     return env
 
 
+def _kill_group(p) -> None:
+    """End an engine and anything it started (its own session), whether or not it exited."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
 def run_engines(jobs: dict, *, timeout: int = ENGINE_TIMEOUT_S, expect_fail: bool = False) -> dict:
     """Run independent engine processes (name -> job, see driver.py), at most MAX_PARALLEL at
     once; returns name -> result dict (or, expect_fail, name -> EngineFailed with its stderr)."""
@@ -67,9 +77,7 @@ def run_engines(jobs: dict, *, timeout: int = ENGINE_TIMEOUT_S, expect_fail: boo
                     rc = p.poll()
                     if rc is None and time.monotonic() - t0 < timeout:
                         continue
-                    if rc is None:
-                        p.kill()
-                        p.wait()
+                    _kill_group(p)
                     err.close()
                     del running[name]
                     stderr = (wd / "stderr").read_text(errors="replace")
@@ -89,8 +97,7 @@ def run_engines(jobs: dict, *, timeout: int = ENGINE_TIMEOUT_S, expect_fail: boo
                 time.sleep(0.2)
         finally:
             for p, _, err, _ in running.values():
-                p.kill()
-                p.wait()
+                _kill_group(p)
                 err.close()
     return results
 

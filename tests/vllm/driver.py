@@ -114,6 +114,9 @@ def _dump_pages(worker_conn, url) -> dict:
     return out
 
 
+_LLM: dict = {}
+
+
 def run(job: dict) -> dict:
     if not job.get("multiprocess"):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -137,6 +140,7 @@ def run(job: dict) -> dict:
         kw["distributed_executor_backend"] = "mp"
     t0 = time.perf_counter()
     llm = LLM(**kw)
+    _LLM["llm"] = llm
     result: dict = {"start_s": time.perf_counter() - t0, "phases": []}
     for ph in job["phases"]:
         sp = SamplingParams(max_tokens=ph.get("max_tokens", 4), temperature=0.0, ignore_eos=True)
@@ -218,6 +222,9 @@ def main(argv):
     res = run(job)
     with open(argv[1], "w") as f:
         json.dump(res, f)
+    llm = _LLM.get("llm")
+    if llm is not None and job.get("multiprocess"):
+        llm.llm_engine.engine_core.shutdown()  # the engine-core and worker processes end with it
     os._exit(0)  # vLLM's atexit hooks can hang an in-process engine; results are written
 
 
