@@ -193,7 +193,17 @@ def main(argv=None) -> int:
                 results[system] = run("example B (loads)", kv, measure)["phases"][1]
             finally:
                 shutil.rmtree(d, ignore_errors=True)
+        summarize(results, args, py, model, systems, t_start)  # partial results survive an interrupted run
 
+    out = summarize(results, args, py, model, systems, t_start)
+    print(table(out))
+    if args.plot:
+        plot(out, args.plot)
+    return 0
+
+
+def summarize(results: dict, args, py: Path, model: str, systems: list, t_start: float) -> dict:
+    """The JSON document from the systems measured so far (written after each system)."""
     n = args.prompts
     runs = []
     for i, lvl in enumerate(LEVELS):
@@ -219,12 +229,9 @@ def main(argv=None) -> int:
     out = {"runs": runs, "machine": machine,
            "setup": {"model": recipe, "dtype": "float32", "block_size": 128, "prompts_per_level": n,
                      "tokens_per_prompt": args.tokens, "systems": systems, "wall_s": round(time.perf_counter() - t_start)}}
-    print(table(out))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    if args.plot:
-        plot(out, args.plot)
-    return 0
+    return out
 
 
 def table(out: dict) -> str:
