@@ -65,9 +65,7 @@ def worker(url, tensors, cfg=None, store=None):
                                   kv_heads=HEADS, head_dim=HEAD)
     from kvdirect import keys as K
 
-    f = dict(layout.fingerprint_fields())
-    f["layout_kind"] = f.pop("kind")
-    fp = K.LayoutFingerprint(model=cfg.model, **f)
+    fp = K.LayoutFingerprint.from_layout(layout, model=cfg.model)
     return WorkerSide(cfg, store or open_store(url), layout, [f"l{i}" for i in range(LAYERS)], fp), fp
 
 

@@ -143,9 +143,7 @@ class KVDirectConnector(KVConnectorBase_V1):
                                       v_head_dim=int(getattr(spec, "head_size_v", spec.head_size)),
                                       block_dim=self._block_dim(tensors[0]))
         rank, size = _tp()
-        fields = dict(layout.fingerprint_fields())
-        fields["layout_kind"] = fields.pop("kind")
-        fp = _keys.LayoutFingerprint(model=self.config.model, tp_size=size, tp_rank=rank, **fields)
+        fp = _keys.LayoutFingerprint.from_layout(layout, model=self.config.model, tp_rank=rank, tp_size=size)
         # layer names map to their position; shared layers to the layer that owns the tensor
         layer_names = names + [n for n in group.layer_names if n not in names]
         self.worker = WorkerSide(self.config, self.store, layout, names, fp, rank=rank)
