@@ -55,7 +55,9 @@ __all__ = [
 DIGEST_BYTES = 32
 KEY_VERSION = "kvd1"
 MAX_KEY_BYTES = 255
-#: page object formats (``KVLayout.object_format``): what ``layout_kind`` names
+#: page object formats (``KVLayout.object_format``): what ``layout_kind`` names. An engine's
+#: own block format (``KVLayout.from_blocks``, opaque bytes, not MLA) is named
+#: ``ENGINE/...``, e.g. ``vllm/CPU_ATTN/vec/auto/2x32x128``.
 OBJECT_FORMATS = ("mha", "mla", "mla_split")
 
 # The C++ functions are exported as they are (no Python frame on the hot
@@ -138,10 +140,12 @@ class LayoutFingerprint:
         kind = self.layout_kind
         if kind is None:
             kind = "mla" if self.is_mla else "mha"
-        if kind not in OBJECT_FORMATS:
+        engine_format = isinstance(kind, str) and "/" in kind and not self.is_mla
+        if kind not in OBJECT_FORMATS and not engine_format:
             raise ConfigError(f"LayoutFingerprint.layout_kind must be the page object format, one of "
-                              f"{', '.join(OBJECT_FORMATS)} (KVLayout.object_format), got {kind!r}")
-        if (kind != "mha") != self.is_mla:
+                              f"{', '.join(OBJECT_FORMATS)} or an engine's 'ENGINE/...' block format "
+                              f"(KVLayout.object_format), got {kind!r}")
+        if not engine_format and (kind != "mha") != self.is_mla:
             raise ConfigError(f"LayoutFingerprint: layout_kind={kind!r} with is_mla={self.is_mla}: "
                               "MLA formats are 'mla' and 'mla_split'")
         object.__setattr__(self, "layout_kind", kind)

@@ -33,6 +33,9 @@ Supported device layouts (``KVLayout.kind``):
   ``[pages + 1, page_size, 1, rope_dim]`` -- :meth:`from_ascend`;
 * ``page_first``: one buffer ``[pages, layers, 2 (K/V) or 1 (MLA), page_size,
   kv_heads, head_dim]``, every layer of a page contiguous -- :meth:`page_first`;
+* ``blocks``: an engine's paged cache whose blocks are opaque bytes (vLLM:
+  per layer ``[num_blocks, ...]`` or ``[2, num_blocks, ...]``) -- :meth:`from_blocks`;
+  the object format is the engine's own and is named by the caller;
 * raw addresses -- :meth:`from_addresses`.
 
 Per-layer buffers come as a list (one tensor per layer) or as one stacked
@@ -61,6 +64,7 @@ ITEMSIZE = {
 # device layout kind -> object format reported in the fingerprint
 _OBJECT_FORMAT = {"mha": "mha", "ascend": "mha", "page_first": "mha", "mla": "mla",
                   "page_first_mla": "mla", "ascend_mla": "mla_split"}
+# "blocks" (engine blocks moved as opaque bytes) names its object format per layout.
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,7 @@ class KVLayout:
 
     def __init__(self, *, kind: str, page_size: int, num_pages: int, planes_per_layer: int,
                  bases, page_strides, seg_bytes, dtype: str, device: str, kv_heads: int,
-                 head_dim: int, v_head_dim: int, regions, refs=()):
+                 head_dim: int, v_head_dim: int, regions, refs=(), object_format: str | None = None):
         from kvdirect import _core
 
         if page_size < 1:
@@ -181,8 +185,14 @@ class KVLayout:
         if num_pages < 1:
             raise ConfigError(f"the pool holds no full page of {page_size} slots")
         self.kind = kind
-        self.object_format = _OBJECT_FORMAT[kind]
-        self.is_mla = self.object_format != "mha"
+        if kind == "blocks":
+            if not object_format:
+                raise ConfigError("a 'blocks' layout needs its object_format (the engine's byte format)")
+            self.object_format = str(object_format)
+            self.is_mla = False
+        else:
+            self.object_format = _OBJECT_FORMAT[kind]
+            self.is_mla = self.object_format != "mha"
         self.page_size = int(page_size)
         self.num_pages = int(num_pages)
         self.num_slots = self.num_pages * self.page_size
@@ -364,6 +374,56 @@ class KVLayout:
                    planes_per_layer=per, bases=[p[0] for p in planes], page_strides=[p[1] for p in planes],
                    seg_bytes=[p[2] for p in planes], dtype=dtype, device=device, kv_heads=kv_heads,
                    head_dim=head_dim, v_head_dim=vd, regions=regions)
+
+    @classmethod
+    def from_blocks(cls, layer_buffers, *, num_blocks: int, page_size: int, object_format: str,
+                    kv_heads: int, head_dim: int, v_head_dim: int | None = None,
+                    dtype: str | None = None, block_dim: int | None = None) -> "KVLayout":
+        """Per-layer buffers of an engine's paged KV cache, each holding ``num_blocks``
+        blocks of ``page_size`` tokens whose inside is engine-specific (vLLM on CPU keeps
+        ``[heads, K transposed | V]`` per block; GPU backends differ again).
+
+        A (block, layer) moves as opaque bytes: the dims after the block dim must be
+        contiguous; dims before it (e.g. ``[2 (K/V), blocks, ...]``) become separate
+        segments, in index order. ``object_format`` names the byte format and enters the
+        layout fingerprint, so only instances with the same engine layout share pages.
+        ``block_dim``: which dim counts blocks (default: the first of size ``num_blocks``).
+        """
+        if not isinstance(layer_buffers, (list, tuple)) or not layer_buffers:
+            raise ConfigError("from_blocks: pass a non-empty list of per-layer buffers")
+        bs = [_describe(t, "layer buffers") for t in layer_buffers]
+        _check_same(bs, "layer buffers")
+        b0 = bs[0]
+        d = block_dim
+        if d is None:
+            hits = [i for i, n in enumerate(b0.shape) if n == num_blocks]
+            if not hits:
+                raise LayoutMismatchError(f"from_blocks: no dim of shape {b0.shape} has num_blocks={num_blocks}")
+            d = hits[0]
+        if not 0 <= d < len(b0.shape) or b0.shape[d] != num_blocks:
+            raise LayoutMismatchError(f"from_blocks: dim {d} of shape {b0.shape} is not num_blocks={num_blocks}")
+        for b in bs:
+            if not b.contiguous_from(d + 1):
+                raise ConfigError(f"from_blocks: a block's bytes are not contiguous (shape {b.shape}, byte "
+                                  f"strides {b.strides}, block dim {d}); this KV layout cannot move as pages")
+        seg = b0.nbytes_from(d + 1)
+        if num_blocks > 1 and b0.strides[d] < seg:
+            raise ConfigError(f"from_blocks: blocks overlap (block stride {b0.strides[d]} < block bytes {seg})")
+        outer = np.zeros(1, dtype=np.int64)  # byte offset of each plane (dims before the block dim)
+        for n, st in zip(b0.shape[:d], b0.strides[:d]):
+            outer = (outer[:, None] + np.arange(n, dtype=np.int64)[None, :] * st).reshape(-1)
+        bases, strides, segs, regions = [], [], [], []
+        for b in bs:
+            bases += [b.addr + int(o) for o in outer]
+            strides += [b.strides[d]] * len(outer)
+            segs += [seg] * len(outer)
+            span = sum((n - 1) * s for n, s in zip(b.shape, b.strides) if n > 0) + b.itemsize
+            regions.append((b.addr, int(span)))
+        return cls(kind="blocks", page_size=int(page_size), num_pages=int(num_blocks),
+                   planes_per_layer=len(outer), bases=bases, page_strides=strides, seg_bytes=segs,
+                   dtype=_logical_dtype(bs, dtype), device=b0.device, kv_heads=int(kv_heads),
+                   head_dim=int(head_dim), v_head_dim=int(head_dim if v_head_dim is None else v_head_dim),
+                   regions=sorted(set(regions)), refs=(layer_buffers,), object_format=object_format)
 
     # ---- helpers for constructors -------------------------------------------
     @staticmethod

@@ -1,0 +1,110 @@
+"""What the vLLM connector reads from vLLM's configuration, and what it refuses.
+
+Everything comes from ``VllmConfig`` (duck-typed: no vLLM import here) plus the
+``kv_connector_extra_config`` dict, whose keys are :class:`kvdirect.config.CacheConfig`
+fields. A configuration the connector cannot serve correctly is refused at
+engine start with one line saying why and what to do instead.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from kvdirect.config import CacheConfig
+from kvdirect.config import model_identity as _model_identity
+from kvdirect.errors import ConfigError, KVDirectError
+from kvdirect.stores import open_store
+
+log = logging.getLogger("kvdirect.vllm")
+
+PREFIX = "kvdirect vLLM connector: "
+
+
+def cache_config(vllm_config) -> CacheConfig:
+    """``CacheConfig`` from ``kv_connector_extra_config``; ``model`` filled from vLLM's
+    model config when absent. Unknown keys raise ConfigError."""
+    ktc = vllm_config.kv_transfer_config
+    extra = dict(getattr(ktc, "kv_connector_extra_config", None) or {})
+    if "allow_no_store" not in extra:
+        extra["allow_no_store"] = False  # a connector configured without its pool is a mistake
+    try:
+        cfg = CacheConfig.from_dict(extra)
+    except ConfigError as e:
+        raise ConfigError(PREFIX + f"kv_connector_extra_config: {e}") from None
+    except TypeError as e:  # a value of the wrong type for a field
+        raise ConfigError(PREFIX + f"kv_connector_extra_config: {e}") from None
+    if not cfg.model:
+        cfg = CacheConfig.from_dict({**cfg.to_dict(), "model": model_identity(vllm_config)})
+    return cfg
+
+
+def model_identity(vllm_config) -> str:
+    """Served model name (else the model path or hub id), revision, quantization and a
+    digest of ``config.json`` (local folder, or the hub cache without any download)."""
+    mc = vllm_config.model_config
+    name = getattr(mc, "served_model_name", None) or getattr(mc, "model", None)
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else None
+    if not name:
+        raise ConfigError(PREFIX + "cannot tell which model this engine runs; "
+                                   "set \"model\" in kv_connector_extra_config")
+    path = getattr(mc, "model", None)
+    revision = getattr(mc, "revision", None)
+    cfg_file = None
+    if path and (Path(path) / "config.json").is_file():
+        cfg_file = Path(path) / "config.json"
+    elif path:
+        try:  # hub models: the cached config.json, never a download
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(path, "config.json", revision=revision)
+            cfg_file = hit if isinstance(hit, str) else None
+        except Exception:  # noqa: BLE001 - no hub client or no cache: identity without the digest
+            cfg_file = None
+    return _model_identity(str(name), revision=revision,
+                           quantization=getattr(mc, "quantization", None), config_file=cfg_file)
+
+
+def check_supported(vllm_config, kv_cache_config) -> None:
+    """Refuse engine setups whose KV the connector would not move correctly."""
+    why = None
+    pc = vllm_config.parallel_config
+    groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
+    spec = groups[0].kv_cache_spec if len(groups) == 1 else None
+    if getattr(pc, "pipeline_parallel_size", 1) > 1:
+        why = "pipeline parallelism (pipeline_parallel_size > 1)"
+    elif getattr(pc, "decode_context_parallel_size", 1) > 1 or \
+            getattr(pc, "prefill_context_parallel_size", 1) > 1:
+        why = "context parallelism"
+    elif getattr(vllm_config, "speculative_config", None) is not None:
+        why = "speculative decoding (draft KV would not be loaded)"
+    elif len(groups) != 1:
+        why = f"models with {len(groups)} KV cache groups (hybrid / sliding-window / Mamba models)"
+    elif type(spec).__name__ != "FullAttentionSpec":
+        why = f"{type(spec).__name__} KV caches (only full attention: MHA/GQA)"
+    elif getattr(spec, "sliding_window", None) or getattr(spec, "attention_chunk_size", None):
+        why = "sliding-window or chunked-local attention"
+    elif str(getattr(spec, "kv_quant_mode", "NONE")).split(".")[-1] not in ("NONE", "0"):
+        why = f"quantized KV modes with side scales ({spec.kv_quant_mode})"
+    elif getattr(vllm_config.model_config, "is_encoder_decoder", False):
+        why = "encoder-decoder models"
+    if why:
+        raise ConfigError(PREFIX + f"does not support {why}; drop --kv-transfer-config for this deployment")
+
+
+def open_pool(cfg: CacheConfig):
+    """The configured store, or None when it cannot be opened and ``allow_no_store`` is set.
+    A malformed URL is always an error."""
+    if not cfg.store:
+        raise ConfigError(PREFIX + "\"store\" is empty: give a pool URL (shm://NAME?size=..., "
+                                   "mooncake://..., memcache://...)")
+    try:
+        return open_store(cfg.store)
+    except ConfigError as e:
+        raise ConfigError(PREFIX + f"bad store URL {cfg.store!r}: {e}") from None
+    except KVDirectError as e:
+        if not cfg.allow_no_store:
+            raise KVDirectError(PREFIX + f"cannot open the store {cfg.store!r}: {e} "
+                                         "(set \"allow_no_store\": true to serve without it)") from None
+        log.warning("%sserving without the pool: cannot open %r: %s", PREFIX, cfg.store, e)
+        return None

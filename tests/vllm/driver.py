@@ -1,0 +1,232 @@
+"""One vLLM engine process for tests and bench/bench_vllm.py: runs a JSON job, prints a JSON result.
+
+    python tests/vllm/driver.py JOB.json OUT.json
+
+Runs the offline ``LLM`` in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``uni``
+executor) unless the job says ``"multiprocess": true`` (needed by LMCache's
+connector), so the test can read vLLM's scheduler, block pool and the connector
+objects directly. Job keys (all optional but ``model`` and ``phases``):
+
+* ``dtype``, ``block_size``, ``prefix_caching``, ``num_blocks`` (small KV space),
+  ``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``
+* ``kv``: null, ``{"connector": "kvdirect", "extra": {...}, "role": "kv_both"}``,
+  ``{"connector": "example", "path": DIR}`` or ``{"connector": "lmcache", "port": P}``
+* ``fault``: wrap the kvdirect store in the project's FlakyStore
+  (``{"fail_rate": .., "ops": ["get"], "seed": .., "mode": "error"}``)
+* ``phases``: list of ``{"prompts": [[ids]], "max_tokens": n, "mode": "batch" |
+  "sequential" (one request at a time, wall time per request = TTFT with max_tokens 1)
+  | "abort" (abort ``abort`` of the requests after ``abort_after_steps`` steps)}``
+* ``dump_pages``: hash the KV bytes of the blocks kvdirect saved / loaded and of
+  the pool objects under the same keys.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def _kv_config(job):
+    kv = job.get("kv")
+    if not kv:
+        return None
+    from vllm.config import KVTransferConfig
+
+    c = kv["connector"]
+    if c == "kvdirect":
+        return KVTransferConfig(kv_connector="KVDirectConnector", kv_connector_module_path="kvdirect.vllm",
+                                kv_role=kv.get("role", "kv_both"), kv_connector_extra_config=kv.get("extra", {}))
+    if c == "example":
+        return KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both",
+                                kv_connector_extra_config={"shared_storage_path": kv["path"]})
+    if c == "lmcache":
+        return KVTransferConfig(kv_connector="LMCacheMPConnector", kv_role="kv_both",
+                                kv_connector_extra_config={"lmcache.mp.host": "tcp://127.0.0.1",
+                                                           "lmcache.mp.port": int(kv["port"]),
+                                                           "lmcache.mp.mq_timeout": 30})
+    raise ValueError(f"unknown connector {c!r}")
+
+
+def _install_fault(fault):
+    from kvdirect.stores._testing import FlakyStore
+    from kvdirect.vllm import settings
+
+    real = settings.open_pool
+
+    def flaky_open(cfg):
+        inner = real(cfg)
+        return FlakyStore(inner, fail_rate=fault.get("fail_rate", 0.3), seed=fault.get("seed", 0),
+                          fail_ops=tuple(fault.get("ops", ("get",))), mode=fault.get("mode", "error"))
+
+    settings.open_pool = flaky_open
+
+
+def _engine_parts(llm):
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # in-process client
+    sched = getattr(core, "scheduler", None)
+    return core, sched
+
+
+def _metrics(llm) -> dict:
+    out = {}
+    try:
+        for m in llm.get_metrics():
+            v = getattr(m, "value", None)
+            if isinstance(v, (int, float)):
+                out[m.name] = out.get(m.name, 0) + v
+    except Exception as e:  # noqa: BLE001
+        out["error"] = repr(e)
+    return out
+
+
+def _page_bytes(tensors, block: int) -> bytes:
+    return b"".join(t[block].contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes()
+                    for t in tensors)
+
+
+def _dump_pages(worker_conn, url) -> dict:
+    from kvdirect.stores import open_store
+
+    w = worker_conn.worker
+    tensors = list(w.layout._refs[0])
+    store = open_store(url)
+    out = {}
+    try:
+        for kind, rec in (("saved", w.recent_saves), ("loaded", w.recent_loads)):
+            rows = []
+            for _rid, first, keys, blocks, ok in rec:
+                n_ok = int(ok.sum()) if hasattr(ok, "sum") else int(ok)
+                for i, (k, b) in enumerate(zip(keys, blocks)):
+                    good = bool(ok[i]) if hasattr(ok, "__len__") else i < n_ok
+                    if not good:
+                        continue
+                    pool = store.get_bytes(k)
+                    rows.append([k, hashlib.sha256(_page_bytes(tensors, int(b))).hexdigest(),
+                                 None if pool is None else hashlib.sha256(pool).hexdigest(), first + i])
+            out[kind] = rows
+    finally:
+        store.close()
+    return out
+
+
+_LLM: dict = {}
+
+
+def run(job: dict) -> dict:
+    if not job.get("multiprocess"):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if job.get("fault"):
+        _install_fault(job["fault"])
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kw = dict(model=job["model"], dtype=job.get("dtype", "float32"), block_size=job.get("block_size", 32),
+              enable_prefix_caching=job.get("prefix_caching", True), max_model_len=job.get("max_model_len", 4096),
+              max_num_seqs=job.get("max_num_seqs", 16), seed=0, disable_log_stats=False,
+              kv_transfer_config=_kv_config(job), enforce_eager=True)
+    if not job.get("multiprocess"):
+        kw["distributed_executor_backend"] = "uni"
+    if job.get("num_blocks"):
+        kw["num_gpu_blocks_override"] = int(job["num_blocks"])
+    if job.get("max_num_batched_tokens"):
+        kw["max_num_batched_tokens"] = int(job["max_num_batched_tokens"])
+    if job.get("tensor_parallel_size", 1) > 1:
+        kw["tensor_parallel_size"] = int(job["tensor_parallel_size"])
+        kw["distributed_executor_backend"] = "mp"
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    _LLM["llm"] = llm
+    result: dict = {"start_s": time.perf_counter() - t0, "phases": []}
+    for ph in job["phases"]:
+        sp = SamplingParams(max_tokens=ph.get("max_tokens", 4), temperature=0.0, ignore_eos=True)
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in ph["prompts"]]
+        mode = ph.get("mode", "batch")
+        res = {"outputs": [], "cached_tokens": [], "wall_ms": []}
+        if mode == "batch":
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            res["outputs"] = [list(o.outputs[0].token_ids) for o in outs]
+            res["cached_tokens"] = [o.num_cached_tokens for o in outs]
+        elif mode == "sequential":
+            for p in prompts:
+                t = time.perf_counter()
+                o = llm.generate([p], sp, use_tqdm=False)[0]
+                res["wall_ms"].append((time.perf_counter() - t) * 1e3)
+                res["outputs"].append(list(o.outputs[0].token_ids))
+                res["cached_tokens"].append(o.num_cached_tokens)
+        elif mode == "abort":
+            eng = llm.llm_engine
+            ids = [f"abort-{i}" for i in range(len(prompts))]
+            for rid, p in zip(ids, prompts):
+                eng.add_request(rid, p, sp)
+            for _ in range(ph.get("abort_after_steps", 1)):
+                eng.step()
+            eng.abort_request(ids[: ph.get("abort", len(ids))])
+            done = {}
+            for _ in range(10000):
+                if not eng.has_unfinished_requests():
+                    break
+                for o in eng.step():
+                    if o.finished:
+                        done[o.request_id] = list(o.outputs[0].token_ids)
+            res["outputs"] = [done.get(r) for r in ids]
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        result["phases"].append(res)
+    # let held requests drain: a few empty steps deliver pending save completions
+    core, sched = _engine_parts(llm)
+    if core is not None:
+        for _ in range(200):
+            conn = sched.get_kv_connector() if sched is not None else None
+            if sched is None or len(sched.requests) == 0:
+                break
+            core.step() if hasattr(core, "step") else None
+            time.sleep(0.01)
+    result["metrics"] = _metrics(llm)
+    if sched is not None:
+        bp = sched.kv_cache_manager.block_pool
+        result["blocks"] = {"free": bp.get_num_free_blocks(), "total": bp.num_gpu_blocks,
+                            "requests_left": len(sched.requests)}
+        conn = sched.get_kv_connector()
+        if conn is not None and hasattr(conn, "scheduler") and conn.scheduler is not None:
+            s = conn.scheduler
+            result["sched_stats"] = dict(s.stats)
+            result["sched_state"] = {"requests": len(s._reqs), "loads": len(s._loads)}
+    try:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+        if has_kv_transfer_group():
+            wc = get_kv_transfer_group()
+            if getattr(wc, "worker", None) is not None:
+                w = wc.worker
+                w.flush()
+                result["worker_stats"] = {k: v for k, v in w.stats.items()}
+                result["layout_kind"] = w.fingerprint.layout_kind
+                result["worker_state"] = {"inflight_pages": w._inflight_pages, "inflight": dict(w._inflight),
+                                          "saving": sorted(w._saving), "finishing": sorted(w._finishing)}
+                if job.get("dump_pages"):
+                    result["pages"] = _dump_pages(wc, job["kv"]["extra"]["store"])
+                if hasattr(w.store, "injected"):
+                    result["injected"] = dict(w.store.injected)
+    except Exception as e:  # noqa: BLE001
+        result["introspection_error"] = repr(e)
+    return result
+
+
+def main(argv):
+    job = json.loads(open(argv[0]).read())
+    res = run(job)
+    with open(argv[1], "w") as f:
+        json.dump(res, f)
+    llm = _LLM.get("llm")
+    if llm is not None and job.get("multiprocess"):
+        llm.llm_engine.engine_core.shutdown()  # the engine-core and worker processes end with it
+    os._exit(0)  # vLLM's atexit hooks can hang an in-process engine; results are written
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

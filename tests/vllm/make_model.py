@@ -1,0 +1,92 @@
+"""Small local Llama models with seeded random weights, for vLLM tests and benchmarks.
+
+Nothing comes from a model hub: the config, a word-level tokenizer over the
+vocabulary ``t0 .. tN`` and the weights (the model's own initialiser under a
+fixed seed) are built here and saved with ``save_pretrained`` into
+``$KVDIRECT_VLLM_MODELS`` (default ``~/.cache/kvdirect/vllm-models``)/<name>-<recipe digest>.
+A model is built once per recipe; a folder without its ``.complete`` marker is
+rebuilt. Run inside the vLLM environment (needs torch, transformers, tokenizers):
+
+    python tests/vllm/make_model.py --all        # build every recipe, print their paths
+    python tests/vllm/make_model.py tiny         # print the path of one (building it if needed)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+# name -> LlamaConfig fields. "tiny": the engine tests (fast prefill, 2 layers).
+# "bench": the benchmark, >= 2000-token prompts in about a second of cold prefill on 2 cores.
+RECIPES = {
+    "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=512, vocab_size=2048, max_position_embeddings=8192),
+    "bench": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                  intermediate_size=2048, vocab_size=8192, max_position_embeddings=8192),
+}
+SEED = 0
+FORMAT = 1  # bump when the way a model is written changes
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("KVDIRECT_VLLM_MODELS") or Path.home() / ".cache/kvdirect/vllm-models")
+
+
+def model_path(name: str) -> Path:
+    recipe = RECIPES[name]
+    digest = hashlib.sha256(json.dumps([FORMAT, SEED, recipe], sort_keys=True).encode()).hexdigest()[:10]
+    return models_dir() / f"{name}-{digest}"
+
+
+def _tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({f"t{i}": i for i in range(len(specials), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def build(name: str) -> Path:
+    path = model_path(name)
+    if (path / ".complete").exists():
+        return path
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shutil.rmtree(path, ignore_errors=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    recipe = RECIPES[name]
+    cfg = LlamaConfig(**recipe, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                      rms_norm_eps=1e-5, rope_theta=10000.0, torch_dtype="float32")
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp, safe_serialization=True)
+    _tokenizer(recipe["vocab_size"]).save_pretrained(tmp)
+    (tmp / "kvdirect-recipe.json").write_text(json.dumps({"name": name, "seed": SEED, **recipe}, indent=1))
+    (tmp / ".complete").touch()
+    tmp.rename(path)
+    return path
+
+
+def main(argv: list[str]) -> int:
+    names = list(RECIPES) if argv == ["--all"] else argv
+    unknown = [n for n in names if n not in RECIPES]
+    if not names or unknown:
+        print(f"usage: make_model.py --all | NAME... (known: {', '.join(RECIPES)})", file=sys.stderr)
+        return 2
+    for n in names:
+        print(build(n))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
