@@ -98,8 +98,6 @@ class KV:
 
 @pytest.fixture(scope="module")
 def mooncake_url():
-    pytest.importorskip("mooncake.store", reason="mooncake client not installed ([mooncake] extra + "
-                                                 "apt-get install libibverbs1 librdmacm1 libnuma1)")
     from kvdirect.services import start_mooncake_master
 
     svc = start_mooncake_master(store_params=dict(segment="64MiB", buffer="32MiB", timeout=10))
@@ -143,7 +141,7 @@ class Stores:
             destroy_pool(self.url.split("//")[1].split("?")[0], missing_ok=True)
 
 
-@pytest.fixture(params=["shm", "mooncake", "memcache"])
+@pytest.fixture(params=["shm", pytest.param("mooncake", marks=pytest.mark.mooncake), "memcache"])
 def stores(request):
     s = Stores(request.param, request)
     yield s
