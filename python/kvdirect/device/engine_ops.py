@@ -10,7 +10,11 @@ class EngineOps(DeviceOps):
 
     def __init__(self, device: str, layout, engine):
         super().__init__(device, layout)
-        self.engine = engine
+        self._engine = engine
+
+    @property
+    def engine(self):
+        return self._engine
 
     def _raw(self, stream) -> int:
         return 0
@@ -35,9 +39,16 @@ class CpuOps(EngineOps):
     host_addressable = True
 
     def __init__(self, layout):
-        from kvdirect.copy import CopyEngine
+        super().__init__("cpu", layout, None)
 
-        super().__init__("cpu", layout, CopyEngine(device="cpu"))
+    @property
+    def engine(self):
+        # created on first use: only staged transfers copy, and its thread pool costs threads
+        if self._engine is None:
+            from kvdirect.copy import CopyEngine
+
+            self._engine = CopyEngine(device="cpu")
+        return self._engine
 
 
 class CudaOps(TorchStreams, EngineOps):
