@@ -1,6 +1,6 @@
 """Benchmark: kvdirect PrefixIndex vs SGLang 0.5.23 RadixCache / Rust TreeCore.
 
-Workload "index-std" (shared/docs/ANCHORS.md): 200 documents x 3584 random
+Workload "index-std": 200 documents x 3584 random
 tokens inserted, then 200 queries each sharing the first 1792 tokens of one
 document (the rest random), page size 64. Reported, best of 5 passes: per-query
 match and per-document insert time through each Python API, side by side in

@@ -107,14 +107,41 @@ class StagedPath:
         self.host_free = list(range(len(self.host) // self.page_bytes))
 
 
+def check_workload(requests: int, prompt_len: int, page_size: int, layers: int, kv_heads: int,
+                   head_dim: int, rounds: int = 1, own_pool: bool = True) -> int:
+    """ConfigError unless the workload is well formed and fits this machine's memory; returns the bytes it needs."""
+    from kvdirect.errors import ConfigError
+
+    for name, v in (("requests", requests), ("prompt_len", prompt_len), ("page_size", page_size),
+                    ("layers", layers), ("kv_heads", kv_heads), ("head_dim", head_dim), ("rounds", rounds)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    if prompt_len < page_size:
+        raise ConfigError(f"prompt_len {prompt_len} is shorter than one page ({page_size} tokens): "
+                          "nothing would be stored or loaded")
+    pages = prompt_len // page_size * requests
+    page_bytes = 2 * layers * kv_heads * head_dim * 2 * page_size
+    # two device pools, the staged path's host tier, and (own pool) the pool itself
+    need = (pages + 8) * page_bytes * 3 + (int(pages * page_bytes * 1.5) + (64 << 20) if own_pool else 0)
+    from kvdirect.runtime import available_memory
+
+    avail = available_memory()
+    if need > 0.8 * avail:
+        raise ConfigError(f"this workload needs {need / 2**30:.1f} GiB of memory and {avail / 2**30:.1f} GiB "
+                          "are available: use fewer --requests, a shorter --prompt-len or fewer --layers")
+    return need
+
+
 def run(store_url: str | None = None, requests: int = 8, prompt_len: int = 3584, page_size: int = 64,
         layers: int = 16, kv_heads: int = 2, head_dim: int = 128, rounds: int = 3, progress=None) -> dict:
     from kvdirect.cache import KVDirectCache
     from kvdirect.config import CacheConfig
+    from kvdirect.errors import StoreError
     from kvdirect.stores import open_store
     from kvdirect.stores.url import parse_url
 
     own_pool = store_url is None
+    check_workload(requests, prompt_len, page_size, layers, kv_heads, head_dim, rounds, own_pool)
     tok_per_req = prompt_len // page_size * page_size
     dev_slots = (tok_per_req * requests // page_size + 8) * page_size
     page_bytes = 2 * layers * kv_heads * head_dim * 2 * page_size
@@ -135,6 +162,10 @@ def run(store_url: str | None = None, requests: int = 8, prompt_len: int = 3584,
             writer.write_back(p, s)
         writer.flush()
         stored = writer.stats()["stored_pages"]
+        wanted = tok_per_req // page_size * requests
+        if stored + writer.stats()["skipped_existing_pages"] < wanted:
+            raise StoreError(f"the store took {stored} of the {wanted} pages written (full or failing; "
+                             f"{writer.stats()['failures']}): use a larger pool")
 
         dev = _Device(dev_slots, layers, kv_heads, head_dim, page_size)
         direct = KVDirectCache(dev.layout, store_url, free_slots=dev.free_slots, config=cfg)
@@ -157,8 +188,9 @@ def run(store_url: str | None = None, requests: int = 8, prompt_len: int = 3584,
                 if progress:
                     progress(rnd * requests + i + 1, rounds * requests)
         if loaded_direct != tok_per_req or loaded_staged != tok_per_req:
-            raise RuntimeError(f"benchmark did not load every page (direct {loaded_direct}, "
-                               f"staged {loaded_staged}, expected {tok_per_req})")
+            raise StoreError(f"the store did not return every page (direct path loaded {loaded_direct}, "
+                             f"staged {loaded_staged}, expected {tok_per_req} tokens): pages were evicted "
+                             "or the store failed; use a larger pool")
         # both paths must have produced the writer's bytes
         direct.close(), writer.close()
         bpr = page_bytes * (tok_per_req // page_size)

@@ -105,6 +105,16 @@ class Engine:
             vals = (h[:, None] * (i + 1) / 7.0 + np.arange(width)[None, :]) % 1000.0
             b[slots[start:].long()] = torch.from_numpy(vals[start:]).to(b.dtype).view(-1, *b.shape[1:])
 
+    def attention_reads(self) -> None:
+        """What the forward pass's attention does first in each layer: read the layer's
+        KV through the pool (which waits on a registered layer transfer counter)."""
+        for layer in range(LAYERS):
+            if self.kind == "mha":
+                self.kvpool.get_key_buffer(layer)
+                self.kvpool.get_value_buffer(layer)
+            else:
+                self.kvpool.get_key_buffer(layer)
+
     # ---- one request, scheduler style -----------------------------------------------
     def waiting(self, tokens, **kw) -> Req:
         """A request in the waiting queue, matched (calc_priority) but not admitted."""
@@ -150,6 +160,7 @@ class Engine:
         while True:                                      # one prefill round per chunk
             end = min(start + step, len(tokens))
             req.extend_end = end
+            self.attention_reads()
             self.compute(tokens[:end], slots[:end], start)
             req.kv.kv_committed_len = end
             if end == len(tokens):

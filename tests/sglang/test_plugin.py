@@ -323,3 +323,82 @@ def test_layouts_of_sglang_pools():
 
     with pytest.raises(ConfigError, match="MHATokenToKVPoolFP4"):
         layout_from_pool(MHATokenToKVPoolFP4(), 4)
+
+
+# ---- layer-wise loading through SGLang's per-layer KV-pool hook -----------------------
+def _layerwise_env(monkeypatch, url):
+    monkeypatch.setenv("KVDIRECT_CONFIG", json.dumps({"store": url, "allow_no_store": False, "layerwise": True}))
+
+
+@pytest.mark.parametrize("P", [1, 4])
+def test_layerwise_load_is_byte_identical(pool_url, monkeypatch, P):
+    a = Engine(P)
+    build(a)
+    shared = toks(10 * P + 1, 11)
+    ra = a.serve(np.concatenate([shared, toks(3, 12)]))
+    a.cache.kv.flush()
+    _layerwise_env(monkeypatch, pool_url)
+    b = Engine(P)
+    build(b)
+    counter = b.kvpool.layer_transfer_counter
+    assert counter is b.cache.layer_loads, "kvdirect's counter is registered with SGLang's KV pool"
+    rb = b.serve(np.concatenate([shared, toks(4, 13)]))
+    n = len(shared) // P * P
+    assert (rb["host_hit"], rb["loaded"]) == (n, n)
+    assert counter.started == 1 and not counter.pending   # finished inside the forward pass
+    for x, y in zip(ra["kv"], rb["kv"]):
+        assert torch.equal(x[:n].view(torch.uint8), y[:n].view(torch.uint8))
+    # the loaded pages are in B's index now: a device hit
+    rb2 = b.serve(np.concatenate([shared, toks(2, 14)]))
+    assert (rb2["device_hit"], rb2["host_hit"]) == (n, 0)
+    b.cache.kv.flush()
+    assert b.cache.protected_size() == 0
+    assert b.allocator.available_size() + b.cache.evictable_size() == b.size
+    for c in (a, b):
+        c.cache.shutdown()
+
+
+def test_layerwise_failure_after_promise_aborts_and_caches_nothing(pool_url, monkeypatch):
+    """A page that fails verification after its layers were handed to the forward pass:
+    the request is aborted before output, the page never enters the cache, nothing leaks."""
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    from kvdirect.stores.base import CORRUPT
+    from kvdirect.stores.shm import PiecewiseRead
+
+    P = 4
+    a = Engine(P)
+    build(a)
+    shared = toks(8 * P + 1, 21)
+    a.serve(np.concatenate([shared, toks(3, 22)]))
+    a.cache.kv.flush()
+    _layerwise_env(monkeypatch, pool_url)
+    b = Engine(P)
+    build(b)
+    end = PiecewiseRead.end
+
+    def corrupt_end(self):   # the 6th page's checksum does not match
+        st = end(self).copy()
+        st[5] = CORRUPT
+        return st
+
+    monkeypatch.setattr(PiecewiseRead, "end", corrupt_end)
+    rb = b.serve(np.concatenate([shared, toks(4, 23)]), finish=False)
+    req = rb["req"]
+    assert rb["loaded"] == 8 * P                        # promised once layer 0 had arrived
+    assert isinstance(req.to_finish, FINISH_ABORT) and "KVLoadFailed" == req.to_finish.err_type
+    assert req.skip_radix_cache_insert
+    assert b.cache.layerwise_aborts == 1
+    monkeypatch.setattr(PiecewiseRead, "end", end)
+    # the scheduler finishes the aborted request: nothing of it is cached past the good pages
+    from sglang.srt.mem_cache.common import release_kv_cache
+
+    req.finished_reason = req.to_finish
+    release_kv_cache(req, b.cache, checkpoint=True)
+    r = b.cache.kv.index.match(np.asarray(shared[: 8 * P]), None)
+    assert r.device_len == 5 * P                        # pages 0..4 arrived whole and verified
+    b.cache.kv.flush()
+    assert b.cache.protected_size() == 0
+    assert b.allocator.available_size() + b.cache.evictable_size() == b.size
+    for c in (a, b):
+        c.cache.shutdown()

@@ -84,15 +84,17 @@ def build_cache(ctx, *, config: CacheConfig | None = None, store=None):
     check_supported(ctx)
     config = config or CacheConfig.from_env()
     config = CacheConfig.from_dict({**config.to_dict(), "model": model_identity(ctx, config)})
-    if config.layerwise:
-        log.warning("kvdirect: layerwise loading is not wired into SGLang yet; "
-                    "loads happen synchronously in init_load_back")
     params = ctx.params
     kvcache = params.token_to_kv_pool_allocator.get_kvcache()
     layout = layout_from_pool(kvcache, params.page_size)
     cache = KVDirectRadixCache(params, layout, config=config, store=store, tp_rank=ctx.tp_rank,
                                tp_size=ctx.tp_size, tp_reduce_min=_tp_reduce(ctx))
-    log.info("kvdirect prefix cache: %r, store=%s, model=%s, tp=%d/%d", layout,
+    if config.layerwise:
+        if ctx.tp_size > 1:
+            raise ConfigError("kvdirect \"layerwise\": true is not supported with tensor parallelism yet "
+                              "(ranks would have to agree on every layer); drop it or use --tp-size 1")
+        cache.enable_layerwise(kvcache)
+    log.info("kvdirect prefix cache: %r, store=%s, model=%s, tp=%d/%d, layerwise=%s", layout,
              cache.kv.store.scheme if cache.kv.store is not None else None, config.model,
-             ctx.tp_rank, ctx.tp_size)
+             ctx.tp_rank, ctx.tp_size, config.layerwise)
     return cache

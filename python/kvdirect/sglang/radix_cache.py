@@ -86,7 +86,7 @@ def _tokens(token_ids) -> np.ndarray:
 class Node:
     """A cache node handle as SGLang stores it (``req.last_node``)."""
 
-    __slots__ = ("tokens", "namespace", "inode", "slots", "epoch", "locks", "__weakref__")
+    __slots__ = ("tokens", "namespace", "inode", "slots", "epoch", "locks", "pending", "__weakref__")
 
     def __init__(self, tokens: np.ndarray, namespace, inode, slots: torch.Tensor, epoch: int):
         self.tokens = tokens          # the device prefix, page aligned (owned copy)
@@ -95,10 +95,13 @@ class Node:
         self.slots = slots            # int64 device slots of the prefix
         self.epoch = epoch            # eviction epoch at which ``slots`` were read
         self.locks = 0
+        # a layer-wise load in flight (layerwise.PendingLoad): ``tokens``/``slots`` include
+        # the pages being loaded, ``inode`` is the device prefix they extend (None: none)
+        self.pending = None
 
     @property
     def is_root(self) -> bool:
-        return self.inode is None
+        return self.inode is None and self.pending is None
 
     @property
     def length(self) -> int:
@@ -132,7 +135,22 @@ class KVDirectRadixCache(BasePrefixCache):
         self._empty = torch.empty((0,), dtype=torch.int64, device=self.device)
         # unlocked nodes handed to the scheduler; protected while init_load_back evicts
         self._handed: weakref.WeakSet = weakref.WeakSet()
+        self._version = 0            # bumped whenever pages enter the index (load, write-back)
+        self.layer_loads = None      # layerwise.LayerLoads when "layerwise" is on
+        self.layerwise_aborts = 0
         self.reset_root()
+
+    def enable_layerwise(self, kvcache) -> None:
+        """Register kvdirect's per-layer counter with SGLang's KV pool (see layerwise.py)."""
+        from kvdirect.sglang.layerwise import LayerLoads
+
+        self.layer_loads = LayerLoads(self.kv.layout.num_layers, self._finish_pending)
+        kvcache.register_layer_transfer_counter(self.layer_loads)
+
+    def _settle(self) -> None:
+        """Finish layer-wise loads still in flight before the index is read or changed."""
+        if self.layer_loads is not None and self.layer_loads.pending:
+            self.layer_loads.settle()
 
     # ---- plumbing ------------------------------------------------------------
     def reset_root(self) -> None:
@@ -155,7 +173,7 @@ class KVDirectRadixCache(BasePrefixCache):
 
     def _valid(self, node: Node) -> Node:
         """Make sure ``node``'s slots are current (see module docstring)."""
-        if node.is_root or node.locks > 0 or node.epoch == self._epoch:
+        if node.is_root or node.pending is not None or node.locks > 0 or node.epoch == self._epoch:
             return node
         r = self.kv.index.match(node.tokens, node.namespace)
         if r.device_len < len(node.tokens):
@@ -171,6 +189,7 @@ class KVDirectRadixCache(BasePrefixCache):
 
     # ---- match / load --------------------------------------------------------
     def reset(self):
+        self._settle()
         self.kv.reset()
         self._markers.clear()
         self._epoch += 1
@@ -190,6 +209,7 @@ class KVDirectRadixCache(BasePrefixCache):
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         if self.disable or len(params.key) == 0:
             return self._result(self.root_node)
+        self._settle()
         self.kv.poll()
         tokens, ns = self._key_tokens(params.key)
         if len(tokens) == 0:
@@ -203,7 +223,7 @@ class KVDirectRadixCache(BasePrefixCache):
             # a probe match (no request) never promises a load it cannot hand over
             return self._result(node)
         m.tokens = m.tokens.copy()  # the request's fill ids keep growing under the view
-        self._markers[self._handle(req)] = (m, self._epoch)
+        self._markers[self._handle(req)] = (m, self._epoch, self._version)
         return self._result(node, host_hit=m.pool_len)
 
     def touch_prefix(self, key) -> None:
@@ -220,9 +240,13 @@ class KVDirectRadixCache(BasePrefixCache):
         want = int(params.host_hit_length)
         if marker is None or want <= 0:
             return 0, node
-        m, epoch = marker
-        if epoch != self._epoch:
-            # something was evicted since the match: match again rather than trust old slots
+        m, epoch, version = marker
+        layerwise = self.layer_loads is not None
+        if layerwise:
+            # one load in flight: a later load of the same pages then finds them on device
+            self._settle()
+        if epoch != self._epoch or (layerwise and version != self._version):
+            # evicted (or, layer-wise, inserted) since the match: match again
             m = self.kv.match(m.tokens, m.namespace)
             if m.device_len != node.length or m.pool_len < want:
                 return 0, node
@@ -234,16 +258,82 @@ class KVDirectRadixCache(BasePrefixCache):
         if slots is None:
             return 0, node
         m.pool_len = want
-        loaded = self.kv.load(m, slots.to("cpu", torch.int64).numpy())  # frees unused slots
+        slots_np = slots.to("cpu", torch.int64).numpy()
+        if layerwise:
+            return self._start_layerwise(params.req, m, slots_np, want, node)
+        loaded = self.kv.load(m, slots_np)  # frees unused slots
+        self._version += 1
         if loaded < want:
             # SGLang needs every promised token or none; loaded pages stay cached on device
             return 0, node
         return loaded, self._node(m.tokens[: m.device_len], m.namespace, m.node, m.device_slots)
 
+    def _start_layerwise(self, req, m: CacheMatch, slots: np.ndarray, want: int, node: Node):
+        """Start a layer-wise load; promise its tokens once layer 0 has arrived (every page
+        pinned, or read whole by a store without ranged reads)."""
+        from kvdirect.sglang.layerwise import PendingLoad
+
+        lw = self.kv.load_layerwise(m, slots)
+        if lw.wait_layer(0) < want:
+            lw.finish()  # applies what arrived whole, frees the rest
+            self._version += 1
+            return 0, node
+        dev = m.device_len
+        pnode = Node(np.array(m.tokens[: dev + want], dtype=np.int64, copy=True), m.namespace,
+                     m.node if dev else None,
+                     self._slots_tensor(np.concatenate([m.device_slots[:dev], slots[:want]])), self._epoch)
+        pnode.pending = PendingLoad(lw, want, req, pnode)
+        self.layer_loads.add(pnode.pending)
+        if not self.layer_loads.started:
+            log.info("kvdirect: first layer-wise load: %d tokens, layer 0 of %d arrived before the forward pass",
+                     want, self.layer_loads.num_layers)
+        self.layer_loads.started += 1
+        return want, pnode
+
+    def _finish_pending(self, p) -> None:
+        """A layer-wise load is complete: its pages join the index and the node's locks move
+        onto them; a shortfall aborts the request that was promised the pages."""
+        node = p.node
+        m = p.load.m
+        base = m.node if m.device_len else None
+        p.loaded = p.load.finish()
+        self._version += 1
+        valid = len(node.tokens) - p.promised + p.loaded
+        r = self.kv.index.match(node.tokens[:valid], node.namespace)
+        same = np.array_equal(np.asarray(r.device_slots[:valid]), node.slots[:valid].cpu().numpy())
+        if p.loaded < p.promised or r.device_len < valid or not same:
+            self.layerwise_aborts += 1
+            log.warning("kvdirect: layer-wise load delivered %d of %d promised tokens; aborting the "
+                        "request that read them", p.loaded, p.promised)
+            self._abort(p.req)
+        new = r.node if r.device_len else None
+        for _ in range(node.locks):
+            if new is not None:
+                self.kv.index.lock(new)
+            if base is not None:
+                self.kv.index.unlock(base)
+        node.inode, node.pending, node.epoch = new, None, self._epoch
+        node.tokens = node.tokens[: r.device_len]
+        node.slots = self._slots_tensor(r.device_slots[: r.device_len])
+
+    @staticmethod
+    def _abort(req) -> None:
+        from http import HTTPStatus
+
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        from kvdirect.sglang.layerwise import ABORT_MESSAGE
+
+        if req is None:
+            return
+        req.to_finish = FINISH_ABORT(ABORT_MESSAGE, HTTPStatus.SERVICE_UNAVAILABLE, "KVLoadFailed")
+        req.skip_radix_cache_insert = True  # its KV was computed from the bad page
+
     def _evict_protecting_matches(self, num_tokens: int) -> None:
         """Evict for a load while other requests of this scheduling round hold matches
         they have not locked yet: pin those prefixes meanwhile, so their slots stay valid."""
-        guard = [n for n in list(self._handed) if n.locks == 0 and n.epoch == self._epoch]
+        guard = [n for n in list(self._handed)
+                 if n.locks == 0 and n.epoch == self._epoch and n.inode is not None]
         for n in guard:
             self.kv.index.lock(n.inode)
         try:
@@ -262,7 +352,8 @@ class KVDirectRadixCache(BasePrefixCache):
             return IncLockRefResult(delta=0)
         self._valid(node)
         before = self.kv.evictable_size
-        self.kv.index.lock(node.inode)
+        if node.inode is not None:
+            self.kv.index.lock(node.inode)
         node.locks += 1
         return IncLockRefResult(delta=self.kv.evictable_size - before)
 
@@ -272,7 +363,8 @@ class KVDirectRadixCache(BasePrefixCache):
         if node.locks <= 0:
             raise KVDirectError(f"kvdirect: unlock of {node!r} that is not locked")
         before = self.kv.evictable_size
-        self.kv.index.unlock(node.inode)
+        if node.inode is not None:
+            self.kv.index.unlock(node.inode)
         node.locks -= 1
         if node.locks == 0:
             node.epoch = self._epoch  # its slots were pinned until now
@@ -305,12 +397,14 @@ class KVDirectRadixCache(BasePrefixCache):
         length (the caller frees its duplicate slots in that range)."""
         if self.disable:
             return InsertResult(prefix_len=0)
+        self._settle()
         self.kv.poll()
         tokens, ns = self._key_tokens(params.key)
         if params.value is None:
             raise ConfigError("kvdirect insert needs device slots (InsertParams.value)")
         slots = _tokens(params.value)[: len(tokens)]
         already = self.kv.write_back(tokens, slots, ns)
+        self._version += 1
         r = self.kv.index.match(tokens, ns)
         return InsertResult(prefix_len=already, total_len=len(tokens),
                             last_device_node=self._node(tokens[: r.device_len], ns, r.node, r.device_slots))
@@ -320,6 +414,7 @@ class KVDirectRadixCache(BasePrefixCache):
         pool, repoint the request's row onto the cached slots and move its lock."""
         if self.disable:
             return
+        self._settle()
         self.kv.poll()
         token_ids = req.full_untruncated_fill_ids[:up_to]
         tokens = _tokens(token_ids)
@@ -329,6 +424,7 @@ class KVDirectRadixCache(BasePrefixCache):
         kv_indices = row[:key_len].to("cpu", torch.int64)
         protected = req.kv.cache_protected_len
         already = self.kv.write_back(tokens[:key_len], kv_indices.numpy(), ns) if key_len else 0
+        self._version += 1
         req.kv.cache_inserted_len = max(req.kv.cache_inserted_len, key_len)
         if already > protected:
             # the tree had these pages already (another request): free our duplicates
@@ -352,6 +448,7 @@ class KVDirectRadixCache(BasePrefixCache):
     def evict(self, params: EvictParams) -> EvictResult:
         if self.disable:
             return EvictResult()
+        self._settle()
         self.kv.poll()
         n = self.kv.evict(int(params.num_tokens)) if params.num_tokens > 0 else 0
         if n:
@@ -359,12 +456,14 @@ class KVDirectRadixCache(BasePrefixCache):
         return EvictResult(num_tokens_evicted=n)
 
     def check_hicache_events(self) -> None:
+        self._settle()
         self.kv.poll()
 
     def ready_to_load_host_cache(self):
         return None  # loads are synchronous in init_load_back: nothing to start
 
     def flush_pending_backups(self) -> None:
+        self._settle()
         self.kv.poll()
 
     def release_aborted_request(self, handle: CacheRequestHandle) -> None:
@@ -394,9 +493,13 @@ class KVDirectRadixCache(BasePrefixCache):
               f"stats={self.kv.stats()}")
 
     def stats(self) -> dict:
-        return self.kv.stats()
+        d = self.kv.stats()
+        if self.layer_loads is not None:
+            d["layerwise"] = {"layer_waits": self.layer_loads.waits, "aborted_requests": self.layerwise_aborts}
+        return d
 
     def shutdown(self) -> None:
+        self._settle()
         self.kv.close()
 
     release_host_resources = shutdown

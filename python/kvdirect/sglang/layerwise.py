@@ -1,0 +1,97 @@
+"""Layer-wise loading inside SGLang: the KV pool waits for layer ``l`` before reading it.
+
+SGLang 0.5.23's device KV pools call ``layer_transfer_counter.wait_until(l)``
+in ``get_key_buffer`` / ``get_value_buffer`` whenever a counter is registered
+with ``register_layer_transfer_counter`` (HiCache registers its own). With
+``"layerwise": true``, :class:`LayerLoads` is that counter: ``init_load_back``
+starts :meth:`KVDirectCache.load_layerwise` and returns at once, and the next
+forward pass reads layer ``l`` of the loaded pages as soon as that layer has
+arrived, while later layers are still being read from the pool.
+
+Ordering. Every load started before a forward pass belongs to a batch that is
+forwarded no later than it (loads start while a batch is built; the batch is
+forwarded next), so ``wait_until(l)`` waits for layer ``l`` of every pending
+load. At the last layer the loads are finished (checksums verified, pages
+inserted into the index) before that layer is read, so no load outlives the
+forward pass that consumes it; the scheduler-side hooks also settle any load
+still pending before they touch the index.
+
+Failures. A load promises tokens only after layer 0 arrived, i.e. after the
+store pinned (or, for stores without ranged reads, fully read) every page;
+pages missing then make ``init_load_back`` report no load-back and the request
+recomputes, as with synchronous loads. A page that fails after that (a checksum
+mismatch found when the whole object has been read) is never cached, and the
+request that was promised it is aborted with a retryable error before its
+output is sent: its forward pass has already read the bad bytes, so no output
+of it may be served.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+log = logging.getLogger("kvdirect.sglang")
+
+ABORT_MESSAGE = ("kvdirect: a KV page failed verification while it was being loaded layer by layer; "
+                 "the request was stopped before any output of it was sent. Retry it (the page is "
+                 "not cached; the retry recomputes it)")
+
+
+@dataclass
+class PendingLoad:
+    load: object             # kvdirect.cache.LayerwiseLoad
+    promised: int            # tokens init_load_back reported
+    req: object              # the SGLang request
+    node: object             # the Node handed to the scheduler (moved onto the index when done)
+    done: bool = False
+    loaded: int = 0
+    on_done: list = field(default_factory=list)
+
+
+class LayerLoads:
+    """SGLang's ``layer_transfer_counter`` for kvdirect's layer-wise loads."""
+
+    def __init__(self, num_layers: int, finish):
+        self.num_layers = int(num_layers)
+        self.pending: list[PendingLoad] = []
+        self._finish = finish           # callback(PendingLoad) applied on the scheduler thread
+        # SGLang reads these in a few code paths (Mamba pools, speculative decoding);
+        # kvdirect refuses those setups, the attributes keep their reads harmless.
+        self.consumer_index = -1
+        self.producer_index = -1
+        self.waits = 0                  # layer waits that found a load still in flight
+        self.started = 0                # layer-wise loads started
+
+    # ---- the counter interface SGLang calls ----------------------------------
+    def wait_until(self, layer: int) -> None:
+        if not self.pending:
+            return
+        for p in self.pending:
+            try:
+                p.load.wait_layer(layer, timeout=0)
+            except TimeoutError:  # the layer is still arriving: the forward pass waits for it
+                self.waits += 1
+                p.load.wait_layer(layer)
+        if layer >= self.num_layers - 1:
+            self.settle()
+
+    def set_consumer(self, index: int) -> None:  # HiCache's batch index: not used here
+        pass
+
+    def update_producer(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.settle()
+
+    # ---- kvdirect side -----------------------------------------------------------
+    def add(self, p: PendingLoad) -> None:
+        self.pending.append(p)
+
+    def settle(self) -> None:
+        """Finish every pending load (joins its reader, updates the index)."""
+        while self.pending:
+            p = self.pending.pop(0)
+            if not p.done:
+                self._finish(p)
+                p.done = True
