@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the C++ core with AddressSanitizer + UndefinedBehaviorSanitizer into its own build
 # dir and run a subset of the test suite against it (the shm pool, keys, layout/copy, index,
-# cache manager, and the reliability suite's concurrency / fault / fuzz tests).
+# cache manager and its transfer path on the simulated device, and the reliability suite's
+# concurrency / fault / fuzz tests).
 #
 #   scripts/sanitize.sh                  # default subset
 #   scripts/sanitize.sh tests/test_x.py  # or any pytest arguments
@@ -59,7 +60,10 @@ if [ -n "$RT" ]; then
 fi
 if [ $# -eq 0 ]; then
   set -- tests/test_stores_shm.py tests/test_keys.py tests/test_layout.py tests/test_copy.py \
-    tests/test_index.py tests/test_cache.py \
+    tests/test_index.py tests/test_cache.py tests/test_cache_transfer.py \
+    "tests/test_simdevice.py::test_write_back_waits_for_the_compute_stream_and_the_gather[shm-staged]" \
+    "tests/test_simdevice.py::test_loaded_pages_hold_every_byte_when_load_returns[shm-staged]" \
+    "tests/test_simdevice.py::test_layerwise_load_layer_holds_every_byte_when_reported[shm-staged]" \
     tests/reliability/test_concurrency.py tests/reliability/test_fuzz.py tests/reliability/test_bad_input.py \
     tests/reliability/test_security.py \
     "tests/reliability/test_faults.py::test_shm_sigkill_at_random_points_many_times" \

@@ -1,5 +1,6 @@
 """KVDirectCache: load path, write-back, the reference design's defects, faults."""
 import multiprocessing as mp
+import os
 import threading
 import uuid
 
@@ -55,6 +56,12 @@ def url():
 def make(dev, store, **cfg):
     cfg.setdefault("model", "test-model")
     return KVDirectCache(dev.layout, store, free_slots=dev.free_slots, config=CacheConfig(**cfg))
+
+
+def make_from_config(dev, **cfg):
+    """A cache whose store comes from CacheConfig (no store argument)."""
+    cfg.setdefault("model", "test-model")
+    return KVDirectCache(dev.layout, free_slots=dev.free_slots, config=CacheConfig(**cfg))
 
 
 def serve(cache, dev, tokens, seed=0, ns=None):
@@ -432,15 +439,199 @@ def test_pages_already_in_pool_are_not_written_again(url):
     assert store.puts == 0 and cb.stats()["skipped_existing_pages"] == 6
 
 
-def test_no_store_runs_without_pool():
+# ---- the pool is chosen explicitly -------------------------------------------------------
+
+def test_no_store_configured_is_an_error_not_a_default_pool():
+    """No store given and none configured: refuse to start (never a machine-wide default pool)."""
+    assert CacheConfig().store == ""
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    with pytest.raises(ConfigError, match=r"needs a KV pool.*store=None.*device-only"):
+        KVDirectCache(Device(4).layout, config=CacheConfig(model="m"))
+    after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    assert not {f for f in after - before if f.startswith("kvdirect")}, "a pool was created"
+
+
+def test_device_only_cache_says_so_once(caplog):
     P = 4
     a = Device(P)
-    c = make(a, "memcache://?config=/nonexistent/mmc.conf")
-    assert c.store is None
-    m, _, loaded = serve(c, a, tokens_of(4 * P, 18))
-    assert loaded == 0 and c.match(tokens_of(4 * P, 18)).device_len == 4 * P
-    with pytest.raises(Exception):
-        make(a, "memcache://?config=/nonexistent/mmc.conf", allow_no_store=False)
+    with caplog.at_level("WARNING", logger="kvdirect"):
+        c = make_from_config(a, store=None)
+    assert c.store is None and c.stats()["mode"] == "device-only" and c.stats()["store"] is None
+    assert caplog.text.count("device-only cache") == 1
+    toks = tokens_of(4 * P, 18)
+    m, _, loaded = serve(c, a, toks)
+    assert loaded == 0 and c.match(toks).device_len == 4 * P
+    assert caplog.text.count("device-only cache") == 1  # said once, not per request
+    c.close()
+
+
+@pytest.mark.parametrize("bad", ["memcache://?config=/nonexistent/mmc.conf", "bogus://x", "shm://",
+                                 "shm://x?size=lots", "not a url"])
+def test_malformed_store_url_is_always_an_error(bad):
+    a = Device(4)
+    for allow in (True, False):
+        with pytest.raises(ConfigError):
+            make(a, bad, allow_no_store=allow)
+        with pytest.raises(ConfigError):
+            make_from_config(a, store=bad, allow_no_store=allow)
+
+
+def test_unreachable_store_is_tolerated_only_when_allowed(caplog):
+    from kvdirect.errors import StoreError
+
+    # a pool that is not there (StoreError, like an unreachable service); no client library
+    # is loaded into the test process (fork-based tests run after this one)
+    url = f"shm://kvd-absent-{uuid.uuid4().hex[:10]}?create=no"
+    a = Device(4)
+    with pytest.raises(StoreError):
+        make(a, url, allow_no_store=False)
+    with caplog.at_level("WARNING", logger="kvdirect"):
+        c = make(a, url)  # allow_no_store defaults to true: a warning, then no pool
+    assert c.store is None and c.stats()["mode"] == "no-pool"
+    assert "unreachable" in caplog.text and "without a KV pool" in caplog.text
+    m, _, loaded = serve(c, a, tokens_of(16, 19))
+    assert loaded == 0
+    c.close()
+
+
+# ---- slots are validated, never a store failure --------------------------------------------
+
+def _pool_with(url, P, toks):
+    a = Device(P)
+    ca = make(a, url)
+    serve(ca, a, toks)
+    ca.flush()
+    return ca
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_load_slots_are_validated_before_anything_happens(url, layerwise):
+    P = 4
+    toks = tokens_of(6 * P, 50)
+    _pool_with(url, P, toks).close()
+    b = Device(P)
+    cb = make(b, url)
+    m = cb.match(toks)
+    assert m.pool_len == 6 * P
+    slots = b.alloc(m.pool_len)
+    load = (lambda m, s: cb.load_layerwise(m, s).finish()) if layerwise else cb.load
+    bad = {
+        "one slot per page": (slots[::P], r"one per token of whole pages \(4 per page\).*offers 24 pool tokens"),
+        "not page aligned": (slots + 1, r"not page aligned"),
+        "page broken up": (np.concatenate([slots[:P - 1], slots[P:2 * P + 1]]), r"breaks its page"),
+        "out of range": (slots + SLOTS, r"out of range"),
+    }
+    for name, (s, pattern) in bad.items():
+        with pytest.raises(ConfigError, match=pattern):
+            load(m, s)
+    st = cb.stats()
+    assert st["failures"] == {} and st["store_available"], "bad slots must never count as a store failure"
+    assert b.freed == [] and m.pool_len == 6 * P and cb.total_size == 0  # nothing changed
+    assert load(m, slots) == 6 * P
+    np.testing.assert_array_equal(b.k[1][slots], expected_kv(b, toks)[1])
+
+
+def test_write_back_slots_are_validated(url):
+    P = 4
+    a = Device(P)
+    c = make(a, url)
+    toks = tokens_of(3 * P + 1, 51)
+    slots = a.alloc(len(toks))
+    with pytest.raises(ConfigError, match="write_back: .*not page aligned"):
+        c.write_back(toks, slots + 1)
+    swapped = slots.copy()
+    swapped[[1, P + 1]] = swapped[[P + 1, 1]]
+    with pytest.raises(ConfigError, match="write_back: .*breaks its page"):
+        c.write_back(toks, swapped)
+    assert c.total_size == 0 and c.stats()["failures"] == {}
+    assert c.write_back(toks, slots) == 0 and c.total_size == 3 * P
+
+
+# ---- only store failures are store failures -----------------------------------------------
+
+class BuggyStore(ScriptedStore):
+    """A store whose calls hit a programming error (not a pool failure)."""
+
+    scheme = "buggy"
+
+    def __init__(self, inner, op):
+        super().__init__(inner)
+        self.op = op
+
+    def exists(self, keys):
+        if self.op == "exists":
+            raise TypeError("bug in exists")
+        return super().exists(keys)
+
+    def get(self, keys, scatter):
+        if self.op == "get":
+            raise ValueError("bug in get")
+        return super().get(keys, scatter)
+
+    def put(self, keys, scatter):
+        if self.op == "put":
+            raise ValueError("bug in put")
+        return super().put(keys, scatter)
+
+
+def test_programming_errors_propagate_instead_of_marking_the_store_down(url):
+    P = 4
+    toks = tokens_of(5 * P, 52)
+    _pool_with(url, P, toks).close()
+    b = Device(P)
+    cb = make(b, BuggyStore(open_store(url), "exists"))
+    with pytest.raises(TypeError, match="bug in exists"):
+        cb.match(toks)
+    assert cb.stats()["store_available"] and cb.stats()["failures"] == {}
+    cb = make(b, BuggyStore(open_store(url), "get"))
+    m = cb.match(toks)
+    slots = b.alloc(m.pool_len)
+    with pytest.raises(ValueError, match="bug in get"):
+        cb.load(m, slots)
+    assert cb.stats()["store_available"] and cb.stats()["failures"] == {}
+    assert b.freed == [] and cb.total_size == 0  # the caller keeps its slots
+    with pytest.raises(ValueError, match="bug in get"):
+        cb.load_layerwise(m, slots).finish()
+    assert cb.stats()["failures"] == {} and b.freed == []
+    # a writer-thread bug is raised by poll(); the pages are unpinned, not counted as a store failure
+    dev = Device(P)
+    c = make(dev, BuggyStore(open_store(url), "put"))
+    t2 = tokens_of(3 * P, 53)
+    s2 = dev.alloc(len(t2))
+    c.write_back(t2, s2)
+    with pytest.raises(ValueError, match="bug in put"):
+        c.flush()
+    assert c.stats()["failures"] == {} and c.evict(10**6) == 3 * P
+    # a real store failure (connection lost) is still a miss with back-off
+    down = ScriptedStore(open_store(url))
+    cd = make(Device(P), down)
+    down.down = True
+    assert cd.match(toks).pool_len == 0 and cd.stats()["failures"] == {"exists": 1}
+
+
+# ---- the last token is computed ------------------------------------------------------------
+
+def test_exclude_last_leaves_a_token_to_compute(url):
+    P = 4
+    a = Device(P)
+    c = make(a, url)
+    toks = tokens_of(8 * P, 54)          # page aligned: a full match would leave nothing to prefill
+    serve(c, a, toks)
+    c.flush()
+    m = c.match(toks)
+    assert m.device_len == 8 * P
+    m = c.match(toks, exclude_last=True)
+    assert m.device_len == 7 * P and len(m.tokens) == 8 * P - 1
+    longer = np.concatenate([toks, tokens_of(1, 55)])  # one more token: every page can be reused
+    assert c.match(longer, exclude_last=True).device_len == 8 * P
+    c.evict(10**6)
+    b = Device(P)
+    cb = make(b, url)
+    m = cb.match(toks, exclude_last=True)
+    assert (m.device_len, m.pool_len) == (0, 7 * P)
+    slots = b.alloc(m.pool_len)
+    assert cb.load(m, slots) == 7 * P and m.device_len == 7 * P
+    assert cb.match(tokens_of(0, 1), exclude_last=True).device_len == 0  # empty prompt: nothing to match
 
 
 def test_bad_input(url):
@@ -530,7 +721,9 @@ def test_staged_path_through_a_bounded_host_buffer(url, staging_pages):
     serve(ca, a, toks)
     ca.flush()
     assert ca.stats()["stored_pages"] == 7
-    assert all(buf.nbytes == staging_pages * page_bytes for buf in ca._p.transfer.staging.values())
+    st = ca.stats()
+    assert st["staging_buffers"] == 1 and st["retired_staging_buffers"] == 0  # one writer thread, reused
+    assert all(buf.nbytes == staging_pages * page_bytes for buf in ca._p.transfer.pool.buffers)
     cb = make(b, url, stage=True, staging_bytes=staging_pages * page_bytes)
     m = cb.match(toks)
     slots = b.alloc(m.pool_len)

@@ -1,5 +1,7 @@
 """CopyEngine (CPU): byte-exact gather/scatter round trips for every layout, and the
 segment math shared with the CUDA and Ascend kernels."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -134,4 +136,19 @@ def test_cuda_engine_unavailable_is_clear():
     with pytest.raises(BackendUnavailableError, match="CUDA copy engine"):
         CopyEngine(device="cuda")
     with pytest.raises(ConfigError, match="'cpu' or 'cuda"):
+        CopyEngine(device="tpu")
+
+
+def test_ascend_engine_unavailable_is_clear(monkeypatch):
+    """Without a CANN build the Ascend library is absent: the error says how to get it."""
+    import kvdirect.copy as copy_mod
+
+    if any(p.is_file() for p in copy_mod._lib_candidates(copy_mod.ASCEND_LIB, "KVDIRECT_ASCEND_LIB")):
+        pytest.skip("libkvdirect_ascend.so was built here (CANN present)")
+    with pytest.raises(BackendUnavailableError, match=r"libkvdirect_ascend\.so not found.*KVDIRECT_ASCEND=ON"):
+        CopyEngine(device="npu:0")
+    # a library that exists but cannot be loaded (no ACL runtime) is reported with its path
+    fake = Path(__file__)  # not a shared object
+    monkeypatch.setenv("KVDIRECT_ASCEND_LIB", str(fake))
+    with pytest.raises(BackendUnavailableError, match="cannot load"):
         CopyEngine(device="npu")

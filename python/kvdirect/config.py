@@ -20,9 +20,12 @@ ENV_VAR = "KVDIRECT_CONFIG"
 
 @dataclass
 class CacheConfig:
-    #: store URL (``shm://NAME?size=...``, ``mooncake://...``, ``memcache://...``); None: no pool
-    store: str | None = "shm://kvdirect?size=1GiB"
-    #: run without the pool when the store cannot be opened (logged), instead of failing
+    #: store URL (``shm://NAME?size=...``, ``mooncake://...``, ``memcache://...``). No default
+    #: pool: ``""`` (unset) makes KVDirectCache refuse to start unless it is given a store;
+    #: ``None`` says deliberately "device-only cache, no pool" (logged once, ``stats()["mode"]``)
+    store: str | None = ""
+    #: when the store is unreachable at start (never when its URL is malformed), run without a
+    #: pool with a warning instead of failing
     allow_no_store: bool = True
     #: model identity in every page key (required by KVDirectCache). Instances share pool
     #: pages only when their identities are equal, so it must tell apart everything that
@@ -59,6 +62,8 @@ class CacheConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.store is not None and not isinstance(self.store, str):
+            raise ConfigError(f"store must be a URL string (or null for a device-only cache), got {self.store!r}")
         if self.backpressure not in ("wait", "drop"):
             raise ConfigError(f"backpressure must be 'wait' or 'drop', got {self.backpressure!r}")
         for name in ("min_query_pages", "max_query_pages", "max_inflight_pages", "writer_threads",

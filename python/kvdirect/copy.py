@@ -6,6 +6,11 @@ persistent thread pool splits each batch by bytes, without the GIL.
 was found) and enqueues one kernel on the caller's stream; pass
 ``stream=torch.cuda.current_stream().cuda_stream`` (an int; 0 = the legacy
 default stream). Nothing is synchronised: the caller orders the stream.
+``CopyEngine(device="npu[:N]")`` loads ``libkvdirect_ascend.so`` (built when
+CANN was found) the same way; pass ``stream=torch.npu.current_stream().npu_stream``.
+Its launcher currently synchronises the stream before returning (see
+``csrc/ascend/launch.cpp``). The cache orders all of this through
+``kvdirect.device`` and ``kvdirect.cache.transfer``.
 
 * ``gather(scatter, dst, dst_size)``: the segments of a ScatterList are packed
   back to back, row by row: page ``i`` lands at ``dst + i * object_size`` when
@@ -29,6 +34,7 @@ from kvdirect.errors import BackendUnavailableError, ConfigError, KVDirectError
 from kvdirect.stores.base import ScatterList
 
 CUDA_LIB = "libkvdirect_cuda.so"
+ASCEND_LIB = "libkvdirect_ascend.so"
 
 
 def _addr_size(buf, size, what: str) -> tuple[int, int]:
@@ -53,20 +59,36 @@ def _u64(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
 
 
-def _cuda_lib_candidates() -> list[Path]:
+def _lib_candidates(name: str, env: str) -> list[Path]:
     out = []
-    if os.environ.get("KVDIRECT_CUDA_LIB"):
-        out.append(Path(os.environ["KVDIRECT_CUDA_LIB"]))
+    if os.environ.get(env):
+        out.append(Path(os.environ[env]))
     try:  # the installed package dir: next to the extension module (editable installs too)
         from kvdirect import _core
 
-        out.append(Path(_core.__file__).parent / CUDA_LIB)
+        out.append(Path(_core.__file__).parent / name)
     except ImportError:
         pass
     import kvdirect
 
-    out.append(Path(kvdirect.__file__).parent / CUDA_LIB)
+    out.append(Path(kvdirect.__file__).parent / name)
     return out
+
+
+def _cuda_lib_candidates() -> list[Path]:
+    return _lib_candidates(CUDA_LIB, "KVDIRECT_CUDA_LIB")
+
+
+def _open_lib(name: str, env: str, what: str, rebuild: str):
+    cands = _lib_candidates(name, env)
+    path = next((p for p in cands if p.is_file()), None)
+    if path is None:
+        raise BackendUnavailableError(
+            f"{what}: {name} not found (looked in {', '.join(str(p.parent) for p in cands)}); {rebuild}")
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as e:
+        raise BackendUnavailableError(f"{what}: cannot load {path}: {e}") from None
 
 
 class _CudaBackend:
@@ -89,16 +111,8 @@ class _CudaBackend:
     def _load(cls):
         if cls._lib is not None:
             return cls._lib
-        cands = _cuda_lib_candidates()
-        path = next((p for p in cands if p.is_file()), None)
-        if path is None:
-            raise BackendUnavailableError(
-                f"CUDA copy engine: {CUDA_LIB} not found (looked in {', '.join(str(p.parent) for p in cands)}); "
-                "kvdirect was built without nvcc -- reinstall with the CUDA toolkit on PATH (KVDIRECT_CUDA=ON)")
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as e:
-            raise BackendUnavailableError(f"CUDA copy engine: cannot load {path}: {e}") from None
+        lib = _open_lib(CUDA_LIB, "KVDIRECT_CUDA_LIB", "CUDA copy engine",
+                        "kvdirect was built without nvcc -- reinstall with the CUDA toolkit on PATH (KVDIRECT_CUDA=ON)")
         u64p, u64, vp = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p
         lib.kvd_cuda_last_error.restype = ctypes.c_char_p
         lib.kvd_cuda_device_count.restype = ctypes.c_int
@@ -134,8 +148,59 @@ class _CudaBackend:
         self._check(self.lib.kvd_cuda_stream_synchronize(ctypes.c_void_p(stream)), "stream synchronize")
 
 
+class _AscendBackend:
+    """libkvdirect_ascend.so (csrc/ascend): Ascend C gather/scatter launched through ACL.
+    Built only with CANN; unverified on the machines kvdirect is developed on."""
+
+    _lib = None
+
+    def __init__(self, device: int):
+        self.lib = self._load()
+        self.device = device
+
+    @classmethod
+    def _load(cls):
+        if cls._lib is not None:
+            return cls._lib
+        lib = _open_lib(ASCEND_LIB, "KVDIRECT_ASCEND_LIB", "Ascend copy engine",
+                        "kvdirect was built without CANN -- reinstall with ASCEND_HOME_PATH pointing at a CANN "
+                        "toolkit (KVDIRECT_ASCEND=ON), or let the cache move NPU pages with torch_npu ops")
+        u64p, u64, vp, u32 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint32
+        lib.kvd_ascend_abi_version.restype = ctypes.c_int
+        lib.kvd_ascend_last_error.restype = ctypes.c_char_p
+        lib.kvd_ascend_copy_segments.argtypes = [u64p, u64p, u64p, u64, ctypes.c_int, vp, u32]
+        lib.kvd_ascend_gather.argtypes = [u64p, u64p, u64, u64, u64, ctypes.c_int, ctypes.c_int, vp, u32]
+        if lib.kvd_ascend_abi_version() != 1:
+            raise BackendUnavailableError(f"Ascend copy engine: {ASCEND_LIB} has ABI "
+                                          f"{lib.kvd_ascend_abi_version()}, this kvdirect needs 1: reinstall")
+        cls._lib = lib
+        return lib
+
+    def _check(self, rc: int, what: str) -> None:
+        err = (self.lib.kvd_ascend_last_error() or b"").decode(errors="replace")
+        if rc == 9:
+            raise ConfigError(f"{what}: the segments hold more bytes than the packed buffer size")
+        if rc == 7:
+            raise BackendUnavailableError(f"{what} on npu:{self.device}: {err}")
+        if rc:
+            raise KVDirectError(f"{what} on npu:{self.device} failed (status {rc}): {err}")
+
+    def gather(self, addrs, sizes, packed, packed_size, to_packed, stream):
+        rc = self.lib.kvd_ascend_gather(addrs.ctypes.data, sizes.ctypes.data, addrs.size, packed, packed_size,
+                                        int(to_packed), self.device, ctypes.c_void_p(stream), 0)
+        self._check(rc, "gather" if to_packed else "scatter")
+
+    def copy(self, src, dst, sizes, stream):
+        rc = self.lib.kvd_ascend_copy_segments(src.ctypes.data, dst.ctypes.data, sizes.ctypes.data, sizes.size,
+                                               self.device, ctypes.c_void_p(stream), 0)
+        self._check(rc, "copy_segments")
+
+    def synchronize(self, stream):
+        pass  # the launcher synchronises the stream before it returns
+
+
 class CopyEngine:
-    """Gather/scatter KV page segments to/from packed page objects (CPU threads or a CUDA kernel)."""
+    """Gather/scatter KV page segments to/from packed page objects (CPU threads, a CUDA or Ascend kernel)."""
 
     def __init__(self, threads: int | None = None, device: str = "cpu", *, min_bytes_per_thread: int = 1 << 20):
         dev = str(device)
@@ -145,14 +210,16 @@ class CopyEngine:
             self._cpu = _core.CpuCopyEngine(int(threads or 0), int(min_bytes_per_thread))
             self._cuda = None
             self.device = "cpu"
-        elif dev == "cuda" or dev.startswith("cuda:"):
-            idx = int(dev.split(":", 1)[1]) if ":" in dev else 0
+        elif dev.split(":", 1)[0] in ("cuda", "npu"):
+            kind, _, idx = dev.partition(":")
+            if idx and not idx.isdigit():
+                raise ConfigError(f"CopyEngine device must be 'cpu' or 'cuda[:N]' or 'npu[:N]', got {device!r}")
+            idx = int(idx or 0)
             self._cpu = None
-            self._cuda = _CudaBackend(idx)
-            self.device = f"cuda:{idx}"
+            self._cuda = (_CudaBackend if kind == "cuda" else _AscendBackend)(idx)
+            self.device = f"{kind}:{idx}"
         else:
-            raise ConfigError(f"CopyEngine device must be 'cpu' or 'cuda[:N]', got {device!r} "
-                              "(Ascend kernels are launched through ACL, see csrc/ascend)")
+            raise ConfigError(f"CopyEngine device must be 'cpu' or 'cuda[:N]' or 'npu[:N]', got {device!r}")
 
     @property
     def threads(self) -> int:
@@ -190,7 +257,7 @@ class CopyEngine:
         return int(sz.sum(dtype=np.uint64))
 
     def synchronize(self, stream: int = 0) -> None:
-        """CUDA: wait for the stream; CPU: nothing (copies are synchronous)."""
+        """CUDA: wait for the stream; CPU and Ascend: nothing (their copies complete before returning)."""
         if self._cuda is not None:
             self._cuda.synchronize(stream)
 

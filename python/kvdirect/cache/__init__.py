@@ -28,7 +28,12 @@ index (WRITING) so eviction cannot hand their slots to another request.
 
 A store call is never abandoned while it may still write into device slots:
 timeouts are enforced by the store adapters themselves, which return a
-per-key TIMEOUT status.
+per-key TIMEOUT status; slots and staging buffers such a call may still touch
+are held until the store is quiet.
+
+Device work is ordered explicitly (``transfer``): the store or the gather waits
+for the compute stream's event; a scatter has completed before its staging
+buffer is reused and before its pages count as loaded.
 
 Modules (each path is its own unit; ``KVDirectCache`` coordinates them):
 
@@ -36,7 +41,9 @@ Modules (each path is its own unit; ``KVDirectCache`` coordinates them):
 * ``match``: :class:`CacheMatch` and the match (index + one existence query);
 * ``load``: load and :class:`LayerwiseLoad` (pool -> device slots, index update);
 * ``writeback``: write jobs, writer threads, completions, back-pressure;
-* ``transfer``: the transfer path between device pages and the store (staging);
+* ``transfer``: the ordered transfer path between device pages and the store, the
+  same for every device (the launch layer is ``kvdirect.device``); ``staging``:
+  its host buffers (pinned where the device needs it, retired after a timeout);
 * ``indexing``: page digests and pool keys, index marks, node locks;
 * ``health``, ``quarantine``, ``stats``: store back-off, what a timed-out call
   may still touch, counters; ``inputs``: token/slot arrays; ``tp``: TP agreement.

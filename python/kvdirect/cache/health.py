@@ -1,4 +1,5 @@
-"""Store health: count failures, log each kind at most once per interval, back off."""
+"""Store health: which errors are store failures; count them, log each kind at most once
+per interval, back off."""
 from __future__ import annotations
 
 import logging
@@ -6,8 +7,15 @@ import time
 
 from kvdirect.cache.stats import CacheStats
 from kvdirect.config import CacheConfig
+from kvdirect.errors import StoreError
+from kvdirect.stores._remote import CallTimeout, CallUnavailable
 
 log = logging.getLogger("kvdirect")
+
+#: What a store call may raise when the pool itself fails (unreachable, timed out, I/O):
+#: counted as misses with back-off. Anything else (ConfigError, BackendUnavailableError,
+#: programming errors) is a bug or a configuration error and propagates to the caller.
+STORE_FAILURES = (StoreError, OSError, CallTimeout, CallUnavailable)
 
 
 class StoreHealth:

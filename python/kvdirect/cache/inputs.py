@@ -33,3 +33,21 @@ def as_slots(slots) -> np.ndarray:
     if a.ndim != 1:
         raise ConfigError(f"slots must be 1-D, got shape {a.shape}")
     return a
+
+
+def check_token_slots(layout, slots: np.ndarray, what: str) -> None:
+    """Slots of whole pages, one per token: each page's ``page_size`` slots consecutive and
+    starting at a multiple of ``page_size``, inside the layout (one C++ pass).
+
+    Raises ConfigError saying what was expected; the caller keeps its slots."""
+    P = layout.page_size
+    if len(slots) % P:
+        raise ConfigError(f"{what}: slots must be one per token of whole pages ({P} per page), got {len(slots)} "
+                          f"slots, not a multiple of {P}")
+    if not len(slots):
+        return
+    try:
+        layout.page_indices(slots, per_token=True)
+    except ConfigError as e:
+        raise ConfigError(f"{what}: slots must be one per token of whole pages ({P} consecutive slots per page, "
+                          f"the first a multiple of {P}): {e}") from None

@@ -4,6 +4,11 @@ A page is loaded only when its whole get succeeded; loading stops at the first
 failed page; every slot not holding a loaded page goes back through
 ``free_slots`` (or waits in quarantine while a timed-out get may still write
 it); loaded pages join the index as device-resident and in the pool.
+
+Slots are validated first (one per token of whole pages, page aligned): a bad
+slot list is a ConfigError and changes nothing (the caller keeps its slots).
+Store failures are misses; any other error propagates, and the caller keeps
+its slots then too.
 """
 from __future__ import annotations
 
@@ -12,11 +17,22 @@ import time
 
 import numpy as np
 
-from kvdirect.cache.inputs import as_slots
+from kvdirect.cache.health import STORE_FAILURES
+from kvdirect.cache.inputs import as_slots, check_token_slots
 from kvdirect.cache.match import CacheMatch
 from kvdirect.cache.parts import CacheParts
 from kvdirect.cache.transfer import first_failure
+from kvdirect.errors import ConfigError
 from kvdirect.stores.base import TIMEOUT, UNAVAILABLE
+
+
+def checked_slots(p: CacheParts, m: CacheMatch, slots, what: str) -> np.ndarray:
+    slots = as_slots(slots)
+    try:
+        check_token_slots(p.layout, slots, what)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (the match offers {m.pool_len} pool tokens: allocate that many slots)") from None
+    return slots
 
 
 def plan_count(p: CacheParts, m: CacheMatch, slots: np.ndarray) -> int:
@@ -36,16 +52,16 @@ def load_pages(p: CacheParts, m: CacheMatch, slots: np.ndarray, n_pages: int):
 
 
 def load(p: CacheParts, m: CacheMatch, slots) -> int:
-    slots = as_slots(slots)
+    slots = checked_slots(p, m, slots, "load")
     n_pages = plan_count(p, m, slots)
     t0 = time.perf_counter()
     status = None
     if n_pages:
         keys, page_slots = load_pages(p, m, slots, n_pages)
         try:
-            status = p.transfer.get(keys, p.layout.plan(page_slots))
+            status = p.transfer.get(keys, page_slots)
             p.health.recovered()
-        except Exception as e:
+        except STORE_FAILURES as e:
             p.health.failed("get", e)
             status = np.full(n_pages, UNAVAILABLE, dtype=np.int32)
     return finish_load(p, m, slots, n_pages, status, t0)
@@ -96,11 +112,16 @@ def finish_load(p: CacheParts, m: CacheMatch, slots: np.ndarray, n_pages: int, s
 
 
 class LayerwiseLoad:
-    """A layer-by-layer load in progress (see ``KVDirectCache.load_layerwise``)."""
+    """A layer-by-layer load in progress (see ``KVDirectCache.load_layerwise``).
+
+    Layer completions come from the store (ranged reads of each page object,
+    direct path), from one device event per layer (staged path: the scatter of
+    layer ``l`` has completed), or all at once (stores that only get whole objects).
+    """
 
     def __init__(self, parts: CacheParts, m: CacheMatch, slots):
         self.parts, self.m = parts, m
-        self.slots = as_slots(slots)
+        self.slots = checked_slots(parts, m, slots, "load_layerwise")
         self.n_pages = plan_count(parts, m, self.slots)
         L = parts.layout.num_layers
         self._events = [threading.Event() for _ in range(L)]
@@ -108,6 +129,7 @@ class LayerwiseLoad:
         self.status = np.zeros(self.n_pages, dtype=np.int32)
         self._t0 = time.perf_counter()
         self._result = None
+        self._error = None
         self._thread = None
         if self.n_pages == 0:
             for e in self._events:
@@ -117,32 +139,39 @@ class LayerwiseLoad:
         self._thread = threading.Thread(target=self._run, name="kvdirect-layerwise", daemon=True)
         self._thread.start()
 
+    def _layer_done(self, layer: int, pages: int) -> None:
+        self._ok_after_layer[layer] = pages
+        self._events[layer].set()
+
     def _run(self):
         p = self.parts
-        layers = len(self._events)
         piecewise = getattr(p.store, "open_read", None) if not p.transfer.stage else None
         try:
-            if piecewise is None:  # whole objects: every layer completes at once
-                self.status[:] = p.transfer.get(self._keys, p.layout.plan(self._page_slots))
-                for l in range(layers):
-                    self._ok_after_layer[l] = first_failure(self.status)
-                    self._events[l].set()
-                return
-            obj = np.full(self.n_pages, p.layout.page_bytes, dtype=np.uint64)
-            with piecewise(self._keys, obj) as rd:
-                alive = first_failure(rd.status)
-                for l in range(layers):  # layer l is the next bytes of every page object
-                    if alive:
-                        rd.read(p.layout.plan_layer(self._page_slots[:alive], l))
-                    self._ok_after_layer[l] = alive
-                    self._events[l].set()
-            self.status[:] = rd.end()
-        except Exception as e:
+            if p.transfer.stage:
+                self.status[:] = p.transfer.get_layers(self._keys, self._page_slots, self._layer_done)
+            elif piecewise is None:  # whole objects: every layer completes at once
+                self.status[:] = p.transfer.get(self._keys, self._page_slots)
+            else:
+                obj = np.full(self.n_pages, p.layout.page_bytes, dtype=np.uint64)
+                p.transfer.before_direct_write()
+                with piecewise(self._keys, obj) as rd:
+                    alive = first_failure(rd.status)
+                    for layer in range(len(self._events)):  # layer l is the next bytes of every page object
+                        if alive:
+                            rd.read(p.layout.plan_layer(self._page_slots[:alive], layer, per_token=False))
+                        self._layer_done(layer, alive)
+                self.status[:] = rd.end()
+        except STORE_FAILURES as e:
             p.health.failed("get", e)
             self.status[:] = UNAVAILABLE
+        except BaseException as e:  # noqa: BLE001 - re-raised by finish() on the caller's thread
+            self._error = e
+            self.status[:] = UNAVAILABLE
         finally:
-            for e in self._events:
-                e.set()
+            ok = first_failure(self.status)
+            for layer, e in enumerate(self._events):
+                if not e.is_set():
+                    self._layer_done(layer, ok)
 
     def wait_layer(self, layer: int, timeout: float | None = None) -> int:
         """Block until layer ``layer`` is loaded; returns the tokens valid for it so far."""
@@ -155,6 +184,8 @@ class LayerwiseLoad:
         if self._result is None:
             if self._thread is not None:
                 self._thread.join()
+            if self._error is not None:  # not a store failure: nothing applied, the caller keeps its slots
+                raise self._error
             self._result = finish_load(self.parts, self.m, self.slots, self.n_pages,
                                        self.status if self.n_pages else None, self._t0)
         return self._result

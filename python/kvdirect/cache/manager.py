@@ -3,7 +3,16 @@
 It builds the shared pieces (:class:`~kvdirect.cache.parts.CacheParts`) and
 hands each call to its path: :mod:`~kvdirect.cache.match`,
 :mod:`~kvdirect.cache.load`, :mod:`~kvdirect.cache.writeback`; transfers go
-through :mod:`~kvdirect.cache.transfer`.
+through :mod:`~kvdirect.cache.transfer` (ordering) and :mod:`kvdirect.device`
+(the device's launch layer).
+
+The pool is chosen explicitly: a store (object or URL, as the ``store``
+argument or ``CacheConfig.store``), or ``CacheConfig.store=None`` for a
+device-only cache (said once in the log and in ``stats()["mode"]``). With
+neither, the cache refuses to start: it never opens a pool on its own. A
+malformed URL is always an error; an unreachable store is tolerated only with
+``allow_no_store`` (a warning, then no pool until restart). A device whose
+pages cannot be moved to that store fails here, naming the device and the fix.
 """
 from __future__ import annotations
 
@@ -14,7 +23,7 @@ import numpy as np
 
 from kvdirect import keys as _keys
 from kvdirect.cache import load as _load
-from kvdirect.cache.health import StoreHealth
+from kvdirect.cache.health import STORE_FAILURES, StoreHealth
 from kvdirect.cache.indexing import NodeLocks, PageKeys
 from kvdirect.cache.match import CacheMatch, match
 from kvdirect.cache.parts import CacheParts
@@ -23,9 +32,10 @@ from kvdirect.cache.stats import COUNTERS, CacheStats
 from kvdirect.cache.transfer import Transfer
 from kvdirect.cache.writeback import WriteBack
 from kvdirect.config import CacheConfig
-from kvdirect.errors import ConfigError, KVDirectError
+from kvdirect.device import device_ops
+from kvdirect.errors import ConfigError
 from kvdirect.index import PrefixIndex
-from kvdirect.stores import Store, open_store
+from kvdirect.stores import Store, open_store, parse_url
 
 log = logging.getLogger("kvdirect")
 
@@ -52,36 +62,62 @@ class KVDirectCache:
         self.index = PrefixIndex(self.page_size, max_pool_only_pages=self.config.max_pool_only_pages)
         self.fingerprint = _keys.LayoutFingerprint.from_layout(layout, model=self.config.model,
                                                                tp_rank=tp_rank, tp_size=tp_size)
+        self.mode = "pool"
         self.store: Store | None = self._open_store(store)
         stats = CacheStats(self.config.latency_window)
+        quarantine = Quarantine(self.store, self.free_slots)
+        try:
+            transfer = (Transfer(self.store, layout, self.config, self._ops, quarantine)
+                        if self.store is not None else None)
+        except BaseException:
+            self.store.close()
+            raise
         self._p = CacheParts(
             config=self.config, layout=layout, page_size=self.page_size, index=self.index,
             keys=PageKeys(self.index, self.page_size, self.fingerprint), locks=NodeLocks(self.index),
-            stats=stats, health=StoreHealth(self.store, self.config, stats),
-            quarantine=Quarantine(self.store, self.free_slots), store=self.store,
-            transfer=Transfer(self.store, layout, self.config) if self.store is not None else None,
-            free_slots=self.free_slots, tp_reduce=tp_reduce_min)
+            stats=stats, health=StoreHealth(self.store, self.config, stats), quarantine=quarantine,
+            store=self.store, transfer=transfer, free_slots=self.free_slots, tp_reduce=tp_reduce_min)
         self._wb = WriteBack(self._p)
         self._closed = False
 
     def _open_store(self, store) -> Store | None:
-        if store is None and self.config.store:
+        if store is None:
             store = self.config.store
-        if isinstance(store, str):
-            try:
-                store = open_store(store)
-            except KVDirectError as e:
-                if not self.config.allow_no_store:
-                    raise
-                log.warning("kvdirect: running without a KV pool: %s", e)
-                store = None
-        return store
+        if store == "":
+            raise ConfigError(
+                "KVDirectCache needs a KV pool: pass a store (object or URL, e.g. "
+                "\"shm://NAME?size=8GiB\", \"mooncake://...\", \"memcache://?config=...\") or set "
+                "CacheConfig(store=URL) (\"store\" in KVDIRECT_CONFIG); store=None in the config means a "
+                "device-only cache without a pool")
+        if store is None:
+            self.mode = "device-only"
+            log.warning("kvdirect: device-only cache (CacheConfig.store=None): no KV pool, pages are never "
+                        "loaded from or written to a pool")
+            return None
+        scheme = (parse_url(store).scheme if isinstance(store, str) else getattr(store, "scheme", "?"))
+        # the device must be able to move pages to this store: checked before the store opens
+        self._ops = device_ops(self.layout, store=f"the {scheme}:// pool")
+        if not isinstance(store, str):
+            return store
+        try:
+            return open_store(store)
+        except STORE_FAILURES as e:  # unreachable; a malformed URL (ConfigError) always raises
+            if not self.config.allow_no_store:
+                raise
+            self.mode = "no-pool"
+            log.warning("kvdirect: store %s unreachable, running without a KV pool until restart "
+                        "(allow_no_store=true): %s", store, e)
+            return None
 
     # ---- load path -------------------------------------------------------------
-    def match(self, tokens, namespace: str | None = None) -> CacheMatch:
+    def match(self, tokens, namespace: str | None = None, *, exclude_last: bool = False) -> CacheMatch:
         """Longest cached prefix of ``tokens``: on device (``device_len``) and further in the
-        pool (``pool_len``). One index match plus at most one batched existence query."""
-        return match(self._p, tokens, namespace)
+        pool (``pool_len``). One index match plus at most one batched existence query.
+
+        ``exclude_last=True`` keeps the last token out of the match, so at least one
+        token is left to compute even at 100% reuse (an engine needs the last prompt
+        token's logits): the match then covers whole pages of ``tokens[:-1]``."""
+        return match(self._p, tokens, namespace, exclude_last)
 
     def lock(self, node) -> None:
         self._p.locks.lock(node)
@@ -91,7 +127,9 @@ class KVDirectCache:
 
     def load(self, m: CacheMatch, slots) -> int:
         """Read the matched pool pages straight into ``slots`` (device slots from the
-        engine's allocator, at least ``m.pool_len`` of them for a full load).
+        engine's allocator, at least ``m.pool_len`` of them for a full load): one slot per
+        token of whole pages, each page's slots consecutive from a multiple of page_size.
+        A bad slot list raises ConfigError before anything happens.
 
         Returns the tokens loaded (page aligned). Stops at the first page that
         failed; every slot not holding a loaded page is given back through
@@ -107,8 +145,10 @@ class KVDirectCache:
         would (same index updates, same slot freeing). When a later layer fails for
         some page, ``finish()`` returns fewer tokens than ``wait_layer`` promised
         earlier: the engine must then recompute from the returned length — a failed
-        page is never used. Stores without ranged gets load all layers at once
-        (layer completions then arrive together)."""
+        page is never used. Layer ``l`` is complete when ``wait_layer(l)`` returns: its
+        bytes are in device memory (staged: the layer's scatter has completed; direct:
+        the store's ranged read of that layer returned). Direct stores without ranged
+        gets load all layers at once (layer completions then arrive together)."""
         return _load.LayerwiseLoad(self._p, m, slots)
 
     # ---- write-back path -------------------------------------------------------
@@ -166,6 +206,9 @@ class KVDirectCache:
         d["quarantined_slots"] = self._p.quarantine.held_slots
         d["pending_completions"] = len(self._wb.done)
         d["store"] = None if self.store is None else self.store.scheme
+        d["mode"] = self.mode
+        d.update(self._p.transfer.stats() if self._p.transfer is not None else
+                 {"staging_buffers": 0, "retired_staging_buffers": 0})
         d["store_available"] = self._p.health.available()
         d["device_tokens"] = self.index.total_size
         return d
@@ -185,6 +228,8 @@ class KVDirectCache:
             self._wb.shutdown()
             if self.store is not None:
                 self.store.close()
+            if self._p.transfer is not None:
+                self._p.transfer.close()
 
     def __enter__(self):
         return self

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvdirect.cache.health import STORE_FAILURES
 from kvdirect.cache.inputs import as_tokens
 from kvdirect.cache.parts import CacheParts
 
@@ -13,7 +14,7 @@ from kvdirect.cache.parts import CacheParts
 class CacheMatch:
     """Result of ``KVDirectCache.match``; pass it to ``load``."""
 
-    tokens: np.ndarray
+    tokens: np.ndarray       # the tokens the match covers (without the last one with exclude_last)
     namespace: str | None
     device_len: int          # tokens resident on device, from the start
     device_slots: np.ndarray  # int64 slots of those tokens
@@ -24,8 +25,11 @@ class CacheMatch:
     _index_pool_pages: int = 0          # pool pages the index knew without asking the store
 
 
-def match(p: CacheParts, tokens, namespace: str | None) -> CacheMatch:
+def match(p: CacheParts, tokens, namespace: str | None, exclude_last: bool = False) -> CacheMatch:
     t = as_tokens(tokens)
+    n_all = len(t)
+    if exclude_last and n_all:
+        t = t[:-1]  # the engine computes at least the last token (it needs its logits)
     P = p.page_size
     r = p.index.match(t, namespace)
     dev_pages, idx_pool_pages = r.device_len // P, r.pool_len // P
@@ -44,7 +48,7 @@ def match(p: CacheParts, tokens, namespace: str | None) -> CacheMatch:
             try:
                 found = int(p.store.exists_prefix(qkeys))
                 p.health.recovered()
-            except Exception as e:  # a store error is a miss, never a crash
+            except STORE_FAILURES as e:  # a store failure is a miss, never a crash
                 p.health.failed("exists", e)
                 found = 0
             p.stats.add(query_keys=len(qkeys))
@@ -54,6 +58,6 @@ def match(p: CacheParts, tokens, namespace: str | None) -> CacheMatch:
         agreed = p.reduce(dev_pages + pool_pages)
         pool_pages = max(0, min(pool_pages, agreed - dev_pages))
     p.stats.add(match_calls=1, device_hit_tokens=r.device_len, pool_hit_tokens=pool_pages * P,
-                miss_tokens=len(t) - r.device_len - pool_pages * P)
+                miss_tokens=n_all - r.device_len - pool_pages * P)
     return CacheMatch(t, namespace, r.device_len, r.device_slots, pool_pages * P, r.node,
                       _digests=digests, _index_pool_pages=idx_pool_pages)

@@ -1,19 +1,46 @@
-"""The transfer path between device pages and the pool.
+"""The ordered transfer path between device pages and the pool, one for every device.
 
-Direct: the store reads/writes the device pages itself (``Store.get`` / ``put``
-on the layout's scatter list). Staged: for stores that cannot address device
-memory, pages travel through bounded host staging buffers (one per role and
-thread, registered with the store once) and the copy engine gathers/scatters
-them chunk by chunk.
+*Direct*: the store reads and writes the device pages itself (``Store.get`` /
+``put`` on the layout's scatter list). Before a put reads the pages, the host
+waits for the compute stream's event that produced them; before a get writes
+slots, the host waits for the work queued on the compute stream so far (it may
+still use those slots: an earlier owner's kernels), which costs a host wait on
+asynchronous devices and nothing on CPU.
+
+*Staged* (stores that cannot address device memory): pages travel through
+bounded host staging buffers (:mod:`kvdirect.cache.staging`); the device's
+launch layer (:mod:`kvdirect.device`) gathers and scatters them on a transfer
+stream. The order is the same for every device (CPU, CUDA, Ascend, the
+simulated device):
+
+* write-back: the transfer stream waits for the compute stream's event, then
+  gathers; the host waits for the gather before the store reads the buffer;
+* load: the transfer stream waits for the compute stream (earlier work may still
+  read the slots being refilled); the store fills the buffer; the scatter runs;
+  the host waits for the scatter before the buffer is reused and before any page
+  counts as loaded. Layer-wise: one scatter and one event per layer, and layer
+  ``l`` is reported loaded once its event has completed;
+* a buffer whose store call timed out is retired (the abandoned call may still
+  read or write it) until the store is quiet.
+
+Test-only switch: ``KVDIRECT_SIM_SKIP_SYNC=1`` makes this code skip its waits on
+the simulated device (``kvdirect.device.sim``), which must make the simdevice
+tests fail: proof that they see a missing synchronisation.
 """
 from __future__ import annotations
 
-import threading
+import os
 
 import numpy as np
 
+from kvdirect.cache.quarantine import Quarantine
+from kvdirect.cache.staging import StagingPool
+from kvdirect.device import DeviceOps, HostBuffer
+from kvdirect.errors import ConfigError
 from kvdirect.stores import ScatterList
-from kvdirect.stores.base import OK, UNAVAILABLE
+from kvdirect.stores.base import OK, TIMEOUT, UNAVAILABLE
+
+SKIP_SYNC_ENV = "KVDIRECT_SIM_SKIP_SYNC"
 
 
 def first_failure(status: np.ndarray) -> int:
@@ -22,88 +49,158 @@ def first_failure(status: np.ndarray) -> int:
     return int(bad[0]) if bad.size else len(status)
 
 
+def _status(st) -> np.ndarray:
+    return np.asarray(st, dtype=np.int32)
+
+
 class Transfer:
-    def __init__(self, store, layout, config):
-        self.store = store
-        self.layout = layout
-        self.config = config
+    def __init__(self, store, layout, config, ops: DeviceOps, quarantine: Quarantine):
+        self.store, self.layout, self.config, self.ops = store, layout, config, ops
+        self.quarantine = quarantine
         self.stage = config.stage if config.stage is not None else (
             layout.device != "cpu" and not store.supports_device_memory)
+        if not self.stage and not (store.supports_device_memory or ops.host_addressable):
+            raise ConfigError(f"stage=False but the {store.scheme}:// store cannot address {layout.device} memory; "
+                              "leave stage unset (or true) so pages go through host staging buffers")
         if not self.stage:
             kind = "host" if layout.device == "cpu" else "device"
             for addr, length in layout.regions():
                 store.register(addr, length, memory=kind)
-        self.staging: dict = {}  # (role, thread) -> bounded host buffer
-        self._copy = None
+        self.pool = (StagingPool(ops, store, max(config.staging_bytes, layout.page_bytes))
+                     if self.stage else None)
+        self._load_stream = ops.stream() if self.stage else None
+        self._store_stream = ops.stream() if self.stage else None
+        self._skip = ops.kind == "sim" and os.environ.get(SKIP_SYNC_ENV) == "1"
 
-    # ---- pool -> device -------------------------------------------------------
-    def get(self, keys: list, scatter: ScatterList) -> np.ndarray:
-        if not self.stage:
-            return np.asarray(self.store.get(keys, scatter), dtype=np.int32)
-        # pool -> bounded host staging buffer -> device pages (copy engine), chunk by chunk
-        status = np.full(len(keys), UNAVAILABLE, dtype=np.int32)
-        buf = self._staging_buffer("get")
-        for lo, hi, host in self._staged_chunks(buf, scatter):
-            st = np.asarray(self.store.get(keys[lo:hi], host), dtype=np.int32)
-            status[lo:hi] = st
-            n_ok = first_failure(st)
-            if n_ok:
-                self._copy_engine().scatter(scatter.take(slice(lo, lo + n_ok)), buf.ctypes.data,
-                                            int(host.object_sizes[:n_ok].sum()))
-            if n_ok < hi - lo:
-                break  # loading stops at the first failed page
-        return status
+    # ---- ordering (the only waits of the transfer path) -----------------------------------
+    def _wait(self, stream, event) -> None:
+        if not self._skip:
+            self.ops.wait(stream, event)
 
-    # ---- device -> pool -------------------------------------------------------
-    def put(self, keys: list, scatter: ScatterList) -> np.ndarray:
-        if not self.stage:
-            return np.asarray(self.store.put(keys, scatter), dtype=np.int32)
-        status = np.empty(len(keys), dtype=np.int32)
-        buf = self._staging_buffer("put")
-        for lo, hi, host in self._staged_chunks(buf, scatter):
-            self._copy_engine().gather(scatter.take(slice(lo, hi)), buf.ctypes.data,
-                                       int(host.object_sizes.sum()))
-            status[lo:hi] = np.asarray(self.store.put(keys[lo:hi], host), dtype=np.int32)
-        return status
+    def _sync(self, event) -> None:
+        if not self._skip:
+            self.ops.synchronize(event)
 
-    def device_event(self):
+    def _drain(self, stream) -> None:
+        """After an error: nothing launched may still use a buffer that is given back."""
+        try:
+            self.ops.synchronize(self.ops.record(stream))
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
+
+    def compute_event(self):
         """An event on the compute stream that produced the pages (CPU: none)."""
-        dev = self.layout.device
-        if dev.startswith("cuda"):
-            import torch
-            ev = torch.cuda.Event()
-            ev.record()
-            return ev
-        if dev.startswith("npu"):
-            import torch
-            ev = torch.npu.Event()  # torch_npu registers torch.npu
-            ev.record()
-            return ev
-        return None
+        return self.ops.compute_event()
 
-    # ---- staging ---------------------------------------------------------------
-    def _staging_buffer(self, role: str) -> np.ndarray:
-        """One bounded host buffer per role and thread, registered with the store once."""
-        key = (role, threading.get_ident())
-        buf = self.staging.get(key)
-        if buf is None:
-            buf = np.empty(max(self.config.staging_bytes, self.layout.page_bytes), dtype=np.uint8)
-            self.staging[key] = buf
-            self.store.register(buf.ctypes.data, buf.nbytes, memory="host")
-        return buf
+    # ---- pool -> device ----------------------------------------------------------------
+    def get(self, keys: list, page_slots: np.ndarray) -> np.ndarray:
+        """Load whole page objects; per-key status. Stops at the first failed page."""
+        if not self.stage:
+            self.before_direct_write()
+            return _status(self.store.get(keys, self.layout.plan(page_slots, per_token=False)))
+        return self._get_staged(keys, page_slots, None)
 
-    def _staged_chunks(self, buf: np.ndarray, scatter: ScatterList):
+    def before_direct_write(self) -> None:
+        """The store is about to write device slots itself: wait for the work queued on the
+        compute stream so far (it may still read or write those slots)."""
+        if self.ops.asynchronous:
+            self._sync(self.ops.compute_event())
+
+    def get_layers(self, keys: list, page_slots: np.ndarray, on_layer) -> np.ndarray:
+        """Staged load with per-layer completion: ``on_layer(l, pages)`` once layer ``l``
+        of the first ``pages`` pages is on the device (for the final chunk of pages)."""
+        return self._get_staged(keys, page_slots, on_layer)
+
+    def _get_staged(self, keys, page_slots, on_layer) -> np.ndarray:
+        n, layers = len(keys), self.layout.num_layers
+        status = np.full(n, UNAVAILABLE, dtype=np.int32)
+        s = self._load_stream
+        self._wait(s, self.ops.compute_event())
+        buf = self.pool.acquire()
+        done = 0
+        try:
+            for lo, hi, host in self._chunks(buf, n):
+                st = _status(self.store.get(keys[lo:hi], host))
+                status[lo:hi] = st
+                n_ok = first_failure(st)
+                last = hi == n or n_ok < hi - lo
+                if n_ok:
+                    slots = page_slots[lo:lo + n_ok]
+                    if on_layer is None:
+                        self.ops.to_device(slots, buf, s)
+                        self._sync(self.ops.record(s))
+                    else:
+                        events = []
+                        for layer in range(layers):  # one launch + event per layer
+                            self.ops.to_device(slots, buf, s, layer=layer)
+                            events.append(self.ops.record(s))
+                        for layer, ev in enumerate(events if last else events[-1:]):
+                            self._sync(ev)
+                            if last:
+                                on_layer(layer, done + n_ok)
+                done += n_ok
+                if (st == TIMEOUT).any():  # the abandoned call may still write the buffer
+                    self._retire(buf)
+                    buf = None
+                if last or buf is None:
+                    break
+        except BaseException:
+            if buf is not None:
+                self._drain(s)
+            raise
+        finally:
+            if buf is not None:
+                self.pool.release(buf)
+        return status
+
+    # ---- device -> pool ----------------------------------------------------------------
+    def put(self, keys: list, page_slots: np.ndarray, event) -> np.ndarray:
+        """Store whole page objects after ``event`` (the compute stream's); per-key status."""
+        if not self.stage:
+            self._sync(event)  # the store reads the pages: the compute stream must have written them
+            return _status(self.store.put(keys, self.layout.plan(page_slots, per_token=False)))
+        n = len(keys)
+        status = np.full(n, UNAVAILABLE, dtype=np.int32)
+        s = self._store_stream
+        self._wait(s, event)  # gathers read the pages only after the compute stream wrote them
+        buf = self.pool.acquire()
+        try:
+            for lo, hi, host in self._chunks(buf, n):
+                self.ops.to_host(page_slots[lo:hi], buf, s)
+                self._sync(self.ops.record(s))  # the gather has completed before the store reads the buffer
+                st = _status(self.store.put(keys[lo:hi], host))
+                status[lo:hi] = st
+                if (st == TIMEOUT).any():  # the abandoned put may still read the buffer
+                    self._retire(buf)
+                    buf = None
+                    break
+        except BaseException:
+            if buf is not None:
+                self._drain(s)
+            raise
+        finally:
+            if buf is not None:
+                self.pool.release(buf)
+        return status
+
+    # ---- staging -------------------------------------------------------------------------
+    def _retire(self, buf: HostBuffer) -> None:
+        self.pool.retire(buf)
+        self.quarantine.defer(lambda: self.pool.recycle(buf))
+
+    def _chunks(self, buf: HostBuffer, n: int):
         """(lo, hi, host scatter list) chunks of whole page objects that fit the buffer."""
         obj = self.layout.page_bytes
         per = max(1, buf.nbytes // obj)
-        base = buf.ctypes.data
-        for lo in range(0, len(scatter), per):
-            hi = min(len(scatter), lo + per)
-            offs = base + np.arange(hi - lo, dtype=np.uint64) * np.uint64(obj)
+        for lo in range(0, n, per):
+            hi = min(n, lo + per)
+            offs = np.uint64(buf.addr) + np.arange(hi - lo, dtype=np.uint64) * np.uint64(obj)
             yield lo, hi, ScatterList(offs, np.full(hi - lo, obj, dtype=np.uint64))
 
-    def _copy_engine(self):
-        if self._copy is None:
-            from kvdirect.copy import CopyEngine
-            self._copy = CopyEngine(device=self.layout.device)
-        return self._copy
+    def stats(self) -> dict:
+        if self.pool is None:
+            return {"staging_buffers": 0, "retired_staging_buffers": 0}
+        return {"staging_buffers": len(self.pool.buffers), "retired_staging_buffers": self.pool.retired}
+
+    def close(self) -> None:
+        self.ops.close()

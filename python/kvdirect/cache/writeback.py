@@ -6,6 +6,14 @@ Writer threads only enqueue their results; ``apply`` (called from
 sees a single writer. A page counts as stored only after its whole put
 returned OK. A put that timed out may still read its pages: they stay pinned
 until the store is quiet, then the late object is removed (it may be torn).
+
+Ordering: the job carries an event recorded on the compute stream when
+``write_back`` was called; the transfer path makes the store (direct) or the
+gather (staged) wait for it before reading the pages.
+
+Errors: store failures unpin the pages and back off; any other error in a
+writer thread (a bug, a configuration error) unpins the pages and is raised
+from ``poll``.
 """
 from __future__ import annotations
 
@@ -17,11 +25,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvdirect.cache.health import STORE_FAILURES
 from kvdirect.cache.indexing import UNKNOWN, mark
-from kvdirect.cache.inputs import as_slots, as_tokens
+from kvdirect.cache.inputs import as_slots, as_tokens, check_token_slots
 from kvdirect.cache.parts import CacheParts
 from kvdirect.errors import ConfigError, KVDirectError
-from kvdirect.stores import ScatterList
 from kvdirect.stores.base import OK, TIMEOUT
 
 
@@ -31,8 +39,8 @@ class WriteJob:
     namespace: str | None
     pages: np.ndarray        # page indices (from 0) being written
     keys: list
-    scatter: ScatterList
-    event: object = None     # device event the writer waits on before reading the pages
+    page_slots: np.ndarray   # first device slot of each page
+    event: object = None     # compute-stream event the transfer waits on before reading the pages
     t0: float = field(default_factory=time.perf_counter)
 
 
@@ -55,6 +63,7 @@ class WriteBack:
         if len(s) < full * P:
             raise ConfigError(f"write_back needs a slot per token of the full pages: "
                               f"{full * P} tokens, {len(s)} slots")
+        check_token_slots(p.layout, s[: full * P], "write_back")
         prefix = t[: full * P]
         already = p.index.insert(prefix, s[: full * P], namespace)
         if not (p.config.write_back and full and p.health.available()):
@@ -73,8 +82,7 @@ class WriteBack:
             raise KVDirectError(f"internal: pinned {pinned} of {len(todo)} pages")
         page_slots = r.device_slots[todo * P]
         job = WriteJob(prefix.copy(), namespace, todo.astype(np.int64),
-                       p.keys.pool_keys(digests[todo]), p.layout.plan(page_slots),
-                       p.transfer.device_event())
+                       p.keys.pool_keys(digests[todo]), page_slots, p.transfer.compute_event())
         self.executor.submit(self._run, job)
         return already
 
@@ -103,8 +111,10 @@ class WriteBack:
             n += 1
             pages = job.pages
             if err is not None:
-                p.health.failed("put", err)
                 mark(p.index.mark_write_failed, job.tokens, job.namespace, pages)
+                if not isinstance(err, STORE_FAILURES):
+                    raise err  # a bug or a configuration error, never a store failure
+                p.health.failed("put", err)
                 p.stats.add(store_failed_pages=len(pages))
                 continue
             ok = status == OK
@@ -132,7 +142,7 @@ class WriteBack:
         p = self.p
         try:
             p.store.remove([job.keys[i] for i in idx])
-        except Exception as e:
+        except STORE_FAILURES as e:
             p.health.failed("remove", e)
         mark(p.index.mark_write_failed, job.tokens, job.namespace, job.pages[idx])
 
@@ -152,20 +162,17 @@ class WriteBack:
 
     # ---- writer threads ------------------------------------------------------------
     def _run(self, job: WriteJob) -> None:
-        """Wait for the compute stream, skip pages the pool has, put the rest."""
+        """Skip pages the pool has, put the rest (after the compute stream's event)."""
         p = self.p
         try:
-            if job.event is not None:
-                job.event.synchronize()
             status = np.zeros(len(job.keys), dtype=np.int32)
             have = np.asarray(p.store.exists(job.keys), dtype=bool)
             todo = np.flatnonzero(~have)
             if todo.size:
-                sub = job.scatter.take(todo)
                 keys = job.keys if todo.size == len(job.keys) else [job.keys[i] for i in todo]
-                status[todo] = p.transfer.put(keys, sub)
+                status[todo] = p.transfer.put(keys, job.page_slots[todo], job.event)
             self.done.append((job, status, int(have.sum()), None))
-        except Exception as e:  # reported on the scheduler thread by apply()
+        except BaseException as e:  # noqa: BLE001 - reported on the scheduler thread by apply()
             self.done.append((job, None, 0, e))
         with self._cv:
             self.inflight_pages -= len(job.keys)
