@@ -438,6 +438,46 @@ def test_match_result_slots_are_a_fresh_array():
     assert ix.match([1, 2, 3, 4]).device_slots.tolist() == [5, 6, 7, 8]
 
 
+def test_match_slots_are_a_snapshot_built_on_first_access():
+    P = 4
+    ix = PrefixIndex(P)
+    t = toks(1, 2, 3, P=P)
+    ix.insert(t, slots_for(12, 40))
+    r = ix.match(t)
+    assert ix.evict(1 << 30).size == 12  # every page gone before the slots are read
+    assert r.device_slots.tolist() == list(range(40, 52))  # what the match saw
+    assert r.device_slots is r.device_slots  # built once, then the same array
+    assert r[1] is r.device_slots and len(r) == 5
+    with pytest.raises(IndexError):
+        r[5]
+    assert "device_len=12" in repr(r)
+    with pytest.raises(TypeError):
+        MatchResult()  # only match() makes them
+
+
+@pytest.mark.parametrize("order", ["runs", "reversed pages", "scattered tokens"])
+def test_match_slots_across_nodes_and_slot_shapes(order):
+    """Slots leave a match as runs of consecutive slots: pages of one node, pages of
+    consecutive nodes that continue each other, nodes holding a slot per token."""
+    P = 4
+    ix = PrefixIndex(P)
+    base = toks(1, 2, 3, 4, 5, P=P)
+    if order == "runs":
+        slots = np.arange(20, dtype=np.int64) + 7
+    elif order == "reversed pages":
+        slots = (np.arange(5)[::-1, None] * P + np.arange(P)).reshape(-1).astype(np.int64)
+    else:
+        slots = np.random.default_rng(3).permutation(100)[:20].astype(np.int64)
+    ix.insert(base, slots)
+    ix.match(base[:2 * P])  # split the node after two pages: the path is now two nodes
+    ix.insert(np.concatenate([base[:3 * P], toks(9, P=P)]), np.concatenate([slots[:3 * P], [90, 91, 92, 93]]))
+    for n in (P, 2 * P, 3 * P, 5 * P):
+        assert ix.match(base[:n]).device_slots.tolist() == slots[:n].tolist()
+    assert ix.match(np.concatenate([base[:3 * P], toks(9, P=P)])).device_slots.tolist() == \
+        slots[:3 * P].tolist() + [90, 91, 92, 93]
+    check(ix)
+
+
 # ---------------------------------------------------------------------------
 # threads: completion marks from another thread
 # ---------------------------------------------------------------------------

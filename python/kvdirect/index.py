@@ -20,7 +20,10 @@ Summary of the contract:
   shared read-only empty one), then ``pool_len``
   tokens known to be in the pool. ``node`` is an int handle of the matched path
   (0 when nothing matched); matching splits nodes as needed and refreshes
-  recency.
+  recency. The result keeps the slots as the runs of consecutive slots the
+  index holds (a page or more each) and builds ``device_slots`` on first
+  access: a snapshot of the match, so a caller that needs only lengths and the
+  node pays nothing per token.
 * ``insert(tokens, slots, namespace=None, digests=None) -> int``: caches the full
   pages on device and returns how many leading tokens were *already* on device.
   The caller frees its own slots for ``[0, returned)``; the index owns every
