@@ -137,6 +137,28 @@ KVD_BINDINGS(50, shm) {
       .def_property_readonly("closed", &Pool::closed)
       .def("set_verify_checksum", &Pool::set_verify_checksum)
       .def("set_write_checksum", &Pool::set_write_checksum)
+      .def(
+          "set_copy_options",
+          [](Pool& p, unsigned threads, uint64_t parallel_min_bytes, uint64_t stream_min_bytes) {
+            kvd::shm::CopyOptions o;
+            o.threads = threads;
+            o.parallel_min_bytes = parallel_min_bytes;
+            o.stream_min_bytes = stream_min_bytes;
+            p.set_copy_options(o);
+          },
+          py::arg("threads") = 0, py::arg("parallel_min_bytes") = kvd::shm::CopyOptions().parallel_min_bytes,
+          py::arg("stream_min_bytes") = kvd::shm::CopyOptions().stream_min_bytes,
+          "copy threads for large batches (0: one per hardware thread, 1: the caller only), the batch "
+          "size from which they are used, and from which stores are non-temporal (csrc/shm/shm_pool.h)")
+      .def("copy_options",
+           [](Pool& p) {
+             auto o = p.copy_options();
+             py::dict d;
+             d["threads"] = o.threads;
+             d["parallel_min_bytes"] = o.parallel_min_bytes;
+             d["stream_min_bytes"] = o.stream_min_bytes;
+             return d;
+           })
       .def("exists",
            [](Pool& p, py::handle keys) {
              auto k = keys_from(keys);

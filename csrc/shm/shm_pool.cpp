@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <mutex>
@@ -723,7 +724,7 @@ void Pool::unpin(uint32_t p) {
 namespace {
 template <bool kToPool>
 void copy_object(uint8_t* data, const uint32_t* next, uint64_t bs, uint32_t first_block, const uint64_t* addrs,
-                 const uint64_t* sizes, size_t nseg, CopyHasher* hasher) {
+                 const uint64_t* sizes, size_t nseg, CopyHasher* hasher, bool stream = false) {
   uint32_t b = first_block;
   uint64_t boff = 0;
   for (size_t j = 0; j < nseg; ++j) {
@@ -739,7 +740,7 @@ void copy_object(uint8_t* data, const uint32_t* next, uint64_t bs, uint32_t firs
       uint8_t* dst = kToPool ? bp : p;
       const uint8_t* src = kToPool ? p : bp;
       if (hasher) hasher->copy(dst, src, n);
-      else fast_copy(dst, src, n);
+      else fast_copy(dst, src, n, stream);
       p += n;
       rem -= n;
       boff += n;
@@ -766,11 +767,43 @@ void Pool::exists(const std::string* keys, size_t n, uint8_t* out) {
     out[i] = key_ok(keys[i]) && index_find(keys[i].data(), keys[i].size(), key_hash64(keys[i].data(), keys[i].size())) >= 0;
 }
 
+void Pool::set_copy_options(const CopyOptions& o) {
+  std::lock_guard<std::mutex> g(copiers_mu_);
+  if (o.threads != copy_opt_.threads) copiers_.reset();  // rebuilt at the next large batch
+  copy_opt_ = o;
+}
+
+ThreadPool* Pool::copiers() {
+  std::lock_guard<std::mutex> g(copiers_mu_);
+  const int pid = int(getpid());
+  if (copiers_ && copiers_pid_ != pid) (void)copiers_.release();  // forked: those threads are not ours
+  if (!copiers_) {
+    copiers_ = std::make_unique<ThreadPool>(copy_opt_.threads ? copy_opt_.threads : hardware_threads());
+    copiers_pid_ = pid;
+  }
+  return copiers_.get();
+}
+
+void Pool::copy_objects(size_t n, uint64_t total_bytes, const std::function<void(size_t, unsigned)>& one) {
+  const unsigned max_threads = copy_opt_.threads ? copy_opt_.threads : hardware_threads();
+  unsigned want = total_bytes >= copy_opt_.parallel_min_bytes ? max_threads : 1;
+  if (want > n) want = unsigned(n);
+  if (want > 1) {
+    std::atomic<size_t> next{0};
+    const std::function<void(unsigned)> body = [&](unsigned w) {
+      for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) one(i, w);
+    };
+    if (copiers()->try_run(want, body)) return;
+  }
+  for (size_t i = 0; i < n; ++i) one(i, 0);  // small batch, or the threads serve another one
+}
+
 void Pool::put(const std::string* keys, size_t n, const uint64_t* addrs, const uint64_t* sizes, size_t nseg,
                int32_t* status) {
   std::shared_lock<std::shared_mutex> cg(close_mu_);
   if (!base_) throw std::runtime_error("shm pool is closed");
   std::vector<uint32_t> ids(n, kNil);
+  uint64_t batch = 0;
   {
     Guard g(this);
     maybe_hold("lock");
@@ -780,26 +813,29 @@ void Pool::put(const std::string* keys, size_t n, const uint64_t* addrs, const u
       Status s = key_ok(keys[i]) ? reserve(keys[i], total, &ids[i]) : Status::kInvalidArgument;
       status[i] = int32_t(s);
       if (s != Status::kOk) hdr_->put_failures++;
+      else batch += total;
     }
   }
   std::vector<uint64_t> sums(n, 0);
   const uint64_t bs = hdr_->block_size;
+  const bool stream = batch >= copy_opt_.stream_min_bytes;
   bool held = false;
-  for (size_t i = 0; i < n; ++i) {
-    if (ids[i] == kNil) continue;
+  copy_objects(n, batch, [&](size_t i, unsigned w) {
+    if (ids[i] == kNil) return;
     const ObjRec& o = objs_[ids[i]];
     if (write_checksum_) {
-      CopyHasher hs;
-      copy_object<true>(data_, next_, bs, o.first_block, addrs + i * nseg, sizes + i * nseg, nseg, &hs);
+      CopyHasher hs(stream);
+      copy_object<true>(data_, next_, bs, o.first_block, addrs + i * nseg, sizes + i * nseg, nseg, &hs, stream);
       sums[i] = hs.digest();
     } else {
-      copy_object<true>(data_, next_, bs, o.first_block, addrs + i * nseg, sizes + i * nseg, nseg, nullptr);
+      copy_object<true>(data_, next_, bs, o.first_block, addrs + i * nseg, sizes + i * nseg, nseg, nullptr, stream);
     }
-    if (!held) {
+    if (stream) copy_fence();  // the bytes are complete before the object is published
+    if (w == 0 && !held) {
       held = true;
       maybe_hold("put_copy");  // test hook: dying here leaves a reservation to reclaim
     }
-  }
+  });
   Guard g(this);
   for (size_t i = 0; i < n; ++i)
     if (ids[i] != kNil) publish(ids[i], sums[i], write_checksum_);
@@ -810,6 +846,7 @@ void Pool::get(const std::string* keys, size_t n, const uint64_t* addrs, const u
   std::shared_lock<std::shared_mutex> cg(close_mu_);
   if (!base_) throw std::runtime_error("shm pool is closed");
   std::vector<uint32_t> pins(n, kNil);
+  uint64_t batch = 0;
   {
     Guard g(this);
     for (size_t i = 0; i < n; ++i) {
@@ -827,6 +864,7 @@ void Pool::get(const std::string* keys, size_t n, const uint64_t* addrs, const u
         else {
           lru_unlink(uint32_t(id));
           lru_push_front(uint32_t(id));
+          batch += total;
         }
       }
       status[i] = int32_t(s);
@@ -836,22 +874,24 @@ void Pool::get(const std::string* keys, size_t n, const uint64_t* addrs, const u
   }
   const uint64_t bs = hdr_->block_size;
   std::vector<uint8_t> bad(n, 0);
+  const bool stream = batch >= copy_opt_.stream_min_bytes;
   bool held = false;
-  for (size_t i = 0; i < n; ++i) {
-    if (pins[i] == kNil) continue;
+  copy_objects(n, batch, [&](size_t i, unsigned w) {
+    if (pins[i] == kNil) return;
     const ObjRec& o = objs_[pins_[pins[i]].obj];
     if (verify_ && (o.flags & kHasChecksum)) {
-      CopyHasher hs;
-      copy_object<false>(data_, next_, bs, o.first_block, addrs + i * nseg, sizes + i * nseg, nseg, &hs);
+      CopyHasher hs(stream);
+      copy_object<false>(data_, next_, bs, o.first_block, addrs + i * nseg, sizes + i * nseg, nseg, &hs, stream);
       bad[i] = hs.digest() != o.checksum;
     } else {
-      copy_object<false>(data_, next_, bs, o.first_block, addrs + i * nseg, sizes + i * nseg, nseg, nullptr);
+      copy_object<false>(data_, next_, bs, o.first_block, addrs + i * nseg, sizes + i * nseg, nseg, nullptr, stream);
     }
-    if (!held) {
+    if (stream) copy_fence();
+    if (w == 0 && !held) {
       held = true;
       maybe_hold("get_copy");  // test hook: dying here leaves pins to reclaim
     }
-  }
+  });
   Guard g(this);
   for (size_t i = 0; i < n; ++i) {
     if (pins[i] == kNil) continue;

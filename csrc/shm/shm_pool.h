@@ -34,6 +34,11 @@
 // * Checksums: a 64-bit checksum is computed while copying on put (fused with
 //   the copy, see copy_hash.h) and verified on get when enabled for this
 //   handle. A mismatch returns kCorrupt for that key and drops the object.
+// * Copies of a large batch (CopyOptions) are split over this handle's copy
+//   threads, whole objects each (a thread takes the next object when it is
+//   done, so a descheduled thread delays the batch by one object at most),
+//   and use non-temporal stores. A batch that finds the threads busy with
+//   another batch of this handle runs on its caller alone.
 // * Crash safety: one process-shared robust mutex guards all metadata. A
 //   process killed while holding it makes the next locker see EOWNERDEAD; it
 //   then rebuilds every derived structure (free lists, index, LRU, counters,
@@ -55,12 +60,15 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <shared_mutex>
 #include <string>
 #include <vector>
 
 #include "common/status.h"
+#include "common/thread_pool.h"
 #include "shm/copy_hash.h"
 
 namespace kvd::shm {
@@ -75,6 +83,13 @@ struct CreateOptions {
 };
 
 enum class OpenMode { kOpen, kCreate, kAuto };
+
+// How put/get move bytes (per handle, process-local).
+struct CopyOptions {
+  unsigned threads = 0;                     // 0: one per hardware thread; 1: the caller only
+  uint64_t parallel_min_bytes = 2ULL << 20;  // batches from this size use the threads
+  uint64_t stream_min_bytes = 4ULL << 20;    // ... and non-temporal stores from this size
+};
 
 struct PoolStats {
   uint64_t size, capacity, used, object_bytes, block_size, blocks, free_blocks;
@@ -104,6 +119,8 @@ class Pool {
   const std::string& name() const { return name_; }
   void set_verify_checksum(bool on) { verify_ = on; }
   void set_write_checksum(bool on) { write_checksum_ = on; }
+  void set_copy_options(const CopyOptions& o);
+  CopyOptions copy_options() const { return copy_opt_; }
 
   void exists(const std::string* keys, size_t n, uint8_t* out);
   // Segment j of key i: addrs[i*nseg + j], sizes[i*nseg + j].
@@ -165,6 +182,9 @@ class Pool {
   void unpin(uint32_t pin);
   bool dead(uint32_t pid);
   bool record_ok(uint32_t id) const;
+  // Calls one(i, w) for every i in [0, n), w = 0 on the calling thread.
+  void copy_objects(size_t n, uint64_t total_bytes, const std::function<void(size_t, unsigned)>& one);
+  ThreadPool* copiers();
 
   std::string name_;
   int fd_ = -1;
@@ -179,6 +199,10 @@ class Pool {
   bool verify_ = true;
   bool write_checksum_ = true;
   std::shared_mutex close_mu_;  // ops shared, close exclusive
+  CopyOptions copy_opt_;
+  std::mutex copiers_mu_;
+  std::unique_ptr<ThreadPool> copiers_;  // created on the first large batch
+  int copiers_pid_ = 0;                   // a forked child must not use its parent's threads
   std::string hold_phase_, hold_marker_;
   double hold_seconds_ = 0;
 };
