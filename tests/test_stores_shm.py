@@ -584,3 +584,17 @@ def test_forked_child_uses_its_own_copy_threads(pool_name):
                 p.kill()
                 p.join(5)
         assert st == [OK] * 8 and first == list(range(8))
+
+
+def test_exists_prefix_stops_at_the_first_absent_key(pool_name):
+    with open_store(f"shm://{pool_name}?size=2MiB") as s:
+        for k in ("a", "b", "d"):
+            assert s.put_bytes(k, b"x" * 100)
+        assert s.exists_prefix(["a", "b", "c", "d"]) == 2
+        assert s.exists_prefix(["c", "a"]) == 0
+        assert s.exists_prefix(["a", "b", "d"]) == 3
+        assert s.exists_prefix([]) == 0
+        with pytest.raises(ConfigError):
+            s.exists_prefix(["a", ""])
+        with pytest.raises(ConfigError):
+            s.exists_prefix(["a", 7])

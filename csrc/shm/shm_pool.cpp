@@ -798,6 +798,18 @@ void Pool::copy_objects(size_t n, uint64_t total_bytes, const std::function<void
   for (size_t i = 0; i < n; ++i) one(i, 0);  // small batch, or the threads serve another one
 }
 
+size_t Pool::exists_prefix(const KeyView* keys, size_t n) {
+  std::shared_lock<std::shared_mutex> cg(close_mu_);
+  if (!base_) throw std::runtime_error("shm pool is closed");
+  Guard g(this);
+  size_t i = 0;
+  for (; i < n; ++i) {
+    const KeyView& k = keys[i];
+    if (k.size == 0 || k.size > kMaxKeyBytes || index_find(k.data, k.size, key_hash64(k.data, k.size)) < 0) break;
+  }
+  return i;
+}
+
 void Pool::put(const std::string* keys, size_t n, const uint64_t* addrs, const uint64_t* sizes, size_t nseg,
                int32_t* status) {
   std::shared_lock<std::shared_mutex> cg(close_mu_);

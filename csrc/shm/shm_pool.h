@@ -98,6 +98,12 @@ struct PoolStats {
   uint64_t recoveries, reaped_pins, reaped_writes;
 };
 
+// A key read in place (not copied), e.g. a Python str's UTF-8 bytes.
+struct KeyView {
+  const char* data;
+  size_t size;
+};
+
 struct Header;
 struct ObjRec;
 struct PinRec;
@@ -123,6 +129,9 @@ class Pool {
   CopyOptions copy_options() const { return copy_opt_; }
 
   void exists(const std::string* keys, size_t n, uint8_t* out);
+  // How many leading keys are present; stops at the first absent (or invalid)
+  // key, so a miss costs one lookup whatever the batch.
+  size_t exists_prefix(const KeyView* keys, size_t n);
   // Segment j of key i: addrs[i*nseg + j], sizes[i*nseg + j].
   void put(const std::string* keys, size_t n, const uint64_t* addrs, const uint64_t* sizes,
            size_t nseg, int32_t* status);

@@ -90,6 +90,10 @@ class ShmStore(Store):
     def exists(self, keys: Sequence[str]) -> np.ndarray:
         return self._pool.exists(keys)
 
+    def exists_prefix(self, keys: Sequence[str]) -> int:
+        # in C++, stopping at the first absent key: a miss costs one lookup
+        return int(self._pool.exists_prefix(keys))
+
     def put(self, keys: Sequence[str], scatter: ScatterList) -> np.ndarray:
         return self._pool.put(keys, scatter.addrs, scatter.sizes)
 
