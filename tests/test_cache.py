@@ -530,7 +530,7 @@ def test_staged_path_through_a_bounded_host_buffer(url, staging_pages):
     serve(ca, a, toks)
     ca.flush()
     assert ca.stats()["stored_pages"] == 7
-    assert all(buf.nbytes == staging_pages * page_bytes for buf in ca._staging.values())
+    assert all(buf.nbytes == staging_pages * page_bytes for buf in ca._p.transfer.staging.values())
     cb = make(b, url, stage=True, staging_bytes=staging_pages * page_bytes)
     m = cb.match(toks)
     slots = b.alloc(m.pool_len)

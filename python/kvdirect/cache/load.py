@@ -1,0 +1,160 @@
+"""The load path: matched pool pages -> the engine's device slots, whole or layer by layer.
+
+A page is loaded only when its whole get succeeded; loading stops at the first
+failed page; every slot not holding a loaded page goes back through
+``free_slots`` (or waits in quarantine while a timed-out get may still write
+it); loaded pages join the index as device-resident and in the pool.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from kvdirect.cache.inputs import as_slots
+from kvdirect.cache.match import CacheMatch
+from kvdirect.cache.parts import CacheParts
+from kvdirect.cache.transfer import first_failure
+from kvdirect.stores.base import TIMEOUT, UNAVAILABLE
+
+
+def plan_count(p: CacheParts, m: CacheMatch, slots: np.ndarray) -> int:
+    """Pages this load moves: what the slots and the match allow, agreed across TP ranks."""
+    n_pages = min(len(slots) // p.page_size, m.pool_len // p.page_size)
+    if p.store is None:
+        n_pages = 0
+    return p.reduce(n_pages)
+
+
+def load_pages(p: CacheParts, m: CacheMatch, slots: np.ndarray, n_pages: int):
+    """Keys and page-first slots of the first n_pages pool pages of m."""
+    dev_pages = m.device_len // p.page_size
+    page_slots = slots[: n_pages * p.page_size: p.page_size]
+    keys = p.keys.pool_keys(m._digests[dev_pages:dev_pages + n_pages])
+    return keys, page_slots
+
+
+def load(p: CacheParts, m: CacheMatch, slots) -> int:
+    slots = as_slots(slots)
+    n_pages = plan_count(p, m, slots)
+    t0 = time.perf_counter()
+    status = None
+    if n_pages:
+        keys, page_slots = load_pages(p, m, slots, n_pages)
+        try:
+            status = p.transfer.get(keys, p.layout.plan(page_slots))
+            p.health.recovered()
+        except Exception as e:
+            p.health.failed("get", e)
+            status = np.full(n_pages, UNAVAILABLE, dtype=np.int32)
+    return finish_load(p, m, slots, n_pages, status, t0)
+
+
+def finish_load(p: CacheParts, m: CacheMatch, slots: np.ndarray, n_pages: int, status: np.ndarray | None,
+                t0: float) -> int:
+    """Shared tail of load / layer-wise load: decide, free unused slots, update the index."""
+    P = p.page_size
+    dev_pages = m.device_len // P
+    n_ok = 0
+    if n_pages:
+        n_ok = first_failure(status)
+        if n_ok < n_pages:
+            p.stats.add(load_failed_pages=n_pages - n_ok)
+            p.stats.failure(f"get_status_{int(status[n_ok])}")
+            if n_ok < m._index_pool_pages:  # the index believed these were in the pool
+                p.index.mark_not_in_pool(m.tokens, dev_pages + n_ok,
+                                         m._index_pool_pages - n_ok, namespace=m.namespace)
+        n_ok = p.reduce(n_ok)  # every TP rank uses the same number of pages
+    unused = slots[n_ok * P:]
+    if unused.size:
+        if status is not None and (status == TIMEOUT).any() and not p.quarantine.quiesced():
+            # a timed-out get may still be writing these slots: hold them until it is over
+            p.quarantine.hold_slots(unused)
+        else:
+            p.free_slots(unused)
+    if n_ok:
+        new_len = m.device_len + n_ok * P
+        all_slots = np.concatenate([m.device_slots, slots[: n_ok * P]])
+        prefix = m.tokens[:new_len]
+        already = p.index.insert(prefix, all_slots, m.namespace)
+        if already > m.device_len:  # another request inserted meanwhile: keep its slots
+            p.free_slots(all_slots[m.device_len:already])
+        r = p.index.match(prefix, m.namespace)
+        p.index.set_path_digests(r.node, m._digests[:new_len // P])
+        p.index.mark_in_pool(prefix, dev_pages, n_ok, namespace=m.namespace)
+        p.locks.move(m.node, r.node)
+        m.node, m.device_len, m.device_slots = r.node, r.device_len, r.device_slots
+        p.stats.add(loaded_pages=n_ok, loaded_bytes=n_ok * p.layout.page_bytes)
+    if n_pages:
+        with p.stats.lock:
+            p.stats.c["load_calls"] += 1
+            p.stats.load_ms.append((time.perf_counter() - t0) * 1e3)
+    m.pool_len = 0
+    m.loaded_len = n_ok * P
+    return n_ok * P
+
+
+class LayerwiseLoad:
+    """A layer-by-layer load in progress (see ``KVDirectCache.load_layerwise``)."""
+
+    def __init__(self, parts: CacheParts, m: CacheMatch, slots):
+        self.parts, self.m = parts, m
+        self.slots = as_slots(slots)
+        self.n_pages = plan_count(parts, m, self.slots)
+        L = parts.layout.num_layers
+        self._events = [threading.Event() for _ in range(L)]
+        self._ok_after_layer = [0] * L
+        self.status = np.zeros(self.n_pages, dtype=np.int32)
+        self._t0 = time.perf_counter()
+        self._result = None
+        self._thread = None
+        if self.n_pages == 0:
+            for e in self._events:
+                e.set()
+            return
+        self._keys, self._page_slots = load_pages(parts, m, self.slots, self.n_pages)
+        self._thread = threading.Thread(target=self._run, name="kvdirect-layerwise", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        p = self.parts
+        layers = len(self._events)
+        piecewise = getattr(p.store, "open_read", None) if not p.transfer.stage else None
+        try:
+            if piecewise is None:  # whole objects: every layer completes at once
+                self.status[:] = p.transfer.get(self._keys, p.layout.plan(self._page_slots))
+                for l in range(layers):
+                    self._ok_after_layer[l] = first_failure(self.status)
+                    self._events[l].set()
+                return
+            obj = np.full(self.n_pages, p.layout.page_bytes, dtype=np.uint64)
+            with piecewise(self._keys, obj) as rd:
+                alive = first_failure(rd.status)
+                for l in range(layers):  # layer l is the next bytes of every page object
+                    if alive:
+                        rd.read(p.layout.plan_layer(self._page_slots[:alive], l))
+                    self._ok_after_layer[l] = alive
+                    self._events[l].set()
+            self.status[:] = rd.end()
+        except Exception as e:
+            p.health.failed("get", e)
+            self.status[:] = UNAVAILABLE
+        finally:
+            for e in self._events:
+                e.set()
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> int:
+        """Block until layer ``layer`` is loaded; returns the tokens valid for it so far."""
+        if not self._events[layer].wait(timeout):
+            raise TimeoutError(f"layer {layer} not loaded within {timeout}s")
+        return self._ok_after_layer[layer] * self.parts.page_size
+
+    def finish(self) -> int:
+        """Wait for every layer and apply the result; returns the tokens loaded."""
+        if self._result is None:
+            if self._thread is not None:
+                self._thread.join()
+            self._result = finish_load(self.parts, self.m, self.slots, self.n_pages,
+                                       self.status if self.n_pages else None, self._t0)
+        return self._result

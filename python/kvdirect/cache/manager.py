@@ -1,0 +1,196 @@
+"""KVDirectCache: the coordinator engines call (see ``kvdirect.cache`` for the call sequence).
+
+It builds the shared pieces (:class:`~kvdirect.cache.parts.CacheParts`) and
+hands each call to its path: :mod:`~kvdirect.cache.match`,
+:mod:`~kvdirect.cache.load`, :mod:`~kvdirect.cache.writeback`; transfers go
+through :mod:`~kvdirect.cache.transfer`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+
+from kvdirect import keys as _keys
+from kvdirect.cache import load as _load
+from kvdirect.cache.health import StoreHealth
+from kvdirect.cache.indexing import NodeLocks, PageKeys
+from kvdirect.cache.match import CacheMatch, match
+from kvdirect.cache.parts import CacheParts
+from kvdirect.cache.quarantine import Quarantine
+from kvdirect.cache.stats import COUNTERS, CacheStats
+from kvdirect.cache.transfer import Transfer
+from kvdirect.cache.writeback import WriteBack
+from kvdirect.config import CacheConfig
+from kvdirect.errors import ConfigError, KVDirectError
+from kvdirect.index import PrefixIndex
+from kvdirect.stores import Store, open_store
+
+log = logging.getLogger("kvdirect")
+
+
+class KVDirectCache:
+    """The direct cache manager. See the ``kvdirect.cache`` docstring for the call sequence."""
+
+    def __init__(self, layout, store: Store | str | None = None, *, page_size: int | None = None,
+                 free_slots: Callable[[np.ndarray], None] | None = None,
+                 config: CacheConfig | None = None, namespace_seed: Callable | None = None,
+                 tp_rank: int = 0, tp_size: int = 1, tp_reduce_min: Callable[[int], int] | None = None):
+        self.config = config or CacheConfig()
+        if not self.config.model:
+            raise ConfigError(
+                "KVDirectCache needs the model identity: set CacheConfig(model=...) (\"model\" in "
+                "KVDIRECT_CONFIG) to a string naming the weights, their revision and quantization "
+                "(kvdirect.config.model_identity builds one); instances share pool pages only when "
+                "it is equal, so two different models must never use the same one")
+        self.layout = layout
+        self.page_size = int(page_size or layout.page_size)
+        if self.page_size != layout.page_size:
+            raise ConfigError(f"page_size {self.page_size} differs from the layout's {layout.page_size}")
+        self.free_slots = free_slots or (lambda slots: None)
+        self.index = PrefixIndex(self.page_size, max_pool_only_pages=self.config.max_pool_only_pages)
+        fields = dict(layout.fingerprint_fields())
+        fields["layout_kind"] = fields.pop("kind")  # the stored page format, not the device layout
+        fields["v_head_dim"] = fields["v_head_dim"] or None  # MLA: no separate V (layout says 0)
+        self.fingerprint = _keys.LayoutFingerprint(model=self.config.model, tp_size=tp_size,
+                                                   tp_rank=tp_rank, **fields)
+        self.store: Store | None = self._open_store(store)
+        stats = CacheStats(self.config.latency_window)
+        self._p = CacheParts(
+            config=self.config, layout=layout, page_size=self.page_size, index=self.index,
+            keys=PageKeys(self.index, self.page_size, self.fingerprint), locks=NodeLocks(self.index),
+            stats=stats, health=StoreHealth(self.store, self.config, stats),
+            quarantine=Quarantine(self.store, self.free_slots), store=self.store,
+            transfer=Transfer(self.store, layout, self.config) if self.store is not None else None,
+            free_slots=self.free_slots, tp_reduce=tp_reduce_min)
+        self._wb = WriteBack(self._p)
+        self._closed = False
+
+    def _open_store(self, store) -> Store | None:
+        if store is None and self.config.store:
+            store = self.config.store
+        if isinstance(store, str):
+            try:
+                store = open_store(store)
+            except KVDirectError as e:
+                if not self.config.allow_no_store:
+                    raise
+                log.warning("kvdirect: running without a KV pool: %s", e)
+                store = None
+        return store
+
+    # ---- load path -------------------------------------------------------------
+    def match(self, tokens, namespace: str | None = None) -> CacheMatch:
+        """Longest cached prefix of ``tokens``: on device (``device_len``) and further in the
+        pool (``pool_len``). One index match plus at most one batched existence query."""
+        return match(self._p, tokens, namespace)
+
+    def lock(self, node) -> None:
+        self._p.locks.lock(node)
+
+    def unlock(self, node) -> None:
+        self._p.locks.unlock(node)
+
+    def load(self, m: CacheMatch, slots) -> int:
+        """Read the matched pool pages straight into ``slots`` (device slots from the
+        engine's allocator, at least ``m.pool_len`` of them for a full load).
+
+        Returns the tokens loaded (page aligned). Stops at the first page that
+        failed; every slot not holding a loaded page is given back through
+        ``free_slots``. Loaded pages join the index as device-resident; ``m`` is
+        updated (device_len, device_slots, node — the lock moves with it)."""
+        return _load.load(self._p, m, slots)
+
+    def load_layerwise(self, m: CacheMatch, slots) -> _load.LayerwiseLoad:
+        """Start loading the matched pool pages layer by layer on a background thread.
+
+        The forward pass calls ``wait_layer(l)`` before reading layer ``l``'s KV and
+        ``finish()`` at the end, which returns the tokens loaded, exactly as ``load``
+        would (same index updates, same slot freeing). When a later layer fails for
+        some page, ``finish()`` returns fewer tokens than ``wait_layer`` promised
+        earlier: the engine must then recompute from the returned length — a failed
+        page is never used. Stores without ranged gets load all layers at once
+        (layer completions then arrive together)."""
+        return _load.LayerwiseLoad(self._p, m, slots)
+
+    # ---- write-back path -------------------------------------------------------
+    def write_back(self, tokens, slots, namespace: str | None = None) -> int:
+        """Insert a request's KV into the index and write its new full pages to the pool
+        asynchronously. Returns how many leading tokens were already cached on device:
+        the caller frees its duplicate slots for that range (as SGLang's insert does)."""
+        return self._wb.submit(tokens, slots, namespace)
+
+    def poll(self) -> int:
+        """Apply finished writes (scheduler thread). Returns how many jobs were applied."""
+        self._p.quarantine.release()
+        return self._wb.apply()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait for every in-flight write and apply it (shutdown, tests)."""
+        self._wb.wait_idle(timeout)
+        self.poll()
+
+    # ---- eviction and sizes -------------------------------------------------------
+    def evict(self, num_tokens: int) -> int:
+        """Free at least ``num_tokens`` device tokens (LRU, unlocked, not being written)
+        through ``free_slots``; returns how many were freed. Pages stored in the pool stay
+        known to the index as pool-only."""
+        freed = self.index.evict(int(num_tokens))
+        if freed.size:
+            self.free_slots(freed)
+            self._p.stats.add(evicted_tokens=int(freed.size))
+        return int(freed.size)
+
+    @property
+    def evictable_size(self) -> int:
+        return self.index.evictable_size
+
+    @property
+    def protected_size(self) -> int:
+        return self.index.protected_size
+
+    @property
+    def total_size(self) -> int:
+        return self.index.total_size
+
+    def reset(self) -> None:
+        self.flush()
+        self.index.reset()
+
+    # ---- metrics --------------------------------------------------------------
+    @staticmethod
+    def _counter_names() -> tuple:
+        return COUNTERS
+
+    def stats(self) -> dict:
+        d = self._p.stats.snapshot()
+        d["inflight_pages"] = self._wb.inflight_pages
+        d["quarantined_slots"] = self._p.quarantine.held_slots
+        d["pending_completions"] = len(self._wb.done)
+        d["store"] = None if self.store is None else self.store.scheme
+        d["store_available"] = self._p.health.available()
+        d["device_tokens"] = self.index.total_size
+        return d
+
+    @property
+    def _writer(self):
+        """The writer threads' executor (tests shut it down without closing a shared store)."""
+        return self._wb.executor
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush(timeout=60)
+        finally:
+            self._wb.shutdown()
+            if self.store is not None:
+                self.store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

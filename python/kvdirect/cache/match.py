@@ -1,0 +1,59 @@
+"""The match: one index match plus at most one batched existence query to the pool."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvdirect.cache.inputs import as_tokens
+from kvdirect.cache.parts import CacheParts
+
+
+@dataclass
+class CacheMatch:
+    """Result of ``KVDirectCache.match``; pass it to ``load``."""
+
+    tokens: np.ndarray
+    namespace: str | None
+    device_len: int          # tokens resident on device, from the start
+    device_slots: np.ndarray  # int64 slots of those tokens
+    pool_len: int            # further tokens available in the pool
+    node: object             # index handle (lock/unlock)
+    loaded_len: int = 0      # tokens load() brought in
+    _digests: np.ndarray | None = None  # page digests [pages from 0 .. device+pool), uint8 x 32
+    _index_pool_pages: int = 0          # pool pages the index knew without asking the store
+
+
+def match(p: CacheParts, tokens, namespace: str | None) -> CacheMatch:
+    t = as_tokens(tokens)
+    P = p.page_size
+    r = p.index.match(t, namespace)
+    dev_pages, idx_pool_pages = r.device_len // P, r.pool_len // P
+    known = dev_pages + idx_pool_pages
+    full = len(t) // P
+    if not p.health.available():
+        idx_pool_pages = 0  # the pool is unreachable: its pages are misses for now
+    query = (p.health.available() and full - known >= max(p.config.min_query_pages, 1))
+    upto = min(full, known + p.config.max_query_pages) if query else known
+    digests = None
+    found = 0
+    if upto > dev_pages:
+        digests = p.keys.digests(t, namespace, r.node, known, upto)
+        if query:
+            qkeys = p.keys.pool_keys(digests[known:upto])
+            try:
+                found = int(p.store.exists_prefix(qkeys))
+                p.health.recovered()
+            except Exception as e:  # a store error is a miss, never a crash
+                p.health.failed("exists", e)
+                found = 0
+            p.stats.add(query_keys=len(qkeys))
+    pool_pages = idx_pool_pages + found
+    if p.tp_reduce is not None:
+        # TP ranks must agree on the prefix they reuse: the shortest one wins
+        agreed = p.reduce(dev_pages + pool_pages)
+        pool_pages = max(0, min(pool_pages, agreed - dev_pages))
+    p.stats.add(match_calls=1, device_hit_tokens=r.device_len, pool_hit_tokens=pool_pages * P,
+                miss_tokens=len(t) - r.device_len - pool_pages * P)
+    return CacheMatch(t, namespace, r.device_len, r.device_slots, pool_pages * P, r.node,
+                      _digests=digests, _index_pool_pages=idx_pool_pages)
