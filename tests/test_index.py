@@ -517,3 +517,32 @@ def test_completion_marks_from_another_thread():
     assert not errors
     assert r.device_len >= 0
     check(ix)
+
+
+def test_insert_path_is_insert_then_mark_then_match():
+    """insert_path gives what insert + mark_in_pool + set digests + match gave, in one call."""
+    P = 4
+    a, b = PrefixIndex(P), PrefixIndex(P)
+    t = toks(1, 2, 3, 4, P=P)
+    dg = np.arange(4 * 32, dtype=np.uint8).reshape(4, 32)
+    for ix in (a, b):  # pages 0-1 on device, 2-3 pool-only
+        ix.insert(t[:2 * P], slots_for(2 * P, 10))
+        ix.insert_pool_only(t)
+    slots = np.concatenate([slots_for(2 * P, 10), slots_for(2 * P, 60)])
+    already, r = a.insert_path(t, slots, None, dg, in_pool_first=2)
+    assert b.insert(t, slots, None, dg) == already == 2 * P
+    b.mark_in_pool(t, 2, 2)
+    want = b.match(t)
+    assert (r.device_len, r.pool_len, r.last_digest) == (want.device_len, want.pool_len, want.last_digest)
+    assert r.device_slots.tolist() == want.device_slots.tolist() == slots.tolist()
+    assert a.path_states(r.node)[0].tolist() == b.path_states(want.node)[0].tolist()
+    assert a.path_digests(r.node)[0].tolist() == dg.tolist()
+    assert a.match(t).node == r.node
+    # a prefix ending inside a node: the node is split, the handle names the prefix's end
+    already, r2 = a.insert_path(t[:3 * P], slots[:3 * P])
+    assert already == 3 * P and r2.device_len == 3 * P and a.match(t[:3 * P]).node == r2.node
+    with pytest.raises(ConfigError):
+        a.insert_path(t, slots, in_pool_first=-1)
+    already, r3 = a.insert_path(t[:P - 1], slots[:P - 1])  # no full page
+    assert already == 0 and r3.node == 0 and r3.device_len == 0
+    check(a), check(b)

@@ -455,6 +455,9 @@ void PrefixIndex::append_runs(const Node* n, int64_t pages, SlotRuns* runs) cons
   runs->push_back({first, count});
 }
 
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
 void expand_slot_runs(const SlotRun* runs, size_t n, int64_t* dst) {
   for (size_t r = 0; r < n; ++r) {
     const int64_t b = runs[r].first, c = runs[r].count;
@@ -798,6 +801,7 @@ int64_t PrefixIndex::insert_t(const T* toks, int64_t n_pages, const int64_t* slo
   }
   ++clock_;
   touch_path(node);
+  insert_end_ = node;
   enforce_pool_bound();
   return pool_only ? changed : cached * P_;
 }
@@ -809,6 +813,46 @@ int64_t PrefixIndex::insert(TokenSpan t, const int64_t* slots, const std::string
   if (t.is_int32)
     return insert_t(static_cast<const int32_t*>(t.data), n_pages, slots, ns, digests, rows, false);
   return insert_t(static_cast<const int64_t*>(t.data), n_pages, slots, ns, digests, rows, false);
+}
+
+int64_t PrefixIndex::insert_path(TokenSpan t, const int64_t* slots, const std::string* ns,
+                                 const uint8_t* digests, int64_t rows, int64_t in_pool_first,
+                                 MatchOut* out, SlotRuns* runs) {
+  std::lock_guard<std::mutex> g(mu_);
+  *out = MatchOut{};
+  runs->clear();
+  const int64_t n_pages = t.len / P_;
+  if (n_pages == 0) return 0;
+  int64_t already;
+  insert_end_ = nullptr;
+  if (t.is_int32)
+    already = insert_t(static_cast<const int32_t*>(t.data), n_pages, slots, ns, digests, rows, false);
+  else
+    already = insert_t(static_cast<const int64_t*>(t.data), n_pages, slots, ns, digests, rows, false);
+  Node* end = insert_end_;
+  if (in_pool_first >= 0 && in_pool_first < n_pages) {
+    const int64_t cnt = n_pages - in_pool_first;
+    if (t.is_int32)
+      mark_t(MarkOp::kInPool, static_cast<const int32_t*>(t.data), n_pages, in_pool_first, cnt, ns, nullptr);
+    else
+      mark_t(MarkOp::kInPool, static_cast<const int64_t*>(t.data), n_pages, in_pool_first, cnt, ns, nullptr);
+  }
+  // Every page of the path is on device now: the path from the root is the match.
+  scratch_.clear();
+  for (Node* x = end; x && !x->is_root; x = x->parent) scratch_.push_back(x);
+  std::reverse(scratch_.begin(), scratch_.end());
+  int64_t dev = 0;
+  for (Node* x : scratch_) {
+    dev += x->n_dev;
+    append_runs(x, x->n_dev, runs);
+  }
+  out->device_len = dev * P_;
+  out->node = end ? end->id : 0;
+  if (end && !end->has_digest.empty() && end->has_digest[end->n_pages - 1]) {
+    out->has_last_digest = true;
+    std::memcpy(out->last_digest, end->digest.data() + (end->n_pages - 1) * 32, 32);
+  }
+  return already;
 }
 
 int64_t PrefixIndex::insert_pool_only(TokenSpan t, const std::string* ns, const uint8_t* digests,

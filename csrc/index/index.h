@@ -141,6 +141,14 @@ class PrefixIndex {
   int64_t insert(TokenSpan tokens, const int64_t* slots, const std::string* ns,
                  const uint8_t* digests, int64_t digest_rows);
 
+  // insert() and what its caller asks next, under one lock (a finished load,
+  // a write-back): pages [in_pool_first, full pages) become IN_POOL (none when
+  // in_pool_first >= the page count), and *out / *runs describe the inserted
+  // path as match(tokens) would now: every full page on device, node = its end.
+  int64_t insert_path(TokenSpan tokens, const int64_t* slots, const std::string* ns,
+                      const uint8_t* digests, int64_t digest_rows, int64_t in_pool_first,
+                      MatchOut* out, SlotRuns* runs);
+
   // Records the full pages of `tokens` as known to be in the pool. Missing
   // pages are created pool-only; existing UNKNOWN pages become IN_POOL; WRITING
   // pages are left alone. Returns the number of pages whose state changed.
@@ -247,6 +255,7 @@ class PrefixIndex {
   Node* lru_tail_ = nullptr;  // least recent
   std::set<PoolKey> pool_set_;  // nodes holding pool-only pages, oldest first
   std::vector<Node*> scratch_;
+  Node* insert_end_ = nullptr;  // end of the path the last insert walked
 };
 
 }  // namespace kvd

@@ -367,21 +367,31 @@ PyObject* m_match(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObj
   return new_match_result(out, runs);
 }
 
+enum class InsertKind { kDevice, kPoolOnly, kPath };
+
 PyObject* do_insert(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kw,
-                    bool pool_only) {
+                    InsertKind kind) {
   auto* idx = get(self);
   if (!idx) return nullptr;
-  static const char* const names_dev[] = {"tokens", "slots", "namespace", "digests"};
+  static const char* const names_dev[] = {"tokens", "slots", "namespace", "digests", "in_pool_first"};
   static const char* const names_pool[] = {"tokens", "namespace", "digests"};
-  PyObject* a[4];
-  const char* fn = pool_only ? "insert_pool_only" : "insert";
+  PyObject* a[5] = {};
+  const bool pool_only = kind == InsertKind::kPoolOnly;
+  const char* fn = pool_only ? "insert_pool_only" : kind == InsertKind::kPath ? "insert_path" : "insert";
   if (pool_only) {
     if (!parse(fn, args, nargs, kw, names_pool, 1, 3, a)) return nullptr;
     a[3] = a[2];
     a[2] = a[1];
     a[1] = nullptr;
-  } else if (!parse(fn, args, nargs, kw, names_dev, 2, 4, a)) {
+  } else if (!parse(fn, args, nargs, kw, names_dev, 2, kind == InsertKind::kPath ? 5 : 4, a)) {
     return nullptr;
+  }
+  int64_t in_pool_first = -1;
+  if (a[4] && a[4] != Py_None) {
+    if (!read_int64(a[4], "in_pool_first", &in_pool_first)) return nullptr;
+    if (in_pool_first < 0)
+      return fail("insert_path: in_pool_first must be >= 0 (or None), got %lld",
+                  static_cast<long long>(in_pool_first));
   }
   IntArg th;
   kvd::TokenSpan span;
@@ -421,16 +431,35 @@ PyObject* do_insert(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyO
     int64_t neg = 0;
     for (int64_t i = 0; i < need; ++i) neg |= sp[i];
     if (neg < 0) return fail("slots: device slot indices must be >= 0");
+    if (kind == InsertKind::kPath) {
+      kvd::MatchOut out;
+      static kvd::SlotRuns runs;  // reused between calls (the GIL serialises them)
+      r = idx->insert_path(span, sp, ns, dg.data, dg.rows, in_pool_first, &out, &runs);
+      PyObject* m = new_match_result(out, runs);
+      if (!m) return nullptr;
+      PyObject* already = PyLong_FromLongLong(r);
+      if (!already) {
+        Py_DECREF(m);
+        return nullptr;
+      }
+      PyObject* t = PyTuple_Pack(2, already, m);
+      Py_DECREF(already);
+      Py_DECREF(m);
+      return t;
+    }
     r = idx->insert(span, sp, ns, dg.data, dg.rows);
   }
   return PyLong_FromLongLong(r);
 }
 
 PyObject* m_insert(PyObject* self, PyObject* const* a, Py_ssize_t n, PyObject* kw) {
-  return do_insert(self, a, n, kw, false);
+  return do_insert(self, a, n, kw, InsertKind::kDevice);
 }
 PyObject* m_insert_pool_only(PyObject* self, PyObject* const* a, Py_ssize_t n, PyObject* kw) {
-  return do_insert(self, a, n, kw, true);
+  return do_insert(self, a, n, kw, InsertKind::kPoolOnly);
+}
+PyObject* m_insert_path(PyObject* self, PyObject* const* a, Py_ssize_t n, PyObject* kw) {
+  return do_insert(self, a, n, kw, InsertKind::kPath);
 }
 
 PyObject* do_lock(PyObject* self, PyObject* arg, bool lock) {
@@ -605,6 +634,10 @@ PyMethodDef index_methods[] = {
     {"insert", FC(m_insert), METH_FASTCALL | METH_KEYWORDS,
      "insert(tokens, slots, namespace=None, digests=None) -> int: leading tokens already on "
      "device"},
+    {"insert_path", FC(m_insert_path), METH_FASTCALL | METH_KEYWORDS,
+     "insert_path(tokens, slots, namespace=None, digests=None, in_pool_first=None) -> (int, "
+     "MatchResult): insert, mark pages from in_pool_first on IN_POOL, and the inserted path as "
+     "a match of tokens would now return it, in one call"},
     {"insert_pool_only", FC(m_insert_pool_only), METH_FASTCALL | METH_KEYWORDS,
      "insert_pool_only(tokens, namespace=None, digests=None) -> int: pages that became IN_POOL"},
     {"lock", m_lock, METH_O, "lock(node): pin the path root..node against eviction"},
