@@ -56,6 +56,7 @@ class ShmStore(Store):
 
     scheme = "shm"
     supports_device_memory = False
+    local_lookup = True
 
     def __init__(self, name: str = "kvdirect", *, size: int | str | None = None, checksum: bool = True,
                  create: str = "auto", block_size: int | str = DEFAULT_BLOCK,
