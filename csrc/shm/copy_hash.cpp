@@ -130,6 +130,32 @@ CopyHasher::CopyHasher(bool stream) : stream_(stream) {
   }
 }
 
+CopyHasher CopyHasher::part_at(uint64_t offset, bool stream) {
+  CopyHasher h(stream);
+  if (offset == 0) return h;
+  const uint64_t stripe = offset / 32;
+  for (int l = 0; l < 4; ++l) {
+    h.acc1_[l] = 0;
+    h.acc2_[l] = 0;  // the initial value is the first part's
+    h.key_[l] = kKey0[l] + stripe * kStep;
+  }
+  h.start_ = offset - offset % 32;
+  return h;
+}
+
+bool CopyHasher::merge(const CopyHasher& later) {
+  if (buffered_ != 0 || start_ + total_ != later.start_) return false;
+  for (int l = 0; l < 4; ++l) {
+    acc1_[l] += later.acc1_[l];
+    acc2_[l] += later.acc2_[l];
+    key_[l] = later.key_[l];
+  }
+  std::memcpy(buf_, later.buf_, sizeof buf_);
+  buffered_ = later.buffered_;
+  total_ += later.total_;
+  return true;
+}
+
 void CopyHasher::stripes(uint8_t* dst, const uint8_t* src, size_t ns) {
   if (ns == 0) return;
 #if defined(__x86_64__)
@@ -182,7 +208,7 @@ uint64_t CopyHasher::digest() const {
     std::memcpy(tail, buf_, buffered_);
     stripes_portable(nullptr, tail, 1, a1, a2, key);
   }
-  uint64_t h = total_ * kP1 ^ 0x5851F42D4C957F2DULL;
+  uint64_t h = (start_ + total_) * kP1 ^ 0x5851F42D4C957F2DULL;
   for (int l = 0; l < 4; ++l) {
     h = rotl(h ^ fmix(a1[l] + l), 27) * kP1 + kP3;
     h = rotl(h ^ fmix(a2[l] ^ kKey0[l]), 31) * kP2;

@@ -34,11 +34,13 @@
 // * Checksums: a 64-bit checksum is computed while copying on put (fused with
 //   the copy, see copy_hash.h) and verified on get when enabled for this
 //   handle. A mismatch returns kCorrupt for that key and drops the object.
-// * Copies of a large batch (CopyOptions) are split over this handle's copy
-//   threads, whole objects each (a thread takes the next object when it is
-//   done, so a descheduled thread delays the batch by one object at most),
-//   and use non-temporal stores. A batch that finds the threads busy with
-//   another batch of this handle runs on its caller alone.
+// * Copies of a large batch (CopyOptions) are split into units of whole
+//   blocks (about 256 KiB) spread over this handle's copy threads: a thread
+//   takes the next unit when it is done, so a thread that is descheduled
+//   delays the batch by one unit at most and one that never ran delays it not
+//   at all; each unit is checksummed apart and the parts merged (copy_hash.h).
+//   Large batches use non-temporal stores. A batch that finds the threads busy
+//   with another batch of this handle runs on its caller alone.
 // * Crash safety: one process-shared robust mutex guards all metadata. A
 //   process killed while holding it makes the next locker see EOWNERDEAD; it
 //   then rebuilds every derived structure (free lists, index, LRU, counters,
@@ -191,8 +193,9 @@ class Pool {
   void unpin(uint32_t pin);
   bool dead(uint32_t pid);
   bool record_ok(uint32_t id) const;
-  // Calls one(i, w) for every i in [0, n), w = 0 on the calling thread.
-  void copy_objects(size_t n, uint64_t total_bytes, const std::function<void(size_t, unsigned)>& one);
+  void copy_batch(bool to_pool, size_t n, const uint32_t* obj, const uint8_t* hash, const uint64_t* addrs,
+                  const uint64_t* sizes, size_t nseg, uint64_t batch_bytes, uint64_t* sums, uint8_t* ok,
+                  const char* hold_phase);
   ThreadPool* copiers();
 
   std::string name_;
