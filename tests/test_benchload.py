@@ -22,7 +22,7 @@ def test_bench_load_json(tmp_path):
         assert d[k] > 0, k
     assert d["miss_us_p99"] >= d["miss_us_p50"]
     assert d["direct_vs_memcpy"] == d["direct_gbps"] / d["memcpy_gbps"]
-    assert set(d["miss_parts_us_p50"]) == {"keys", "match", "exists"}
+    assert set(d["miss_parts_us_p50"]) == {"match", "keys_one_page", "keys_all_pages", "exists_one_key"}
     assert d["config"]["misses"] == 50
     assert set(glob.glob("/dev/shm/kvdirect-kvdirect-bench-*")) == before  # temporary pool removed
 

@@ -801,19 +801,20 @@ void Pool::exists(const std::string* keys, size_t n, uint8_t* out) {
 
 void Pool::set_copy_options(const CopyOptions& o) {
   std::lock_guard<std::mutex> g(copiers_mu_);
-  if (o.threads != copy_opt_.threads) copiers_.reset();  // rebuilt at the next large batch
-  copy_opt_ = o;
+  copy_opt_ = o;  // a batch uses copy_opt_.threads of the pool's threads (grown when short)
 }
 
-ThreadPool* Pool::copiers() {
+std::shared_ptr<ThreadPool> Pool::copiers() {
   std::lock_guard<std::mutex> g(copiers_mu_);
   const int pid = int(getpid());
-  if (copiers_ && copiers_pid_ != pid) (void)copiers_.release();  // forked: those threads are not ours
-  if (!copiers_) {
-    copiers_ = std::make_unique<ThreadPool>(copy_opt_.threads ? copy_opt_.threads : hardware_threads());
+  if (copiers_ && copiers_pid_ != pid)  // forked: those threads are not ours; never join them
+    new std::shared_ptr<ThreadPool>(std::move(copiers_));
+  const unsigned want = std::max(copy_opt_.threads, hardware_threads());
+  if (!copiers_ || copiers_->size() < want) {  // a batch still running keeps the old one alive
+    copiers_ = std::make_shared<ThreadPool>(want);
     copiers_pid_ = pid;
   }
-  return copiers_.get();
+  return copiers_;
 }
 
 // Moves objects [0, n) (obj[i] == kNil: skipped) between their blocks and their

@@ -196,7 +196,7 @@ class Pool {
   void copy_batch(bool to_pool, size_t n, const uint32_t* obj, const uint8_t* hash, const uint64_t* addrs,
                   const uint64_t* sizes, size_t nseg, uint64_t batch_bytes, uint64_t* sums, uint8_t* ok,
                   const char* hold_phase);
-  ThreadPool* copiers();
+  std::shared_ptr<ThreadPool> copiers();
 
   std::string name_;
   int fd_ = -1;
@@ -213,7 +213,7 @@ class Pool {
   std::shared_mutex close_mu_;  // ops shared, close exclusive
   CopyOptions copy_opt_;
   std::mutex copiers_mu_;
-  std::unique_ptr<ThreadPool> copiers_;  // created on the first large batch
+  std::shared_ptr<ThreadPool> copiers_;  // created on the first large batch
   int copiers_pid_ = 0;                   // a forked child must not use its parent's threads
   std::string hold_phase_, hold_marker_;
   double hold_seconds_ = 0;
