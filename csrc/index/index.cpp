@@ -23,27 +23,39 @@
 
 namespace kvd {
 
-struct PrefixIndex::Node {
-  uint64_t id = 0;
-  Node* parent = nullptr;
+// Field order follows use: what a match reads and writes on every node of its
+// path (the walk, the state scan, recency, slot runs) comes first, so a match
+// touches the node's first cache lines only; bookkeeping for writes, locks
+// and eviction follows.
+struct alignas(64) PrefixIndex::Node {
+  // ---- read by every match on the path (the first cache line)
   Node* hnext = nullptr;  // next sibling with the same first-page hash
-  uint64_t hkey = 0;      // hash of this node's first page
-  std::unordered_map<uint64_t, Node*> children;
-  // Token ids, n_pages * P: int32 when every id of the node fits (the usual
-  // case: half the bytes to compare), else int64. Keys are values either way.
-  std::vector<int64_t> tokens;
-  std::vector<int32_t> tokens32;
+  Node* parent = nullptr;
+  int64_t n_pages = 0, n_dev = 0;
+  uint64_t ts = 0;
+  Node* lru_prev = nullptr;  // toward the head (more recent)
+  Node* lru_next = nullptr;  // toward the tail (older)
   bool narrow = false;
   // Device slots, either one entry per slot (runs == false) or, when every
   // device page's slots are consecutive (s, s+1, ..., s+P-1) -- what paged
   // allocators hand out -- one base slot per page: less memory, and match
-  // writes the slots instead of reading them back.
-  std::vector<int64_t> slots;
+  // hands over runs instead of reading every slot back.
   bool runs = false;
+  bool in_lru = false;
+  bool in_pool = false;
+  bool is_root = false;
+  // Token ids, n_pages * P: int32 when every id of the node fits (the usual
+  // case: half the bytes to compare), else int64. Keys are values either way.
+  std::vector<int32_t> tokens32;
+  std::vector<int64_t> slots;
   std::vector<uint8_t> state;       // n_pages (PoolState)
-  std::vector<uint8_t> digest;      // n_pages * 32, empty until first digest
   std::vector<uint8_t> has_digest;  // n_pages, empty until first digest
-  int64_t n_pages = 0, n_dev = 0;
+  uint64_t id = 0;
+  std::unordered_map<uint64_t, Node*> children;
+  // ---- bookkeeping
+  std::vector<int64_t> tokens;      // wide ids (narrow == false)
+  uint64_t hkey = 0;                // hash of this node's first page
+  std::vector<uint8_t> digest;      // n_pages * 32, empty until first digest
   int64_t end_depth = 0;  // pages from the namespace root to this node's end
   int64_t lock_ref = 0;  // locks on this node's path end or below
   int64_t own_locks = 0;  // lock(node) calls on this very handle not yet unlocked
@@ -51,13 +63,7 @@ struct PrefixIndex::Node {
   int64_t pin_sub = 0;  // WRITING pages in this subtree, this node included
   int64_t dev_children = 0;
   int64_t prot_pages = 0;  // this node's contribution to protected_pages_
-  uint64_t ts = 0;
-  Node* lru_prev = nullptr;  // toward the head (more recent)
-  Node* lru_next = nullptr;  // toward the tail (older)
-  bool in_lru = false;
-  bool in_pool = false;
   PoolKey pk{};
-  bool is_root = false;
 };
 
 namespace {
