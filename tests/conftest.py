@@ -25,3 +25,32 @@ def testdata() -> Path:
     if not TESTDATA.is_dir():
         pytest.skip(f"shared test data not found at {TESTDATA} (it sits beside the checkout)")
     return TESTDATA
+
+
+# ----------------------------------------------------------------------------- @pytest.mark.mooncake
+#
+# Tests that need Mooncake's client. The package absent (pip extra not installed): skipped, with the
+# install command. The package installed but not importable (most often a system library missing,
+# libibverbs1 / librdmacm1 / libnuma1): the test FAILS with the library and the apt command. A broken
+# install must not pass as a clean run; deselect deliberately with -m "not mooncake".
+
+_client_imports: dict = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "mooncake: needs Mooncake's client (skipped when the package is absent, "
+                                       "fails when it is installed but cannot load its system libraries)")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("mooncake") is None:
+        return
+    from kvdirect.runtime import client_import
+
+    ci = _client_imports.get("mooncake.store")
+    if ci is None:
+        ci = _client_imports["mooncake.store"] = client_import("mooncake.store")
+    if ci.state == "not_installed":
+        pytest.skip(ci.message)
+    if ci.state != "ok":
+        pytest.fail(f"{ci.message} (to run without Mooncake on purpose: -m 'not mooncake')", pytrace=False)

@@ -62,6 +62,31 @@ def test_doctor_exits_zero_and_is_truthful():
         assert d["stores"][key]["available"] == (r.returncode == 0), (key, d["stores"][key])
 
 
+_DOCTOR_WITH = """
+import sys
+sys.path.insert(0, {tests!r})
+from kvd_testutil import fake_import_failure
+fake_import_failure({kind!r})
+from kvdirect.cli import main
+sys.exit(main(["doctor"]))
+"""
+
+
+@pytest.mark.parametrize("kind", ["missing-lib", "not-installed"])
+def test_doctor_says_what_mooncake_lacks(kind):
+    """Mooncake installed without its system libraries: doctor names the library and the apt command;
+    not installed at all: the pip extra (and the apt command it will need)."""
+    code = _DOCTOR_WITH.format(tests=str(ROOT / "tests"), kind=kind)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (line,) = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("mooncake ")]
+    assert " no " in line and "apt-get install -y libibverbs1 librdmacm1 libnuma1" in line, line
+    if kind == "missing-lib":
+        assert "cannot load the system library libibverbs.so.1 (Debian package libibverbs1)" in line, line
+    else:
+        assert 'pip install "kvdirect[mooncake]"' in line, line
+
+
 def test_doctor_human_output():
     out = run_cli("doctor").stdout
     assert out.startswith(f"kvdirect {kvdirect.__version__}")

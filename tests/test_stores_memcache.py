@@ -492,9 +492,56 @@ def test_flaky_store_down_and_delay(fake):
     flaky, src, sc, dst, sc_d, k = _flaky_setup(fake, delay_s=0.01, fail_ops=())
     assert (flaky.put(k, sc) == base.OK).all()
     flaky.down = True
-    assert (flaky.get(k, sc_d) == base.UNAVAILABLE).all() and not flaky.exists(k).any()
+    assert (flaky.get(k, sc_d) == base.UNAVAILABLE).all()
+    with pytest.raises(StoreError, match="down"):  # the store contract: no answer is not "absent"
+        flaky.exists(k)
     assert not dst.any()
     flaky.down = False
     assert (flaky.get(k, sc_d) == base.OK).all() and np.array_equal(dst, src)
     with pytest.raises(ValueError):
         FlakyStore(flaky.inner, mode="explode")
+
+
+def test_flaky_store_exists_failures_are_whole_calls(fake):
+    """An injected exists failure is a pool that did not answer (StoreError), one draw per call."""
+    flaky, src, sc, dst, sc_d, k = _flaky_setup(fake, fail_rate=0.5, seed=4, fail_ops=("exists",))
+    assert (flaky.put(k, sc) == base.OK).all()
+    answered = raised = 0
+    for _ in range(40):
+        try:
+            assert flaky.exists(k).all()  # an answer is the whole, true answer
+            answered += 1
+        except StoreError:
+            raised += 1
+    assert answered > 5 and raised > 5 and flaky.injected["exists"] == raised
+
+
+def test_error_answers_are_reported_not_guessed(fake):
+    """batch_is_exist answering -1 for one key, remove_batch failing a present key, put / get of the
+    byte API failing: each is a StoreError naming the MemCache code, never "absent" / "0 removed"."""
+    store = make_store(fake)
+    assert store.put_bytes("e-0", b"zero") and store.put_bytes("e-1", b"one")
+    client = fake.clients[0]
+    real_exist, real_remove, real_put, real_get = (client.batch_is_exist, client.remove_batch, client.put,
+                                                   client.get)
+    client.batch_is_exist = lambda keys: [1, -1][:len(keys)]
+    with pytest.raises(StoreError, match=r"batch_is_exist failed for 1 of 2 keys.*'e-1'.*-1 \(IO_ERROR\)"):
+        store.exists(["e-0", "e-1"])
+    client.batch_is_exist = real_exist
+    client.remove_batch = lambda keys: [0, -3104][:len(keys)]  # LEASE_NOT_EXPIRED
+    with pytest.raises(StoreError, match=r"remove_batch failed for 1 of 2 keys.*-3104 \(BUSY\)"):
+        store.remove(["e-0", "e-1"])
+    client.remove_batch = real_remove
+    assert store.remove(["e-1", "e-absent"]) == 1
+    client.put = lambda key, buf, replicateConfig=None: -3013  # EXCEED_CAPACITY: no room -> False
+    assert store.put_bytes("e-2", b"two") is False
+    client.put = lambda key, buf, replicateConfig=None: -3004  # TIMEOUT inside the client
+    with pytest.raises(StoreError, match=r"put\('e-2'\) failed: -3004 \(TIMEOUT\)"):
+        store.put_bytes("e-2", b"two")
+    client.put = real_put
+    client.get = lambda key: b""  # a read that delivered nothing for a key that exists
+    with pytest.raises(StoreError, match="delivered nothing .the key exists"):
+        store.get_bytes("e-0")
+    assert store.get_bytes("e-absent") is None  # b"" and is_exist 0: really absent
+    client.get = real_get
+    assert store.get_bytes("e-0") == b"zero"

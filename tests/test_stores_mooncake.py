@@ -12,16 +12,11 @@ from kvdirect.errors import ConfigError, StoreError
 from kvdirect.stores import ScatterList, base, open_store
 from kvdirect.stores import mooncake as mc_mod
 
-try:
-    import mooncake.store  # noqa: F401
-    _IMPORT_ERROR = None
-except ImportError as e:  # pragma: no cover - depends on the machine
-    _IMPORT_ERROR = e
+from kvd_testutil import ROOT, fake_import_failure
 
-needs_mooncake = pytest.mark.skipif(
-    _IMPORT_ERROR is not None,
-    reason=f"mooncake client not importable ({_IMPORT_ERROR}); "
-           "pip install 'kvdirect[mooncake]' and apt-get install libibverbs1 librdmacm1 libnuma1")
+# skipped when the package is absent; FAILS when it is installed but its system libraries are not
+# (tests/conftest.py, pytest_runtest_setup)
+needs_mooncake = pytest.mark.mooncake
 
 SEGMENT = 64 << 20
 
@@ -367,6 +362,44 @@ def test_metadata_server_unreachable_is_a_clear_store_error(master):
         open_store(url)
 
 
+@needs_mooncake
+def test_remove_of_a_key_under_read_lease_is_reported(store):
+    """Mooncake refuses to remove an object read within its lease (default_kv_lease_ttl): the key is
+    still there, so remove raises StoreError naming the code instead of answering "0 removed"."""
+    k = keys("lease", 2)
+    assert store.put_bytes(k[0], b"leased") and store.put_bytes(k[1], b"free")
+    assert store.get_bytes(k[0]) == b"leased"  # a read grants the lease
+    with pytest.raises(StoreError, match=r"batch_remove failed for 1 of 2 keys.*-706 \(BUSY\)"):
+        store.remove([k[1], k[0]])
+    assert store.exists(k).tolist() == [True, False]  # the free key went, the leased one stayed
+
+
+class _EmptyGet:
+    """The real client, except that get() delivers nothing (what Mooncake returns for a failed read)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __getattr__(self, name):
+        return (lambda key: b"") if name == "get" else getattr(self.real, name)
+
+
+@needs_mooncake
+def test_bytes_api_reports_failures(store):
+    """get_bytes: Mooncake answers b"" for "absent" and for failures alike; the size query tells them
+    apart. put_bytes: larger than the client's transfer buffer is False (TOO_LARGE), not an error."""
+    k = keys("bytesapi", 1)
+    assert store.get_bytes(k[0]) is None
+    assert store.put_bytes(k[0], b"x" * 100)
+    s = mc_mod.MooncakeStore(store.master, store.metadata, client=_EmptyGet(store._client), timeout_s=5)
+    try:
+        with pytest.raises(StoreError, match="delivered nothing .the object has 100 bytes"):
+            s.get_bytes(k[0])
+    finally:
+        s.close()
+    assert store.put_bytes(keys("toolarge", 1)[0], bytes(store.buffer + 1)) is False
+
+
 def test_not_importable_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mooncake.store", None)
     monkeypatch.setitem(sys.modules, "mooncake", None)
@@ -399,3 +432,49 @@ def test_status_mapping_tables():
                             [4096, 4096, 4096, 10, 10, 10, 10, 10, 4096, 10])
     assert get.tolist() == [base.OK, base.CORRUPT, base.CORRUPT, base.NOT_FOUND, base.NOT_FOUND,
                             base.INVALID_ARGUMENT, base.IO_ERROR, base.UNAVAILABLE, base.CORRUPT, base.IO_ERROR]
+
+
+# ----------------------------------------------------------------------------- system libraries missing
+
+
+def test_missing_system_library_names_it_and_the_apt_command():
+    """Installed package, absent libibverbs: ImportError (not ModuleNotFoundError). The error names the
+    library and the apt command; "pip install kvdirect[mooncake]" would not help, so it is not offered."""
+    undo = fake_import_failure("missing-lib")
+    try:
+        with pytest.raises(StoreError) as ei:
+            open_store("mooncake://127.0.0.1:1?metadata=http://127.0.0.1:2/metadata")
+    finally:
+        undo()
+    msg = str(ei.value)
+    assert "cannot load the system library libibverbs.so.1 (Debian package libibverbs1)" in msg
+    assert "apt-get install -y libibverbs1 librdmacm1 libnuma1" in msg
+    assert "pip install" not in msg
+
+
+_PYTEST_WITH = """
+import sys
+sys.path.insert(0, {tests!r})
+from kvd_testutil import fake_import_failure
+fake_import_failure({kind!r})
+import pytest
+sys.exit(pytest.main(["-q", "-rs", "-p", "no:cacheprovider", {test!r}]))
+"""
+
+
+@pytest.mark.parametrize("kind", ["missing-lib", "not-installed"])
+def test_mooncake_tests_fail_when_libraries_are_missing_and_skip_when_not_installed(kind):
+    """The policy of tests/conftest.py: a Mooncake test on a machine whose Mooncake package cannot load
+    its system libraries is an error that names the fix (a broken install must not look like a clean
+    run); without the package at all, it is skipped with the install command."""
+    test = str(ROOT / "tests" / "test_stores_mooncake.py") + "::test_bytes_round_trip"
+    code = _PYTEST_WITH.format(tests=str(ROOT / "tests"), kind=kind, test=test)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = r.stdout + r.stderr
+    if kind == "missing-lib":
+        assert r.returncode == 1, out[-3000:]
+        assert "1 error" in out and "libibverbs.so.1" in out, out[-3000:]
+        assert "apt-get install -y libibverbs1 librdmacm1 libnuma1" in out and "-m 'not mooncake'" in out
+    else:
+        assert r.returncode == 0, out[-3000:]
+        assert "1 skipped" in out and 'pip install "kvdirect[mooncake]"' in out, out[-3000:]

@@ -228,6 +228,12 @@ def test_corrupt_object_is_a_miss_and_dropped(pool_name):
         assert s.put_bytes("d", b"ALSO-BAD-" * 500)
         _corrupt_object(s.path, b"ALSO-BAD-")
         assert s.get_bytes_status("d") == (CORRUPT, None)
+        # get_bytes reports it (the object is not absent, it failed its checksum) ...
+        assert s.put_bytes("d2", b"ALSO-BAD2-" * 500)
+        _corrupt_object(s.path, b"ALSO-BAD2-")
+        with pytest.raises(StoreError, match=r"get_bytes\('d2'\) could not deliver the object: CORRUPT"):
+            s.get_bytes("d2")
+        assert s.get_bytes("d2") is None  # ... and dropped it: now absent
         # checksum=off: no verification (documented), the damaged bytes come back
         assert s.put_bytes("e", b"UNCHECKED-" * 500)
         _corrupt_object(s.path, b"UNCHECKED-")
@@ -320,6 +326,8 @@ def test_pin_table_full_is_busy(pool_name, tmp_path):
         _fill_one_block_each(s, "k", 20)
         t, h, bufs, box = _pin_in_thread(pool_name, [f"k{i}" for i in range(16)], str(tmp_path / "m"), 0.5)
         assert s.get_bytes_status("k17") == (BUSY, None)
+        with pytest.raises(StoreError, match="BUSY .pin table full"):  # not None: the object is there
+            s.get_bytes("k17")
         t.join()
         h.close()
         assert s.get_bytes("k17") is not None

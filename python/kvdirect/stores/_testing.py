@@ -4,7 +4,8 @@ Used by reliability tests (never by production code)::
 
     flaky = FlakyStore(open_store(url), fail_rate=0.2, delay_s=0.05, seed=1, fail_ops=("get",))
 
-* ``fail_rate``: probability that a key of an affected operation fails (seeded, reproducible).
+* ``fail_rate``: probability that a key of an affected put / get fails, or that an affected
+  exists call cannot answer (seeded, reproducible).
 * ``mode``: ``"error"`` (status IO_ERROR) or ``"timeout"`` (status TIMEOUT).
 * ``fail_ops``: which of ``put``, ``get``, ``exists`` are affected.
 * ``delay_s`` / ``delay_ops``: sleep before each affected call (slow store; e.g. puts still
@@ -14,9 +15,12 @@ Used by reliability tests (never by production code)::
   failed page serves visibly wrong KV.
 * ``put_lands``: a failed put still stores the object (the ambiguous case "the
   reply was lost but the write happened"); without it failed keys are not stored.
-* ``down = True`` makes every call fail (UNAVAILABLE, exists -> False) until reset.
+* ``down = True`` makes every call fail until reset: put / get statuses UNAVAILABLE; exists,
+  remove, put_bytes and get_bytes raise StoreError.
 
-``injected`` counts injected failures per operation.
+Failures follow the store contract (kvdirect.stores.base): an exists that fails raises
+StoreError for the whole call (a pool that cannot answer), never "absent".
+``injected`` counts injected failures per operation (keys for put / get, calls for exists).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import time
 
 import numpy as np
 
+from kvdirect.errors import StoreError
 from kvdirect.stores import base
 from kvdirect.stores.base import ScatterList, Store
 
@@ -78,14 +83,17 @@ class FlakyStore(Store):
     def register(self, addr: int, length: int, memory: str | None = None) -> None:
         self.inner.register(addr, length, memory=memory)
 
+    def _down(self, op: str) -> None:
+        if self.down:
+            raise StoreError(f"{op}: store {self.scheme!r} is down (FlakyStore.down)")
+
     def exists(self, keys) -> np.ndarray:
         keys = base.check_keys(keys)
-        if self.down:
-            return np.zeros(len(keys), bool)
+        self._down("exists")
         self._delay("exists")
-        present = np.asarray(self.inner.exists(keys), bool).copy()
-        present[self._failing("exists", len(keys))] = False
-        return present
+        if keys and self._failing("exists", 1)[0]:  # one draw per call: the pool did not answer
+            raise StoreError(f"exists: injected {'timeout' if self.mode == 'timeout' else 'error'}")
+        return np.asarray(self.inner.exists(keys), bool)
 
     def put(self, keys, scatter: ScatterList) -> np.ndarray:
         keys = base.check_keys(keys)
@@ -115,13 +123,19 @@ class FlakyStore(Store):
         return st
 
     def remove(self, keys) -> int:
-        return 0 if self.down else self.inner.remove(keys)
+        keys = base.check_keys(keys)
+        self._down("remove")
+        return self.inner.remove(keys)
 
     def put_bytes(self, key: str, data: bytes) -> bool:
-        return False if self.down else self.inner.put_bytes(key, data)
+        base.check_object(key, data)
+        self._down("put_bytes")
+        return self.inner.put_bytes(key, data)
 
     def get_bytes(self, key: str):
-        return None if self.down else self.inner.get_bytes(key)
+        base.check_keys([key])
+        self._down("get_bytes")
+        return self.inner.get_bytes(key)
 
     def stats(self) -> dict:
         return dict(self.inner.stats(), injected=dict(self.injected), down=self.down)
@@ -137,11 +151,17 @@ class FlakyStore(Store):
 # the installed module's pybind11 signatures, or the JSON snapshot), and it enforces the real
 # rules: directions (put: L2G/H2G, get: G2L/G2H; anything else fails every key with -3000),
 # at most 512 keys and 255 segments per key, keys of 1..256 bytes, calls before init() fail with
-# -3019, a duplicate put returns 0, 0 means done per key. Device memory is simulated: memory
+# -3019, a duplicate put returns 0 (the first object stays), 0 means done per key. Test switches on
+# the module (never on the client, whose public methods must match the real ones): ``capacity``
+# (bytes: a put that would exceed it fails with -3013), ``meta_down`` (the MetaService is gone:
+# batch calls fail every key with -3017, batch_is_exist / is_exist answer -1, get b"",
+# batch_get_key_info []). Device memory is simulated: memory
 # registered with ``device=True`` (FakeMemcacheModule.mark_device) may only be used with
 # L2G/G2L, host memory only with H2G/G2H; a mismatch fails that key (-3000) without copying.
 
 MMC_INVALID_PARAM = -3000
+MMC_EXCEED_CAPACITY = -3013
+MMC_NOT_CONNET_META = -3017
 MMC_CLIENT_NOT_INIT = -3019
 MMC_UNMATCHED_KEY = -3102
 
@@ -245,6 +265,8 @@ class FakeDistributedObjectStore:
         n = len(keys)
         if not self._inited:
             return [MMC_CLIENT_NOT_INIT] * n
+        if self._m.meta_down:
+            return [MMC_NOT_CONNET_META] * n
         if int(direct) not in (self._m.L2G, self._m.H2G) or not self._layers_args(keys, buffer_ptrs, sizes, direct):
             return [MMC_INVALID_PARAM] * n
         out = []
@@ -255,6 +277,8 @@ class FakeDistributedObjectStore:
                 out.append(MMC_INVALID_PARAM)
             elif k in self._m.objects:
                 out.append(0)  # duplicate: MemCache reports it as done
+            elif not self._m.fits(sum(s)):
+                out.append(MMC_EXCEED_CAPACITY)
             else:
                 self._m.objects[k] = b"".join(ctypes.string_at(a, n_) for a, n_ in zip(p, s))
                 out.append(0)
@@ -265,6 +289,8 @@ class FakeDistributedObjectStore:
         n = len(keys)
         if not self._inited:
             return [MMC_CLIENT_NOT_INIT] * n
+        if self._m.meta_down:
+            return [MMC_NOT_CONNET_META] * n
         if int(direct) not in (self._m.G2L, self._m.G2H) or not self._layers_args(keys, buffer_ptrs, sizes, direct):
             return [MMC_INVALID_PARAM] * n
         out = []
@@ -292,11 +318,13 @@ class FakeDistributedObjectStore:
         if not self._inited:
             return [MMC_CLIENT_NOT_INIT] * len(keys)
         self._check_keys(keys)
+        if self._m.meta_down:
+            return [-1] * len(keys)
         return [1 if k in self._m.objects else 0 for k in keys]
 
     def batch_get_key_info(self, keys, flag=1):
         self.calls.append(("batch_get_key_info", (keys,), {}))
-        if not self._inited:
+        if not self._inited or self._m.meta_down:
             return []
         self._check_keys(keys)
         return [FakeKeyInfo(len(self._m.objects.get(k, b""))) for k in keys]
@@ -305,23 +333,32 @@ class FakeDistributedObjectStore:
         self.calls.append(("remove_batch", (arg0,), {}))
         if not self._inited:
             return [MMC_CLIENT_NOT_INIT] * len(arg0)
+        if self._m.meta_down:
+            return [MMC_NOT_CONNET_META] * len(arg0)
         return [0 if self._m.objects.pop(k, None) is not None else MMC_UNMATCHED_KEY for k in arg0]
 
     def put(self, key, buf, replicateConfig=None):
         self.calls.append(("put", (key, buf), {}))
         if not self._inited:
             return MMC_CLIENT_NOT_INIT
-        self._m.objects.setdefault(key, bytes(buf))
+        if self._m.meta_down:
+            return MMC_NOT_CONNET_META
+        if key not in self._m.objects:
+            if not self._m.fits(len(bytes(buf))):
+                return MMC_EXCEED_CAPACITY
+            self._m.objects[key] = bytes(buf)
         return 0
 
     def get(self, arg0):
         self.calls.append(("get", (arg0,), {}))
-        return self._m.objects.get(arg0, b"") if self._inited else b""
+        return self._m.objects.get(arg0, b"") if self._inited and not self._m.meta_down else b""
 
     def is_exist(self, arg0):
         self.calls.append(("is_exist", (arg0,), {}))
         if not self._inited:
             return MMC_CLIENT_NOT_INIT
+        if self._m.meta_down:
+            return -1
         return 1 if arg0 in self._m.objects else 0
 
 
@@ -334,12 +371,15 @@ def _int(x) -> int:
 class FakeMemcacheModule:
     """Looks like ``import memcache_hybrid`` for MemcacheStore(module=...). Shared state = one pool."""
 
-    def __init__(self, init_rc: int = 0, lenient_size: bool = False, require_registered: bool = True):
+    def __init__(self, init_rc: int = 0, lenient_size: bool = False, require_registered: bool = True,
+                 capacity: int | None = None):
         from kvdirect.stores.memcache import DIRECTIONS_FALLBACK
 
         for name, v in DIRECTIONS_FALLBACK.items():
             setattr(self, name, _FakeEnum(v))
         self.init_rc, self.lenient_size, self.require_registered = init_rc, lenient_size, require_registered
+        self.capacity = capacity
+        self.meta_down = False
         self.objects: dict[str, bytes] = {}
         self.fail_keys: dict[str, int] = {}
         self.registered: list[tuple[int, int]] = []
@@ -352,6 +392,10 @@ class FakeMemcacheModule:
         c = FakeDistributedObjectStore(self)
         self.clients.append(c)
         return c
+
+    def fits(self, size: int) -> bool:
+        """Room for one more object of `size` bytes (no eviction in the double)?"""
+        return self.capacity is None or sum(map(len, self.objects.values())) + size <= self.capacity
 
     def mark_device(self, addr: int) -> None:
         """Memory registered at addr is 'device' memory (only L2G / G2L may touch it)."""

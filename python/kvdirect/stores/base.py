@@ -15,10 +15,41 @@ Contract (all stores, tested in tests/test_stores_contract.py):
   ``kvdirect._core.Status`` values (NOT_FOUND=1, ... UNAVAILABLE=7).
 * Puts are atomic per key: a reader sees nothing or the whole object.
 * ``exists_prefix`` counts leading keys present, stopping at the first miss.
-  ``exists`` raises ``StoreError`` when the pool cannot answer (unreachable,
-  timed out): callers count that as misses and back off.
 * ``register`` is called once per memory region a store reads or writes
   (device KV pool, staging buffer); never per call.
+* Keys name their content: putting a key the pool already holds reports success
+  (the pool holds that key's object); a store may keep the first object or
+  replace it, a reader still sees one of them whole.
+* Objects are at least one byte: ``put_bytes(key, b"")`` is a ConfigError
+  everywhere (Mooncake cannot store empty objects).
+
+Failure reporting: a return value is always the pool's answer, never a guess.
+When a store cannot give one it says so, per call:
+
+=================  ===========================================================
+call               failure is reported as
+=================  ===========================================================
+``put`` / ``get``  a non-OK status for each key that failed (TIMEOUT,
+                   UNAVAILABLE, NO_SPACE, CORRUPT, ...); the call itself never
+                   raises for a store failure, so one bad key costs one page.
+``exists``         ``StoreError`` when the pool cannot answer for every key
+(and ``_prefix``)  (unreachable, timed out, an error answer for any key): a
+                   key it knows nothing about is never reported "absent".
+                   Callers count that as misses and back off.
+``remove``         returns how many keys were present and are now removed
+                   (absent keys are no failure); ``StoreError`` when the pool
+                   cannot answer or a present key could not be removed (e.g.
+                   under Mooncake's read lease).
+``put_bytes``      ``True``: stored. ``False``: the pool has no room for it
+                   (NO_SPACE / TOO_LARGE, as a put status would say).
+                   ``StoreError`` for every other failure (unreachable, timed
+                   out, I/O error).
+``get_bytes``      the whole object, or ``None`` when the key is absent;
+                   ``StoreError`` when the pool cannot answer or cannot
+                   deliver the object whole (timed out, corrupt, busy).
+=================  ===========================================================
+
+Bad input (keys, scatter lists, empty objects) is a ``ConfigError`` on every call.
 """
 from __future__ import annotations
 
@@ -42,6 +73,9 @@ TIMEOUT = 6
 UNAVAILABLE = 7
 IO_ERROR = 8
 TOO_LARGE = 9
+_STATUS_NAMES = {v: k for k, v in dict(OK=OK, NOT_FOUND=NOT_FOUND, INVALID_ARGUMENT=INVALID_ARGUMENT,
+                                       NO_SPACE=NO_SPACE, CORRUPT=CORRUPT, BUSY=BUSY, TIMEOUT=TIMEOUT,
+                                       UNAVAILABLE=UNAVAILABLE, IO_ERROR=IO_ERROR, TOO_LARGE=TOO_LARGE).items()}
 
 
 @dataclass(frozen=True)
@@ -85,6 +119,27 @@ def check_keys(keys: Sequence[str]) -> list[str]:
     return keys
 
 
+def check_object(key: str, data) -> tuple[str, int]:
+    """Validate put_bytes input once at the boundary: (key, object size in bytes)."""
+    (key,) = check_keys([key])
+    try:
+        n = memoryview(data).nbytes
+    except TypeError:
+        raise ConfigError(f"put_bytes needs a bytes-like object, got {type(data).__name__}") from None
+    if n == 0:
+        raise ConfigError(f"put_bytes({key[:40]!r}): objects must be at least 1 byte (stores cannot hold empty ones)")
+    return key, n
+
+
+#: put_bytes statuses that mean "no room for this object" (False); any other failure raises StoreError
+NO_ROOM = (NO_SPACE, TOO_LARGE)
+
+
+def status_name(code: int) -> str:
+    """'TIMEOUT' for a kvdirect status code (messages name statuses, never bare integers)."""
+    return _STATUS_NAMES.get(int(code), f"status {int(code)}")
+
+
 class Store(abc.ABC):
     """Abstract L3 pool. Subclasses: ShmStore, MooncakeStore, MemcacheStore."""
 
@@ -100,7 +155,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def exists(self, keys: Sequence[str]) -> np.ndarray:
-        """bool array, one per key."""
+        """bool array, one per key; StoreError when the pool cannot answer (never "absent" for "unknown")."""
 
     def exists_prefix(self, keys: Sequence[str]) -> int:
         """How many leading keys are present (stops at the first miss)."""
@@ -124,13 +179,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def remove(self, keys: Sequence[str]) -> int:
-        """Remove keys; returns how many were present."""
+        """Remove keys; returns how many were present. StoreError if a present key stays or the pool cannot answer."""
 
     @abc.abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> bool: ...
+    def put_bytes(self, key: str, data: bytes) -> bool:
+        """Store one object: True stored, False no room (NO_SPACE / TOO_LARGE); StoreError for other failures."""
 
     @abc.abstractmethod
-    def get_bytes(self, key: str) -> bytes | None: ...
+    def get_bytes(self, key: str) -> bytes | None:
+        """One whole object, None when absent; StoreError when it cannot be delivered whole."""
 
     def stats(self) -> dict:
         return {}

@@ -16,8 +16,13 @@ MetaService before init).
 
 Semantics: ``batch_put_from_layers`` / ``batch_get_into_layers`` return one int
 per key, 0 = done, anything else failed (MemCache already reports a duplicate
-put as 0). ``batch_is_exist`` returns 1 / 0 / negative error. A get is used
-only if the key's stored size equals its scatter list's total (``verify``).
+put as 0). ``batch_is_exist`` returns 1 / 0 / negative error: an error for any
+key, or no answer within the deadline, makes ``exists`` raise StoreError (the
+store contract in ``kvdirect.stores.base``: never "absent" for "unknown"); so do
+failed ``remove_batch`` entries (other than "not found"), ``put`` errors other
+than no room, and a ``get`` that delivers nothing for a key ``is_exist`` reports
+present. A get is used only if the key's stored size equals its scatter list's
+total (``verify``).
 Limits enforced per call: at most 512 keys (batches are split), 255 segments
 per key (more: TOO_LARGE), keys under 256 bytes.
 
@@ -39,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvdirect import runtime
 from kvdirect.errors import ConfigError, StoreError
 from kvdirect.stores import base
 from kvdirect.stores._remote import (CallTimeout, CallUnavailable, DeadlineRunner, Regions, check_batch, map_codes,
@@ -81,10 +87,13 @@ _GET_CODES = {**_CODES, -3006: base.IO_ERROR}
 
 
 def import_module():
-    try:
-        import memcache_hybrid
-    except ImportError as e:
-        raise StoreError(f"MemCache client not importable ({e}). Install it: {INSTALL_HINT}") from None
+    ci = runtime.client_import("memcache_hybrid")
+    if ci.state == "not_installed":
+        raise StoreError(f"MemCache client not installed. Install it: {INSTALL_HINT}")
+    if ci.state != "ok":
+        raise StoreError(f"MemCache client not importable: {ci.message}")
+    import memcache_hybrid
+
     return memcache_hybrid
 
 
@@ -311,17 +320,33 @@ class MemcacheStore(Store):
                 self._regions.remove(addr)
                 raise StoreError(f"MemCache register_buffer(0x{int(addr):x}, {int(length)}) failed: {rc}")
 
+    def _ask(self, name: str, *args):
+        """A call whose answer the caller needs: StoreError when there is none."""
+        try:
+            return self._call(name, *args)
+        except (CallTimeout, CallUnavailable, RuntimeError, ValueError) as e:
+            raise StoreError(f"MemCache {name} did not answer: {e}") from None
+
+    @staticmethod
+    def _failed(name: str, keys: list[str], rc: np.ndarray, bad: np.ndarray) -> StoreError:
+        codes = ", ".join(f"{int(c)} ({base.status_name(status([c])[0])})" for c in np.unique(rc[bad])[:4])
+        return StoreError(f"MemCache {name} failed for {int(bad.sum())} of {len(keys)} keys (first "
+                          f"{keys[int(np.flatnonzero(bad)[0])][:40]!r}; MemCache codes {codes})")
+
     def exists(self, keys) -> np.ndarray:
         keys = base.check_keys(keys)
         out = np.zeros(len(keys), bool)
         for lo in range(0, len(keys), MAX_BATCH_KEYS):
             hi = min(lo + MAX_BATCH_KEYS, len(keys))
-            try:
-                rc = np.asarray(self._call("batch_is_exist", keys[lo:hi]), np.int64)
-            except (CallTimeout, CallUnavailable, RuntimeError):
-                continue  # unknown -> absent
-            if rc.shape == (hi - lo,):
-                out[lo:hi] = rc == 1
+            # 1 present, 0 absent, negative: the pool could not answer for that key -> StoreError
+            # (the cache counts misses and backs off; "absent" would be a guess)
+            rc = np.asarray(self._ask("batch_is_exist", keys[lo:hi]), np.int64)
+            if rc.shape != (hi - lo,):
+                raise StoreError(f"MemCache batch_is_exist answered {rc.size} results for {hi - lo} keys")
+            bad = (rc != 0) & (rc != 1)
+            if bad.any():
+                raise self._failed("batch_is_exist", keys[lo:hi], rc, bad)
+            out[lo:hi] = rc == 1
         return out
 
     def put(self, keys, scatter: ScatterList) -> np.ndarray:
@@ -336,29 +361,36 @@ class MemcacheStore(Store):
         keys = base.check_keys(keys)
         n = 0
         for lo in range(0, len(keys), MAX_BATCH_KEYS):
-            try:
-                rc = np.asarray(self._call("remove_batch", keys[lo:lo + MAX_BATCH_KEYS]), np.int64)
-            except (CallTimeout, CallUnavailable, RuntimeError):
-                continue
-            n += int((rc == 0).sum())
+            part = keys[lo:lo + MAX_BATCH_KEYS]
+            rc = np.asarray(self._ask("remove_batch", part), np.int64)
+            if rc.shape != (len(part),):
+                raise StoreError(f"MemCache remove_batch answered {rc.size} results for {len(part)} keys")
+            st = status(rc)
+            bad = (st != base.OK) & (st != base.NOT_FOUND)
+            if bad.any():
+                raise self._failed("remove_batch", part, rc, bad)
+            n += int((st == base.OK).sum())
         return n
 
     def put_bytes(self, key: str, data: bytes) -> bool:
-        (key,) = base.check_keys([key])
-        try:
-            return self._call("put", key, bytes(data)) == 0
-        except (CallTimeout, CallUnavailable, RuntimeError):
-            return False
+        key, _ = base.check_object(key, data)
+        rc = self._ask("put", key, data if isinstance(data, bytes) else bytes(data))
+        st = int(status([rc])[0])
+        if st == base.OK or st in base.NO_ROOM:
+            return st == base.OK
+        raise StoreError(f"MemCache put({key[:40]!r}) failed: {rc} ({base.status_name(st)})")
 
     def get_bytes(self, key: str) -> bytes | None:
         (key,) = base.check_keys([key])
-        try:
-            data = bytes(self._call("get", key))
-            if data:
-                return data
-            return b"" if self._call("is_exist", key) == 1 else None
-        except (CallTimeout, CallUnavailable, RuntimeError):
+        data = bytes(self._ask("get", key))
+        if data:
+            return data
+        # b"" is the client's answer for "absent" and for a failed read (objects are never empty)
+        rc = int(self._ask("is_exist", key))
+        if rc == 0:
             return None
+        why = "the key exists" if rc == 1 else f"is_exist: {rc} ({base.status_name(status([rc])[0])})"
+        raise StoreError(f"MemCache get({key[:40]!r}) delivered nothing ({why})")
 
     def stats(self) -> dict:
         d = dict(self._counts, failed_by_status=dict(self._counts["failed_by_status"]))

@@ -24,7 +24,21 @@ Semantics (how Mooncake's integer results become kvdirect statuses):
 * Objects live in the memory that clients contribute (``segment``): when the
   client holding an object's replica closes, the object is gone.
 * ``remove`` does not force: Mooncake keeps objects under a read lease
-  (``default_kv_lease_ttl``, 10 s by default) and refuses to remove them until it expires.
+  (``default_kv_lease_ttl``, 10 s by default; reads and existence queries grant
+  it) and refuses to remove them until it expires (-706): that key is reported
+  (StoreError), not counted as absent.
+* Failures follow the store contract (``kvdirect.stores.base``): ``exists``
+  raises StoreError when the master cannot answer (a dead master answers -900
+  per key at once; a hung one runs into the deadline). ``put_bytes`` /
+  ``get_bytes`` / ``remove`` raise StoreError on failure; ``put_bytes`` of an
+  object larger than the client's transfer buffer (``buffer``) is False
+  (TOO_LARGE), as is one the pool has no room for. ``get`` of the byte API
+  answers b"" both for "absent" and for a failed read (empty objects cannot be
+  stored), so ``get_bytes`` asks ``get_size`` to tell them apart.
+
+If the package is installed but a system library it links is not (libibverbs,
+librdmacm, libnuma: ``apt-get install -y libibverbs1 librdmacm1 libnuma1``),
+opening raises StoreError naming the library and that command.
 
 Memory registration: ``register(addr, length)`` calls ``register_buffer`` once
 per region (a repeat is a no-op). With ``protocol=tcp`` Mooncake copies through
@@ -46,6 +60,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from kvdirect import runtime
 from kvdirect.errors import ConfigError, StoreError
 from kvdirect.stores import base
 from kvdirect.stores._remote import (CallTimeout, CallUnavailable, DeadlineRunner, Regions, check_batch, map_codes,
@@ -57,7 +72,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = ('pip install "kvdirect[mooncake]" (mooncake-transfer-engine-non-cuda on CPU machines, '
                 'mooncake-transfer-engine with CUDA) and the system libraries it loads: '
-                "apt-get install -y libibverbs1 librdmacm1 libnuma1")
+                f"{runtime.apt_command('mooncake.store')}")
 
 # Mooncake ErrorCode (mooncake-store/include/types.h) -> kvdirect status
 MC_OK = 0
@@ -91,11 +106,15 @@ _GET_CODES = {**_CODES, MC_OBJECT_ALREADY_EXISTS: base.IO_ERROR}
 
 
 def import_client():
-    """The MooncakeDistributedStore class, or StoreError saying how to install it."""
-    try:
-        from mooncake.store import MooncakeDistributedStore
-    except ImportError as e:
-        raise StoreError(f"Mooncake client not importable ({e}). Install it: {INSTALL_HINT}") from None
+    """The MooncakeDistributedStore class, or StoreError naming what is missing and the command that fixes it
+    (the pip extra when the package is absent; the Debian packages when a system library is)."""
+    ci = runtime.client_import("mooncake.store")
+    if ci.state == "not_installed":
+        raise StoreError(f"Mooncake client not installed: {INSTALL_HINT}")
+    if ci.state != "ok":
+        raise StoreError(f"Mooncake client not importable: {ci.message}")
+    from mooncake.store import MooncakeDistributedStore
+
     return MooncakeDistributedStore
 
 
@@ -272,20 +291,33 @@ class MooncakeStore(Store):
             if int(addr) in self._regions.overlapping(addr, 1):
                 self._unregister_locked(int(addr))
 
+    def _ask(self, name: str, *args):
+        """A control-plane call whose answer the caller needs: StoreError when there is none."""
+        try:
+            return self._call(name, *args)
+        except (CallTimeout, CallUnavailable, RuntimeError) as e:
+            raise StoreError(f"Mooncake {name} did not answer (master {self.master}): {e}") from None
+
+    def _failed(self, name: str, keys: list[str], rc: np.ndarray, bad: np.ndarray) -> StoreError:
+        codes = ", ".join(f"{int(c)} ({base.status_name(map_codes([c], _CODES, base.IO_ERROR)[0])})"
+                          for c in np.unique(rc[bad])[:4])
+        return StoreError(f"Mooncake {name} failed for {int(bad.sum())} of {len(keys)} keys (first "
+                          f"{keys[int(np.flatnonzero(bad)[0])][:40]!r}; Mooncake codes {codes}; master {self.master})")
+
     def exists(self, keys) -> np.ndarray:
         keys = base.check_keys(keys)
         if not keys:
             return np.zeros(0, bool)
         self._counts["exists_calls"] += 1
-        try:
-            rc = np.asarray(self._call("batch_is_exist", keys), np.int64)
-        except (CallTimeout, CallUnavailable) as e:
-            # the pool cannot answer: raise, so the cache counts it as misses and backs off
-            # instead of waiting for this deadline on every request
-            raise StoreError(f"Mooncake batch_is_exist did not answer: {e}") from None
+        # no answer, or an error answer for any key (-900 when the master is gone): StoreError, so the
+        # cache counts misses and backs off; "absent" would be a guess
+        rc = np.asarray(self._ask("batch_is_exist", keys), np.int64)
         if rc.shape != (len(keys),):
-            return np.zeros(len(keys), bool)
-        return rc == 1  # 1 present, 0 absent, negative = error -> absent
+            raise StoreError(f"Mooncake batch_is_exist answered {rc.size} results for {len(keys)} keys")
+        bad = (rc != 0) & (rc != 1)
+        if bad.any():
+            raise self._failed("batch_is_exist", keys, rc, bad)
+        return rc == 1
 
     def put(self, keys, scatter: ScatterList) -> np.ndarray:
         keys, scatter = check_batch(keys, scatter)
@@ -299,29 +331,36 @@ class MooncakeStore(Store):
         keys = base.check_keys(keys)
         if not keys:
             return 0
-        try:
-            rc = np.asarray(self._call("batch_remove", keys), np.int64)
-        except (CallTimeout, CallUnavailable):
-            return 0
-        return int((rc == 0).sum())
+        rc = np.asarray(self._ask("batch_remove", keys), np.int64)
+        if rc.shape != (len(keys),):
+            raise StoreError(f"Mooncake batch_remove answered {rc.size} results for {len(keys)} keys")
+        st = map_codes(rc, _CODES, base.IO_ERROR)
+        bad = (st != base.OK) & (st != base.NOT_FOUND)  # e.g. -706 OBJECT_HAS_LEASE: read recently, still there
+        if bad.any():
+            raise self._failed("batch_remove", keys, rc, bad)
+        return int((st == base.OK).sum())
 
     def put_bytes(self, key: str, data: bytes) -> bool:
-        (key,) = base.check_keys([key])
-        try:
-            return self._call("put", key, bytes(data)) == 0
-        except (CallTimeout, CallUnavailable):
-            return False
+        key, size = base.check_object(key, data)
+        if size > self.buffer:  # the client copies through its transfer buffer: larger objects fail (-600)
+            return False        # TOO_LARGE for this client (raise buffer= to store it)
+        rc = self._ask("put", key, data if isinstance(data, bytes) else bytes(data))
+        st = int(put_status([rc])[0])
+        if st == base.OK or st in base.NO_ROOM:
+            return st == base.OK
+        raise StoreError(f"Mooncake put({key[:40]!r}) failed: {rc} ({base.status_name(st)}; master {self.master})")
 
     def get_bytes(self, key: str) -> bytes | None:
         (key,) = base.check_keys([key])
-        try:
-            data = self._call("get", key)
-            if data:
-                return bytes(data)
-            # b"" means "absent" or "empty object": ask for the size to tell them apart
-            return b"" if self._call("get_size", key) == 0 else None
-        except (CallTimeout, CallUnavailable):
+        data = self._ask("get", key)
+        if data:
+            return bytes(data)
+        # b"" is Mooncake's answer for "absent" and for every failure (objects are never empty): ask the size
+        size = int(self._ask("get_size", key))
+        if size < 0 and map_codes([size], _CODES, base.IO_ERROR)[0] == base.NOT_FOUND:
             return None
+        why = f"the object has {size} bytes" if size >= 0 else f"get_size: {size}"
+        raise StoreError(f"Mooncake get({key[:40]!r}) delivered nothing ({why}; master {self.master})")
 
     def stats(self) -> dict:
         d = dict(self._counts, failed_by_status=dict(self._counts["failed_by_status"]))

@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from kvdirect.errors import ConfigError, StoreError
-from kvdirect.stores.base import INVALID_ARGUMENT, NOT_FOUND, OK, ScatterList, Store
+from kvdirect.stores.base import (BUSY, CORRUPT, INVALID_ARGUMENT, NO_ROOM, NOT_FOUND, OK, ScatterList, Store,
+                                  check_object, status_name)
 from kvdirect.stores.url import StoreURL, parse_size
 
 DEFAULT_SIZE = 1 << 30
@@ -31,6 +32,8 @@ DEFAULT_BLOCK = 64 << 10
 DEFAULT_PIN_SLOTS = 4096
 _NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 _BOOL = {"on": True, "1": True, "true": True, "yes": True, "off": False, "0": False, "false": False, "no": False}
+_WHY = {CORRUPT: " (checksum mismatch: the object was dropped)",
+        BUSY: " (pin table full: too many concurrent readers; retry, or create the pool with more pins=)"}
 _CREATE = {"auto": "auto", "no": "open", "never": "open", "yes": "create", "always": "create", "only": "create"}
 
 
@@ -109,11 +112,18 @@ class ShmStore(Store):
         return PiecewiseRead(self._pool, keys, object_sizes)
 
     def put_bytes(self, key: str, data) -> bool:
-        return self._pool.put_bytes(key, data) == OK
+        key, _ = check_object(key, data)
+        st = self._pool.put_bytes(key, data)
+        if st == OK or st in NO_ROOM:
+            return st == OK
+        raise StoreError(f"shm pool {self.name!r}: put_bytes({key[:40]!r}) failed: {status_name(st)}")
 
     def get_bytes(self, key: str) -> bytes | None:
         st, data = self._pool.get_bytes(key)
-        return data if st == OK else None
+        if st == OK or st == NOT_FOUND:
+            return data
+        raise StoreError(f"shm pool {self.name!r}: get_bytes({key[:40]!r}) could not deliver the object: "
+                         f"{status_name(st)}{_WHY.get(st, '')}")
 
     def get_bytes_status(self, key: str) -> tuple[int, bytes | None]:
         """Like get_bytes, plus the status (NOT_FOUND, CORRUPT, BUSY...) of a miss."""
