@@ -10,7 +10,8 @@ Runs, in this order and each beside its baseline in the same run:
   in one process, and alone (needs --sglang-python for the SGLang half);
 * bench/bench_keys.py: page keys against the OpenSSL floor and SGLang;
 * the C++ microbenchmarks under build/<wheel tag>/ (shm_micro, copy_micro,
-  planner_micro; index_micro and keys_micro through the two scripts above).
+  planner_micro; index_micro and keys_micro through the two scripts above)
+  and bench/bench_planner.py (the planner against SGLang's Python way).
 
 Writes OUT/report.json (every figure), OUT/table.md (the README table rows,
 each figure against its goal and what limits it) and OUT/load.png (load and
@@ -219,6 +220,14 @@ def rows(rep: dict) -> list[list[str]]:
             ">= 0.8", met(min(m["gather_all_threads_vs_memcpy"], m["scatter_all_threads_vs_memcpy"]) >= 0.8),
             "memory bandwidth (glibc memcpy per segment)",
         ])
+    pl = rep.get("planner")
+    if pl:
+        out.append([
+            f"planner, {pl['pages']} pages x {pl['layers']} layers x K/V, per-token slots (`bench/bench_planner.py`)",
+            f"{fmt(pl['plan_tokens_ms'], 3)} ms", f"Python list comprehension (as SGLang's backends) "
+            f"{fmt(pl['python_ms'], 1)} ms", f"{fmt(pl['ratio'], 0)}x", ">= 50x", met(pl["ratio"] >= 50),
+            "one C++ pass; validating every token's slot",
+        ])
     m = rep.get("planner_micro")
     if m:
         out.append([
@@ -258,7 +267,7 @@ def chart(rep: dict, path: Path) -> None:
     ax.set_xticks(range(len(vals)), names, fontsize=8)
     ax.set_ylabel("GB/s (median request)")
     ax.set_title(f"{L['bytes_per_request'] / 2**20:.0f} MiB requests, same run", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, -0.42), ncol=2)
     if rep["load"]["sweep"]:
         ax = axes[0][1]
         sw = rep["load"]["sweep"]
@@ -302,6 +311,8 @@ def main() -> int:
         log("keys ...")
         rep["keys"] = run_script("bench_keys.py", *sg)
     if "micro" not in a.skip:
+        log("planner ...")
+        rep["planner"] = run_script("bench_planner.py")
         log("C++ microbenchmarks ...")
         rep["shm_micro"] = run_micro("shm_micro")
         rep["copy_micro"] = run_micro("copy_micro")
