@@ -11,7 +11,9 @@ page size 64. Reported, side by side in the same run:
 * interleaved: kvdirect and the Rust TreeCore alternating query by query in
   ONE process, both fed SGLang's key type array('q'), each query timed alone
   (timer cost subtracted), each query's best of 5 passes, averaged. Here each
-  side finds the other's traffic in the caches, as in a server process;
+  side finds the other's traffic in the caches, as in a server process. The
+  same process then times each side alone the same way (per query, best of
+  passes: robust against a busy machine's preemptions);
 * the C++ core alone (bench/index_micro.cpp) when its binary is under build/.
 
 Goals (issue 16): interleaved kvdirect >= 10x the TreeCore; alone <= 0.6 us.
@@ -230,13 +232,14 @@ def bench_interleaved(a, docs, queries):
     k_us = (float(np.mean(best_k)) - timer) * 1e6
     t_us = (float(np.mean(best_t)) - timer) * 1e6
 
-    def alone(fn, xs):
-        def one():
-            t0 = pc()
-            for x in xs:
+    def alone(fn, xs):  # the same method, one side only
+        best = [float("inf")] * len(xs)
+        for _ in range(a.passes):
+            for i, x in enumerate(xs):
+                t0 = pc()
                 fn(x)
-            return (pc() - t0) / len(xs)
-        return min(one() for _ in range(a.passes)) * 1e6
+                best[i] = min(best[i], pc() - t0)
+        return (float(np.mean(best)) - timer) * 1e6
 
     return {"kvdirect_us": k_us, "treecore_us": t_us, "ratio": t_us / k_us, "timer_us": timer * 1e6,
             "kvdirect_alone_us": alone(km, qa), "treecore_alone_us": alone(tm, qp),

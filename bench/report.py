@@ -163,13 +163,17 @@ def rows(rep: dict) -> list[list[str]]:
                 "cache misses: each query reads its 14 KiB of int64 tokens and 7 KiB of the tree's int32 "
                 "tokens after TreeCore's query has run over the caches",
             ])
+        # alone: timed per query in the interleaved run's process when there is one (the same
+        # method as interleaved), else the whole-pass figure of this process
+        k_alone = inter["kvdirect_alone_us"] if inter else aq["match_us"]
+        t_alone = inter["treecore_alone_us"] if inter else (rust["match_us"] if rust else None)
         out.append([
             "prefix match alone, index-std (same script)",
-            f"{fmt(aq['match_us'], 3)} us/query (`array('q')`); with `device_slots` read "
-            f"{fmt(sl['match_us'] if sl else None, 3)} us",
-            f"Rust TreeCore alone {fmt(rust['match_us'] if rust else None, 2)} us",
-            f"{fmt(rust['match_us'] / aq['match_us'] if rust else None, 1)}x faster",
-            "<= 0.6 us", met(aq["match_us"] <= 0.6),
+            f"{fmt(k_alone, 3)} us/query (`array('q')`); whole passes: {fmt(aq['match_us'], 3)} us, "
+            f"{fmt(sl['match_us'] if sl else None, 3)} us with `device_slots` read",
+            f"Rust TreeCore alone {fmt(t_alone, 2)} us",
+            f"{fmt(t_alone / k_alone if t_alone else None, 1)}x faster",
+            "<= 0.6 us", met(k_alone <= 0.6),
             "comparing 1792 tokens (int64 query against the tree's int32: 1 instruction per token); "
             "slots are handed over as runs, expanded only when read",
         ])
