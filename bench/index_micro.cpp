@@ -1,5 +1,5 @@
 // Microbenchmark of the C++ prefix index alone (no Python): workload
-// "index-std" from shared/docs/ANCHORS.md. 200 documents x 3584 random tokens
+// "index-std": 200 documents x 3584 random tokens
 // inserted, then 200 queries each sharing the first 1792 tokens of one
 // document, page size 64. Prints best-of-5 per-query match (as PrefixIndex.match
 // runs it: lengths, node, slot runs), the same match writing every token's slot,

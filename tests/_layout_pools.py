@@ -9,8 +9,8 @@ import numpy as np
 
 from kvdirect import KVLayout
 
-KINDS = ["mha", "mha_vdim", "mla", "ascend", "ascend_padded", "ascend_mla", "page_first", "page_first_mla",
-         "addresses"]
+KINDS = ["mha", "mha_vdim", "mha_paged", "mha_paged_kv", "mla", "mla_paged", "mla_paged4", "ascend",
+         "ascend_padded", "ascend_mla", "page_first", "page_first_mla", "addresses"]
 DTYPES = [(np.uint16, "bfloat16"), (np.float16, "float16"), (np.uint8, "float8_e4m3fn")]
 
 
@@ -37,6 +37,24 @@ class Pool:
                 self.layout = KVLayout.from_mha(self.k, self.v, P, dtype=dtype)
             self.bufs = self.k + self.v
             self._pieces = lambda s: [x[s:s + P] for kv in zip(self.k, self.v) for x in kv]
+        elif kind == "mha_paged":  # per layer [pages, page_size, heads, dim]
+            self.k = [_rand(rng, (pages, P, heads, dim), np_dtype) for _ in range(layers)]
+            self.v = [_rand(rng, (pages, P, heads, dim), np_dtype) for _ in range(layers)]
+            self.layout = KVLayout.from_mha(self.k, self.v, P, dtype=dtype)
+            self.bufs = self.k + self.v
+            self._pieces = lambda s: [x[s // P] for kv in zip(self.k, self.v) for x in kv]
+        elif kind == "mha_paged_kv":  # vLLM-style: per layer one [2, pages, page_size, heads, dim] tensor
+            self.kv = [_rand(rng, (2, pages, P, heads, dim), np_dtype) for _ in range(layers)]
+            self.k, self.v = [x[0] for x in self.kv], [x[1] for x in self.kv]
+            self.layout = KVLayout.from_mha(self.k, self.v, P, dtype=dtype)
+            self.bufs = self.kv
+            self._pieces = lambda s: [x[s // P] for kv in zip(self.k, self.v) for x in kv]
+        elif kind in ("mla_paged", "mla_paged4"):  # per layer [pages, page_size, dim] / [.., 1, dim]
+            shape = (pages, P, dim + 4) if kind == "mla_paged" else (pages, P, 1, dim + 4)
+            self.kv = [_rand(rng, shape, np_dtype) for _ in range(layers)]
+            self.layout = KVLayout.from_mla(self.kv, P, dtype=dtype)
+            self.bufs = self.kv
+            self._pieces = lambda s: [x[s // P] for x in self.kv]
         elif kind == "mla":
             self.kv = [_rand(rng, (slots, 1, dim + 4), np_dtype) for _ in range(layers)]
             self.layout = KVLayout.from_mla(self.kv, P, dtype=dtype)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kvd_testutil import ROOT, SHARED, TESTDATA, run_cli  # noqa: E402,F401  (shared helpers)
+from kvd_testutil import DATA, ROOT, run_cli  # noqa: E402,F401  (helpers for test modules)
 
 # hypothesis: CI profile runs more examples; every run is deterministic-seeded
 try:
@@ -18,13 +18,6 @@ try:
     settings.load_profile("ci" if os.environ.get("CI") else "dev")
 except ImportError:  # hypothesis is in the [test] extra
     pass
-
-
-@pytest.fixture(scope="session")
-def testdata() -> Path:
-    if not TESTDATA.is_dir():
-        pytest.skip(f"shared test data not found at {TESTDATA} (it sits beside the checkout)")
-    return TESTDATA
 
 
 # ----------------------------------------------------------------------------- @pytest.mark.mooncake

@@ -8,10 +8,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("KVDIRECT_SHARED", ROOT.parent / "shared"))
-if not SHARED.is_dir() and (ROOT.parent.parent / "shared").is_dir():
-    SHARED = ROOT.parent.parent / "shared"   # git worktrees under /work/wt/NAME
-TESTDATA = SHARED / "testdata"
+DATA = ROOT / "tests" / "data"   # facts the tests check against, each with how it was made
 
 
 def run_cli(*args, env=None, check=True):

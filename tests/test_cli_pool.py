@@ -42,7 +42,7 @@ def test_create_info_destroy(name):
         assert word in text, text
 
     r = run_cli("pool", "create", name, "--size", "4MiB", check=False)
-    assert r.returncode == 1 and "already exists" in r.stderr
+    assert r.returncode == 2 and "already exists" in r.stderr  # bad input: exit 2
 
     assert "destroyed" in run_cli("pool", "destroy", name).stdout
     assert not os.path.exists(path)
@@ -54,6 +54,7 @@ def test_missing_pool_and_bad_name(name):
     r = run_cli("pool", "destroy", name, check=False)
     assert r.returncode == 1 and "does not exist" in r.stderr
     r = run_cli("pool", "create", "bad/name", "--size", "4MiB", check=False)
-    assert r.returncode == 1 and "bad shm pool name" in r.stderr
+    assert r.returncode == 2 and "bad shm pool name" in r.stderr
     r = run_cli("pool", "create", name, "--size", "huge", check=False)
-    assert r.returncode == 1 and "bad size" in r.stderr
+    assert r.returncode == 2 and "bad size" in r.stderr
+    assert not os.path.exists(f"/dev/shm/kvdirect-{name}")

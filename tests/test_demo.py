@@ -1,5 +1,6 @@
 """kvdirect.demo and `kvdirect demo` on a small model."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -56,7 +57,7 @@ def test_demo_baseline_and_ideal_in_a_separate_process():
         assert r["ideal_hit_rate"] == pytest.approx(expect / 160)
         for key in ("ttft_mean_ms_baseline", "ttft_p50_ms_baseline", "ttft_p99_ms_baseline", "ttft_mean_ms_ideal"):
             assert r[key] > 0
-        assert "ttft_reduction" not in r  # no kvdirect run, no kvdirect figure
+        assert "ttft_change" not in r and "ttft_change_ideal" in r  # no kvdirect run, no kvdirect figure
     assert res["machine"]["cores"] >= 1 and res["config"]["prompt_len"] == 160
     assert "100%" in render_table(res) and "yes" in render_table(res)
 
@@ -121,7 +122,9 @@ def test_instance_a_then_b_through_the_cache_protocol():
         assert r["outputs_identical"] and r["outputs_identical_kvdirect"] and r["max_logit_diff"] <= 1e-4
         assert r["hit_rate"] == pytest.approx(hit / 160) == pytest.approx(r["ideal_hit_rate"])
         assert r["bytes_loaded"] == 3 * hit * bpt  # every hit came from the pool: B's device pool started cold
-        assert {"ttft_reduction", "ttft_reduction_ideal", "kvdirect_over_ideal", "ttft_p99_ms_kvdirect"} <= set(r)
+        assert {"ttft_change", "ttft_change_ideal", "kvdirect_vs_ideal", "ttft_p99_ms_kvdirect"} <= set(r)
+        assert r["ttft_change"] == pytest.approx(r["ttft_mean_ms_kvdirect"] / r["ttft_mean_ms_baseline"] - 1)
+        assert r["kvdirect_vs_ideal"] == pytest.approx(r["ttft_mean_ms_kvdirect"] / r["ttft_mean_ms_ideal"] - 1)
     cb.clear()
     assert b.allocator.free_pages == b.allocator.num_pages  # no slot leaked across 9 x 3 requests
 
@@ -140,7 +143,26 @@ def test_demo_through_mooncake_matches_uncached(tmp_path):
 
 
 def test_demo_leaves_no_pool_file_behind():
-    import glob
-    before = set(glob.glob("/dev/shm/kvdirect-kvdirect-demo-*"))
-    run_demo(small_cfg(), progress=False)
-    assert set(glob.glob("/dev/shm/kvdirect-kvdirect-demo-*")) == before
+    from kvdirect.stores.shm import pool_path
+    from kvdirect.stores.url import parse_url
+
+    res = run_demo(small_cfg(), progress=False)
+    name = parse_url(res["config"]["store_url"]).host  # the pool this run made for itself
+    assert name.startswith("kvdirect-demo-") and res["runs"][-1]["bytes_loaded"] > 0
+    assert not os.path.exists(pool_path(name))
+
+
+def test_readme_table_is_the_demo_table_of_docs_demo_json():
+    """README, CLI and JSON share one convention: the README's table is render_table of docs/demo.json."""
+    from kvd_testutil import ROOT
+
+    result = json.loads((ROOT / "docs" / "demo.json").read_text())
+    assert render_table(result, markdown=True) in (ROOT / "README.md").read_text(), (
+        "README's demo table differs from docs/demo.json; paste the output of: python -c \"import json; "
+        "from kvdirect.demo import render_table; print(render_table(json.load(open('docs/demo.json')), "
+        "markdown=True))\"")
+    for r in result["runs"]:
+        assert r["ttft_change"] == pytest.approx(r["ttft_mean_ms_kvdirect"] / r["ttft_mean_ms_baseline"] - 1)
+    assert result["reference"]["ttft_change"]["1.0"] < 0  # negative: faster, as in the table
+    head = render_table(result).splitlines()[0]
+    assert "TTFT change with kvdirect" in head and "kvdirect vs ideal" in head

@@ -13,6 +13,7 @@ import pytest
 
 import kvdirect
 from kvdirect import _core, keys
+from kvd_testutil import DATA
 from kvdirect.errors import ConfigError
 from kvdirect.keys import LayoutFingerprint
 
@@ -30,18 +31,26 @@ def _ref_chain(tokens, page_size, prior=None, include_partial=False):
 
 
 @pytest.fixture(scope="module")
-def vectors(testdata):
-    return json.loads((testdata / "sglang_hash_vectors.json").read_text())["cases"]
+def vectors():
+    # SGLang 0.5.23's own answers (tests/data/make_sglang_hash_vectors.py made and checks them)
+    data = json.loads((DATA / "sglang_hash_vectors.json").read_text())
+    assert data["sglang_version"] == "0.5.23"
+    return data["cases"]
 
 
 # ---- SGLang parity -----------------------------------------------------------
 
 def test_every_sglang_vector_matches(vectors):
     assert len(vectors) >= 40
+    assert any(len(c["tokens"]) % c["page_size"] for c in vectors)  # partial pages are covered
     for i, c in enumerate(vectors):
         got = kvdirect.page_hashes(c["tokens"], c["page_size"], c["prior_hash"],
-                                   c["extra_key"], c["cache_salt"])
+                                   c["extra_key"], c["cache_salt"], include_partial=True)
         assert got == c["expected"], f"case {i}: {c['extra_key']!r} {c['cache_salt']!r}"
+        # the default names full pages only, as the cache stores them
+        full = len(c["tokens"]) // c["page_size"]
+        assert kvdirect.page_hashes(c["tokens"], c["page_size"], c["prior_hash"],
+                                    c["extra_key"], c["cache_salt"]) == c["expected"][:full], f"case {i}"
 
 
 def test_vectors_through_binary_api_and_int32(vectors):
@@ -59,11 +68,12 @@ def test_vectors_through_binary_api_and_int32(vectors):
 def test_wide_tokens_and_negative_match_sglang():
     # Expected values produced with SGLang 0.5.23's get_hash_str(array('q', ...),
     # prior, 4): a page with a token > 2**32-1 uses SGLang's wide encoding.
-    assert kvdirect.page_hashes(array("q", [1, 2, 3, 2**32, 5, 6, 7, 8, 9]), 4) == [
+    assert kvdirect.page_hashes(array("q", [1, 2, 3, 2**32, 5, 6, 7, 8, 9]), 4, include_partial=True) == [
         "78d75f49fa8980773b1f1c416945b61a856cb7105842533c233f43408273f936",
         "b741449e1ccfc7736637f59a40404223649c3573ca6b07476703afdd122c1c98",
         "d1898345aba0db61bcebb5f507e79cc9ae8c38a2871f066182ab087ddb15008a"]
-    assert kvdirect.page_hashes(array("q", [1, 2, 3, 2**40 + 7, 5, 6, 7, 8, 9]), 4, "ab" * 32) == [
+    assert kvdirect.page_hashes(array("q", [1, 2, 3, 2**40 + 7, 5, 6, 7, 8, 9]), 4, "ab" * 32,
+                                include_partial=True) == [
         "1cdee4f3644a49c04b9d00a67c4983032c37e0b74c98bc4e30aa2f7dfe8409bd",
         "1e6e54ecffeddcf8bcc44f7dff02217f2a56a95ecb66e2d1fc10fea38d1f2dc3",
         "1c2df8a706d2bd97a4017ce49dba1e8558d91f5bfe2ac2e96fda2927578e050e"]
@@ -156,8 +166,8 @@ def test_partial_trailing_page_and_empty():
     toks = list(range(10))
     assert keys.page_digests(toks, 4).shape == (2, 32)
     assert keys.page_digests(toks, 4, include_partial=True).shape == (3, 32)
-    assert len(kvdirect.page_hashes(toks, 4)) == 3  # SGLang hashes the partial page
-    assert len(kvdirect.page_hashes(toks, 4, include_partial=False)) == 2
+    assert len(kvdirect.page_hashes(toks, 4)) == 2  # full pages only, as the cache stores them
+    assert len(kvdirect.page_hashes(toks, 4, include_partial=True)) == 3  # as SGLang hashes them
     assert np.array_equal(keys.page_digests(toks, 4), keys.page_digests(toks[:8], 4))
     assert keys.page_digests(toks, 11).shape == (0, 32)
     for empty in ([], array("q"), np.zeros(0, dtype=np.int32)):
@@ -197,25 +207,40 @@ def test_namespace_seed():
 # ---- pool keys and layout fingerprints ---------------------------------------
 
 FP = dict(model="Qwen/Qwen3-8B@main", dtype="bfloat16", num_layers=36, kv_heads=8, head_dim=128,
-          v_head_dim=128, page_size=64, layout_kind="layer_first", tp_size=2, tp_rank=0,
+          v_head_dim=128, page_size=64, layout_kind="mha", tp_size=2, tp_rank=0,
           is_mla=False)
-CHANGED = dict(model="Qwen/Qwen3-8B@v2", dtype="float16", num_layers=35, kv_heads=4, head_dim=64,
-               v_head_dim=96, page_size=32, layout_kind="page_first", tp_size=4, tp_rank=1,
-               is_mla=True)
+CHANGED = dict(model=dict(model="Qwen/Qwen3-8B@v2"), dtype=dict(dtype="float16"), num_layers=dict(num_layers=35),
+               kv_heads=dict(kv_heads=4), head_dim=dict(head_dim=64), v_head_dim=dict(v_head_dim=96),
+               page_size=dict(page_size=32), layout_kind=dict(layout_kind="mla_split", is_mla=True),
+               tp_size=dict(tp_size=4), tp_rank=dict(tp_rank=1), is_mla=dict(is_mla=True, layout_kind="mla"))
 
 
 def test_fingerprint_every_field_matters():
     base = LayoutFingerprint(**FP)
     assert len(base.digest) == 16 and int(base.digest, 16) >= 0
     assert LayoutFingerprint(**FP).digest == base.digest
-    assert [f.name for f in __import__("dataclasses").fields(LayoutFingerprint)] == list(FP)
-    for name, value in CHANGED.items():
-        other = LayoutFingerprint(**{**FP, name: value})
-        assert other.digest != base.digest, name
+    assert [f.name for f in __import__("dataclasses").fields(LayoutFingerprint)] == list(FP) == list(CHANGED)
+    digests = {base.digest}
+    for name, change in CHANGED.items():
+        other = LayoutFingerprint(**{**FP, **change})
+        assert other.digest not in digests, name
+        digests.add(other.digest)
+
+
+def test_fingerprint_layout_kind_defaults_to_what_the_cache_writes():
+    mha = dict(FP, layout_kind=None)
+    assert LayoutFingerprint(**mha).layout_kind == "mha"
+    assert LayoutFingerprint(**mha).digest == LayoutFingerprint(**FP).digest
+    assert LayoutFingerprint(**dict(mha, is_mla=True)).layout_kind == "mla"
+    for kind, is_mla, match in (("layer_first", False, "one of mha, mla, mla_split"),
+                                ("page_first", False, "object format"),
+                                ("mla", False, "is_mla=False"), ("mha", True, "is_mla=True")):
+        with pytest.raises(ConfigError, match=match):
+            LayoutFingerprint(**dict(FP, layout_kind=kind, is_mla=is_mla))
 
 
 def test_fingerprint_mla_is_tp_rank_independent_mha_is_not():
-    mla = dict(FP, is_mla=True, kv_heads=1, head_dim=576, v_head_dim=512)
+    mla = dict(FP, is_mla=True, layout_kind="mla", kv_heads=1, head_dim=576, v_head_dim=512)
     digests = {LayoutFingerprint(**dict(mla, tp_size=s, tp_rank=r)).digest
                for s in (1, 2, 8) for r in range(s)}
     assert len(digests) == 1
@@ -275,3 +300,64 @@ def test_large_input_releases_gil_and_matches():
     d = keys.page_digests(toks, 64)  # >= 16384 tokens: hashed without the GIL
     assert d.shape == (400, 32)
     assert np.array_equal(keys.page_digests(toks[-64:], 64, prior=d[-2].tobytes()), d[-1:])
+
+
+# ---- one public way to name a page as the cache does -------------------------
+
+@pytest.mark.parametrize("kind", ["mha", "mla", "ascend_mla"])
+@pytest.mark.parametrize("tp", [(0, 1), (1, 2)])
+def test_page_keys_equal_what_the_cache_writes(kind, tp, tmp_path):
+    """Keys built by hand from public API find exactly the pages KVDirectCache wrote."""
+    import uuid
+
+    from _layout_pools import Pool
+    from kvdirect import CacheConfig, KVDirectCache, open_store
+    from kvdirect.stores.shm import destroy_pool
+
+    pool = Pool(kind, np.random.default_rng(5), pages=16)
+    L, P = pool.layout, pool.P
+    name = f"kvd-keys-{uuid.uuid4().hex[:10]}"
+    store = open_store(f"shm://{name}?size=8MiB")
+    rank, size = tp
+    try:
+        cache = KVDirectCache(L, store, config=CacheConfig(store=None, model="m@rev1", allow_no_store=False),
+                              tp_rank=rank, tp_size=size)
+        toks = np.arange(100, 100 + 5 * P + 2, dtype=np.int64)  # 5 full pages and a partial one
+        for ns in (None, "tenant-a"):
+            cache.write_back(toks, np.arange(len(toks)), ns)
+        cache.flush()
+        assert cache.stats()["stored_pages"] == 10
+
+        fp = LayoutFingerprint.from_layout(L, model="m@rev1", tp_rank=rank, tp_size=size)
+        assert fp == cache.fingerprint
+        assert LayoutFingerprint(model="m@rev1", tp_rank=rank, tp_size=size, **L.fingerprint_fields()) == fp
+        # the layout kind defaults to what the cache writes for the plain formats
+        by_hand = LayoutFingerprint(model="m@rev1", dtype=L.dtype, num_layers=L.num_layers, kv_heads=L.kv_heads,
+                                    head_dim=L.head_dim, v_head_dim=L.v_head_dim or None, page_size=P,
+                                    tp_rank=rank, tp_size=size, is_mla=L.is_mla,
+                                    layout_kind="mla_split" if kind == "ascend_mla" else None)
+        assert by_hand == fp
+        for ns in (None, "tenant-a"):
+            ks = fp.page_keys(toks, ns)
+            assert len(ks) == 5 and store.exists(ks).all()
+            assert ks == kvdirect.pool_keys(kvdirect.page_hashes(toks, P, extra_key=ns), fp)
+        assert fp.page_keys(toks, "") == fp.page_keys(toks, None)  # one default namespace, as in the index
+        assert not store.exists(fp.page_keys(toks, "tenant-b")).any()
+        other = LayoutFingerprint.from_layout(L, model="m@rev2", tp_rank=rank, tp_size=size)
+        assert not store.exists(other.page_keys(toks)).any()
+        with pytest.raises(ConfigError, match="namespace must be a str"):
+            fp.page_keys(toks, 5)
+        with pytest.raises(ConfigError, match="needs a KVLayout"):
+            LayoutFingerprint.from_layout(object(), model="m")
+        cache.close()
+    finally:
+        store.close()
+        destroy_pool(name, missing_ok=True)
+
+
+def test_public_names_are_exported():
+    for name in ("CacheConfig", "model_identity", "pool_keys", "page_digests", "page_hashes",
+                 "LayoutFingerprint", "KVDirectCache", "CacheMatch", "ConfigError", "StoreError"):
+        assert name in kvdirect.__all__ and getattr(kvdirect, name) is not None, name
+    from kvdirect.config import CacheConfig
+    assert kvdirect.CacheConfig is CacheConfig and kvdirect.pool_keys is keys.pool_keys

@@ -140,15 +140,16 @@ def test_stacked_buffers_and_fingerprint(rng):
     assert L.num_layers == 3 and L.num_slots == 40 and L.num_pages == 5
     assert L.page_bytes == 3 * 8 * 2 * (8 + 16)
     assert L.fingerprint_fields() == {"dtype": "float8_e4m3fn", "num_layers": 3, "kv_heads": 2, "head_dim": 8,
-                                      "v_head_dim": 16, "page_size": 8, "kind": "mha", "is_mla": False}
+                                      "v_head_dim": 16, "page_size": 8, "layout_kind": "mha", "is_mla": False}
     # object format is shared by device layouts that produce the same bytes
     asc = KVLayout.from_ascend(np.zeros((3, 5, 8, 2, 8), np.uint8), np.zeros((3, 5, 8, 2, 16), np.uint8),
                                dtype="float8_e4m3fn")
     assert asc.kind == "ascend" and asc.fingerprint_fields() == L.fingerprint_fields()
     mla = Pool("mla", rng).layout
-    assert mla.fingerprint_fields()["kind"] == "mla" and mla.is_mla and mla.fingerprint_fields()["v_head_dim"] == 0
+    assert mla.fingerprint_fields()["layout_kind"] == "mla" and mla.is_mla
+    assert mla.fingerprint_fields()["v_head_dim"] is None  # no separate V: LayoutFingerprint reads head_dim
     split = Pool("ascend_mla", rng).layout
-    assert split.fingerprint_fields()["kind"] == "mla_split" and split.is_mla
+    assert split.fingerprint_fields()["layout_kind"] == "mla_split" and split.is_mla
     assert L.regions() == sorted((int(x.ctypes.data), x.nbytes) for x in [k[0], k[1], k[2], v[0], v[1], v[2]])
 
 
@@ -173,3 +174,104 @@ def test_torch_tensors(tdtype):
     assert sl.sizes[0, 1] == 4 * 2 * 4 * es
     with pytest.raises(ConfigError, match="non-contiguous"):
         KVLayout.from_mha([t[:, :, :4] for t in k], v, 4)
+
+
+# ---- every constructor: paged shapes read correctly, anything else refused ---------------
+
+def test_paged_mha_equals_slot_major_mha(rng):
+    """[pages, page_size, heads, dim] per layer holds the same pages as [slots, heads, dim]."""
+    P, pages = 4, 6
+    flat_k = [_r(rng, (pages * P, 2, 8)) for _ in range(2)]
+    flat_v = [_r(rng, (pages * P, 2, 8)) for _ in range(2)]
+    flat = KVLayout.from_mha(flat_k, flat_v, P)
+    paged = KVLayout.from_mha([x.reshape(pages, P, 2, 8) for x in flat_k],
+                              [x.reshape(pages, P, 2, 8) for x in flat_v], P)
+    assert (paged.kv_heads, paged.head_dim, paged.num_pages, paged.num_slots) == (2, 8, pages, pages * P)
+    assert paged.fingerprint_fields() == flat.fingerprint_fields()
+    slots = np.array([20, 0, 8])
+    np.testing.assert_array_equal(paged.plan(slots).addrs, flat.plan(slots).addrs)
+    stacked = KVLayout.from_mha(np.stack([x.reshape(pages, P, 2, 8) for x in flat_k]),
+                                np.stack([x.reshape(pages, P, 2, 8) for x in flat_v]), P)
+    assert stacked.fingerprint_fields() == flat.fingerprint_fields() and stacked.num_pages == pages
+
+
+def _r(rng, shape, dtype=np.float16):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("build,exc,match", [
+    # from_mha: a paged buffer's page size must be the one given (it used to read page_size as heads)
+    (lambda: KVLayout.from_mha([np.zeros((6, 16, 2, 8))] * 2, [np.zeros((6, 16, 2, 8))] * 2, 4),
+     LayoutMismatchError, r"holds pages of 16 slots but page_size=4"),
+    (lambda: KVLayout.from_mha(np.zeros((6, 4, 2, 8)), np.zeros((6, 4, 2, 8)), 4),
+     ConfigError, r"reads as 6 stacked layers of one 4-slot page.*pass a list"),
+    (lambda: KVLayout.from_mha([np.zeros((24, 2, 8))], [np.zeros((6, 4, 2, 8))], 4),
+     LayoutMismatchError, r"both paged"),
+    (lambda: KVLayout.from_mha([np.zeros((24, 16))], [np.zeros((24, 16))], 4),
+     ConfigError, r"layer 0 has shape \(24, 16\); expected \[num_slots, kv_heads, head_dim\] or paged"),
+    (lambda: KVLayout.from_mha([np.zeros((2, 6, 4, 2, 8))], [np.zeros((2, 6, 4, 2, 8))], 4),
+     ConfigError, r"expected \[num_slots, kv_heads, head_dim\]"),
+    (lambda: KVLayout.from_mha(np.zeros((24, 16)), np.zeros((24, 16)), 4),
+     ConfigError, r"got shape \(24, 16\)"),
+    (lambda: KVLayout.from_mha([np.zeros((24, 2, 8))], [np.zeros((24, 4, 8))], 4),
+     LayoutMismatchError, r"K has 2 KV heads but V has 4"),
+    (lambda: KVLayout.from_mha([np.zeros((6, 4, 2, 8))], [np.zeros((5, 4, 2, 8))], 4),
+     LayoutMismatchError, r"K has 6 pages but V has 5"),
+    (lambda: KVLayout.from_mha([np.zeros((6, 8, 2, 8))[:, ::2]], [np.zeros((6, 4, 2, 8))], 4),
+     ConfigError, r"non-contiguous pages"),
+    (lambda: KVLayout.from_mha([np.zeros((24, 2, 8))], [np.zeros((24, 2, 8))], 4.0),
+     ConfigError, r"page_size must be a positive int"),
+    (lambda: KVLayout.from_mha([np.zeros((24, 2, 8))], [np.zeros((24, 2, 8))], True),
+     ConfigError, r"page_size must be a positive int"),
+    # from_mla
+    (lambda: KVLayout.from_mla([np.zeros((6, 16, 72))], 4),
+     LayoutMismatchError, r"shape \(6, 16, 72\) is not an MLA pool with page_size=4"),
+    (lambda: KVLayout.from_mla([np.zeros((6, 4, 2, 72))], 4),
+     LayoutMismatchError, r"not an MLA pool"),
+    (lambda: KVLayout.from_mla(np.zeros((6, 4, 1, 72)), 4),
+     ConfigError, r"stacked layers of one 4-slot page"),
+    (lambda: KVLayout.from_mla([np.zeros((24, 72))], 4),
+     ConfigError, r"expected \[num_slots, 1, dim\], or paged"),
+    (lambda: KVLayout.from_mla([np.zeros((24, 1, 72))], 0),
+     ConfigError, r"page_size must be a positive int"),
+    # from_ascend
+    (lambda: KVLayout.from_ascend([np.zeros((24, 2, 8))], [np.zeros((24, 2, 8))], 4),
+     ConfigError, r"expected \[pages \+ 1, page_size, kv_heads, dim\]"),
+    (lambda: KVLayout.from_ascend([np.zeros((5, 4, 2, 8))], [np.zeros((5, 4, 1, 8))], 4),
+     LayoutMismatchError, r"\[pages \+ 1, page_size, heads\] must match"),
+    (lambda: KVLayout.from_ascend([np.zeros((5, 4, 2, 8))], [np.zeros((5, 4, 2, 4))], 4, is_mla=True),
+     LayoutMismatchError, r"is_mla=True: split MLA buffers are \[pages \+ 1, page_size, 1, dim\]"),
+    (lambda: KVLayout.from_ascend([np.zeros((5, 4, 2, 8))], [np.zeros((5, 4, 2, 8))], -4),
+     ConfigError, r"page_size must be a positive int"),
+    # page_first
+    (lambda: KVLayout.page_first(np.zeros((4, 2, 3, 4, 2, 8))), ConfigError, r"K/V \(2\) or MLA \(1\)"),
+    (lambda: KVLayout.page_first([np.zeros((4, 2, 2, 4, 2, 8))]), ConfigError, r"torch.Tensor or numpy"),
+    # from_addresses
+    (lambda: KVLayout.from_addresses([4096], [8192], page_size=4, num_slots=16, kv_heads=0, head_dim=8,
+                                     dtype="float16"), ConfigError, r"kv_heads must be a positive int"),
+    (lambda: KVLayout.from_addresses([4096], [8192], page_size=4, num_slots=-16, kv_heads=2, head_dim=8,
+                                     dtype="float16"), ConfigError, r"num_slots must be a positive int"),
+    (lambda: KVLayout.from_addresses([0], [8192], page_size=4, num_slots=16, kv_heads=2, head_dim=8,
+                                     dtype="float16"), ConfigError, r"k_addrs must be non-null"),
+    (lambda: KVLayout.from_addresses([4096], page_size=4, num_slots=16, kv_heads=2, head_dim=8,
+                                     dtype="float16", is_mla=True), ConfigError, r"one latent head"),
+    (lambda: KVLayout.from_addresses([4096], [8192], page_size=0, num_slots=16, kv_heads=2, head_dim=8,
+                                     dtype="float16"), ConfigError, r"page_size must be a positive int"),
+])
+def test_constructors_refuse_what_they_cannot_read(build, exc, match):
+    with pytest.raises(exc, match=match):
+        build()
+
+
+def test_paged_mla_shapes(rng):
+    P, pages = 4, 5
+    flat = [_r(rng, (pages * P, 1, 72)) for _ in range(2)]
+    a = KVLayout.from_mla(flat, P)
+    b = KVLayout.from_mla([x.reshape(pages, P, 72) for x in flat], P)
+    c = KVLayout.from_mla([x.reshape(pages, P, 1, 72) for x in flat], P)
+    d = KVLayout.from_mla(np.stack([x.reshape(pages, P, 72) for x in flat]), P)
+    slots = np.array([16, 4])
+    for L in (b, c, d):
+        assert L.fingerprint_fields() == a.fingerprint_fields() and L.num_pages == pages
+    for L in (b, c):
+        np.testing.assert_array_equal(L.plan(slots).addrs, a.plan(slots).addrs)

@@ -28,7 +28,8 @@ else:
 
 needs_real = pytest.mark.skipif(REAL is None, reason=f"memcache_hybrid not importable ({_IMPORT_ERROR}); "
                                                       'pip install "kvdirect[memcache]"')
-# snapshot of memcache_hybrid 1.3.0 / mooncake 0.3.13.post1 signatures (copied from shared/testdata):
+# snapshot of memcache_hybrid 1.3.0 / mooncake 0.3.13.post1 signatures (each method's docstring signature, as
+# the installed modules report it):
 # the fallback when the real module is not installed
 SNAPSHOT = Path(__file__).parent / "data" / "store_api_signatures.json"
 

@@ -335,13 +335,14 @@ KVD_BINDINGS(20, keys) {
       },
       py::arg("tokens"), py::arg("page_size"), py::arg("prior_hash") = py::none(),
       py::arg("extra_key") = py::none(), py::arg("cache_salt") = py::none(),
-      py::arg("include_partial") = true,
-      "page_hashes(tokens, page_size, prior_hash=None, extra_key=None, cache_salt=None, include_partial=True) -> list[str]\n"
+      py::arg("include_partial") = false,
+      "page_hashes(tokens, page_size, prior_hash=None, extra_key=None, cache_salt=None, include_partial=False) -> list[str]\n"
       "\n"
-      "One lower-case hex SHA-256 per page, bit-identical to SGLang 0.5.23's\n"
+      "One lower-case hex SHA-256 per full page, bit-identical to SGLang 0.5.23's\n"
       "get_storage_hash_str(key, prior_hash, page_size) for a key carrying\n"
-      "extra_key / cache_salt. Like SGLang, a trailing partial page is hashed too\n"
-      "(include_partial=False drops it, as the index does). prior_hash: 64-char hex\n"
+      "extra_key / cache_salt. A trailing partial page is ignored, as the cache\n"
+      "stores full pages only; include_partial=True hashes it too, as SGLang does\n"
+      "(its hash names no pool object). prior_hash: 64-char hex\n"
       "or 32 bytes; when None the chain starts from the namespace seed. An empty\n"
       "prior_hash means no prior and, as in SGLang, no namespace seed.");
 

@@ -14,15 +14,23 @@ from kvdirect._version import __version__
 _EXPORTS = {
     "build_info": "kvdirect._core",
     "KVDirectError": "kvdirect.errors",
+    "ConfigError": "kvdirect.errors",
+    "LayoutMismatchError": "kvdirect.errors",
+    "StoreError": "kvdirect.errors",
     "PrefixIndex": "kvdirect.index",
     "MatchResult": "kvdirect.index",
     "page_hashes": "kvdirect.keys",
+    "page_digests": "kvdirect.keys",
+    "pool_keys": "kvdirect.keys",
     "LayoutFingerprint": "kvdirect.keys",
     "KVLayout": "kvdirect.layout",
     "CopyEngine": "kvdirect.copy",
     "open_store": "kvdirect.stores",
     "Store": "kvdirect.stores",
+    "CacheConfig": "kvdirect.config",
+    "model_identity": "kvdirect.config",
     "KVDirectCache": "kvdirect.cache",
+    "CacheMatch": "kvdirect.cache",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -113,6 +113,33 @@ class StagedPath:
         self.host_free = list(range(len(self.host) // self.page_bytes))
 
 
+def check_workload(requests: int, prompt_len: int, page_size: int, layers: int, kv_heads: int,
+                   head_dim: int, rounds: int = 1, own_pool: bool = True) -> int:
+    """ConfigError unless the workload is well formed and fits this machine's memory; returns the bytes it needs."""
+    from kvdirect.errors import ConfigError
+
+    for name, v in (("requests", requests), ("prompt_len", prompt_len), ("page_size", page_size),
+                    ("layers", layers), ("kv_heads", kv_heads), ("head_dim", head_dim), ("rounds", rounds)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    if prompt_len < page_size:
+        raise ConfigError(f"prompt_len {prompt_len} is shorter than one page ({page_size} tokens): "
+                          "nothing would be stored or loaded")
+    pages = prompt_len // page_size * requests
+    page_bytes = 2 * layers * kv_heads * head_dim * 2 * page_size
+    # two device pools, the staged path's host tier, memcpy's two request-sized buffers, and
+    # (own pool) the pool itself
+    need = ((pages + 8) * page_bytes * 3 + 2 * (prompt_len // page_size) * page_bytes
+            + (int(pages * page_bytes * 1.5) + (64 << 20) if own_pool else 0))
+    from kvdirect.runtime import available_memory
+
+    avail = available_memory()
+    if need > 0.8 * avail:
+        raise ConfigError(f"this workload needs {need / 2**30:.1f} GiB of memory and {avail / 2**30:.1f} GiB "
+                          "are available: use fewer --requests, a shorter --prompt-len or fewer --layers")
+    return need
+
+
 def _copy_threads(store, threads: int) -> bool:
     """Set the shm pool's copy threads (0: every core, 1: the caller only); False when the
     store has no such knob (then only the shipped configuration is measured)."""
@@ -138,10 +165,12 @@ def run(store_url: str | None = None, requests: int = 8, prompt_len: int = 3584,
     from kvdirect import keys as K
     from kvdirect.cache import KVDirectCache
     from kvdirect.config import CacheConfig
+    from kvdirect.errors import StoreError
     from kvdirect.stores import open_store
     from kvdirect.stores.url import parse_url
 
     own_pool = store_url is None
+    check_workload(requests, prompt_len, page_size, layers, kv_heads, head_dim, rounds, own_pool)
     tok_per_req = prompt_len // page_size * page_size
     dev_slots = (tok_per_req * requests // page_size + 8) * page_size
     page_bytes = 2 * layers * kv_heads * head_dim * 2 * page_size
@@ -189,8 +218,10 @@ def run(store_url: str | None = None, requests: int = 8, prompt_len: int = 3584,
                     memcpy_sample()
         _copy_threads(writer.store, 0)
         stored = sum(int(writer.store.exists(k).sum()) for k in w_keys)
-        if stored != sum(len(k) for k in w_keys):
-            raise RuntimeError("benchmark write-back left pages out of the pool")
+        wanted = sum(len(k) for k in w_keys)
+        if stored < wanted:
+            raise StoreError(f"the store took {stored} of the {wanted} pages written (full or failing; "
+                             f"{writer.stats()['failures']}): use a larger pool")
 
         dev = _Device(dev_slots, layers, kv_heads, head_dim, page_size)
         direct = KVDirectCache(dev.layout, store_url, free_slots=dev.free_slots, config=cfg)
@@ -219,8 +250,9 @@ def run(store_url: str | None = None, requests: int = 8, prompt_len: int = 3584,
                     progress(rnd * requests + i + 1, rounds * requests)
         _copy_threads(direct.store, 0)
         if loaded_direct != tok_per_req or loaded_staged != tok_per_req:
-            raise RuntimeError(f"benchmark did not load every page (direct {loaded_direct}, "
-                               f"staged {loaded_staged}, expected {tok_per_req})")
+            raise StoreError(f"the store did not return every page (direct path loaded {loaded_direct}, "
+                             f"staged {loaded_staged}, expected {tok_per_req} tokens): pages were evicted "
+                             "or the store failed; use a larger pool")
         # a direct load delivers the writer's bytes
         m = direct.match(prompts[-1])
         if direct.load(m, dev.alloc(m.pool_len)) != tok_per_req:

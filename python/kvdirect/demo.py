@@ -15,14 +15,30 @@ TTFT (request arrival to first token) is measured for each; outputs must be
 identical (greedy tokens) and first-token logits are compared with the
 baseline's. ``run_demo`` returns the JSON-able result; ``kvdirect demo`` is
 the command-line front end (``kvdirect.cli.demo``).
+
+One sign convention everywhere (CLI table, JSON, README): a *change* is a
+ratio minus one, negative when faster. Per reuse level (``runs[i]``):
+
+* ``ttft_change`` = kvdirect mean TTFT / baseline mean TTFT - 1 ("TTFT change
+  with kvdirect"; -0.957 is 95.7% faster);
+* ``ttft_change_ideal`` = ideal / baseline - 1 (the best any cache could do);
+* ``kvdirect_vs_ideal`` = kvdirect / ideal - 1 (the cost of the transfer);
+* ``ttft_{mean,p50,p99}_ms_{baseline,ideal,kvdirect}``, ``hit_rate``,
+  ``bytes_loaded``, ``outputs_identical[_MODE]``, ``max_logit_diff[_MODE]``.
+
+``reference.ttft_change`` holds the reference design's figures in the same
+convention. :func:`render_table` prints the table (``markdown=True``: the
+README's).
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import queue as queue_mod
 import time
 import traceback
+import uuid
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -30,10 +46,12 @@ import numpy as np
 from kvdirect.engine.model import ModelSpec
 from kvdirect.errors import ConfigError, KVDirectError
 
+log = logging.getLogger("kvdirect.demo")
+
 MODES = ("baseline", "ideal", "kvdirect")
-# SGLang PR #14056 (Qwen3-32B, two instances, Ascend A3): TTFT reduction
+# SGLang PR #14056 (Qwen3-32B, two instances, Ascend A3): TTFT change
 REFERENCE = {"model": "Qwen3-32B, 2 instances, Ascend A3 (SGLang PR #14056)",
-             "ttft_reduction": {"1.0": 0.935, "0.5": 0.466}}
+             "ttft_change": {"1.0": -0.935, "0.5": -0.466}}
 
 
 @dataclass
@@ -54,8 +72,12 @@ class DemoConfig:
         self.modes = tuple(self.modes)
         if isinstance(self.spec, dict):
             self.spec = ModelSpec(**self.spec)
-        if self.prompts < 1 or self.output_len < 1:
-            raise ConfigError("--prompts and --output-len must be >= 1")
+        for name in ("prompts", "output_len", "page_size", "prompt_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed must be an integer >= 0, got {self.seed!r}")
         if self.prompt_len < 2 * self.page_size:
             raise ConfigError(f"--prompt-len must be at least two pages ({2 * self.page_size} tokens)")
         if not self.reuse or any(not 0.0 <= r <= 1.0 for r in self.reuse):
@@ -166,8 +188,8 @@ def _instance(role: str, cfg_dict: dict, store_url: str | None, events, a_done, 
         levels = serve_levels(cfg, engine, cache, docs, step)
         _close_cache(cache)
         events.put(("done", role, {"levels": levels, "digest": digest}))
-    except BaseException:
-        events.put(("error", role, traceback.format_exc()))
+    except BaseException as e:
+        events.put(("error", role, (f"{type(e).__name__}: {e}", traceback.format_exc())))
         raise SystemExit(1)
 
 
@@ -249,15 +271,15 @@ def _summarise_level(cfg: DemoConfig, reuse: float, recs: dict, bytes_per_token:
     mb = run["ttft_mean_ms_baseline"]
     if "kvdirect" in recs:
         kv = recs["kvdirect"]
-        run["ttft_reduction"] = 1.0 - run["ttft_mean_ms_kvdirect"] / mb
+        run["ttft_change"] = run["ttft_mean_ms_kvdirect"] / mb - 1.0
         run["hit_rate"] = sum(r.cached_tokens for r in kv) / sum(r.prompt_len for r in kv)
         run["bytes_loaded"] = int(sum(r.loaded_tokens for r in kv) * bytes_per_token)
         run["max_logit_diff"] = max_diff
     if "ideal" in recs:
-        run["ttft_reduction_ideal"] = 1.0 - run["ttft_mean_ms_ideal"] / mb
+        run["ttft_change_ideal"] = run["ttft_mean_ms_ideal"] / mb - 1.0
         run["ideal_hit_rate"] = sum(r.cached_tokens for r in recs["ideal"]) / sum(r.prompt_len for r in recs["ideal"])
         if "kvdirect" in recs:
-            run["kvdirect_over_ideal"] = run["ttft_mean_ms_kvdirect"] / run["ttft_mean_ms_ideal"] - 1.0
+            run["kvdirect_vs_ideal"] = run["ttft_mean_ms_kvdirect"] / run["ttft_mean_ms_ideal"] - 1.0
     run["outputs_identical"] = identical
     return run
 
@@ -326,7 +348,13 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, timeout_s: float = 3600)
         # bytes the pool must hold: A's documents + every prompt B writes back
         need = cfg.prompts * (1 + len(cfg.reuse)) * (cfg.prompt_len + cfg.output_len) * cfg.spec.kv_bytes_per_token()
         size_mib = max(64, -(-2 * need // (1 << 20)))
-        store_url = f"shm://kvdirect-demo-{os.getpid()}?size={size_mib}MiB"
+        from kvdirect.runtime import available_memory
+
+        if size_mib << 20 > 0.8 * available_memory():
+            raise ConfigError(f"the demo's KV pool would need {size_mib / 1024:.1f} GiB and "
+                              f"{available_memory() / 2**30:.1f} GiB are available: use fewer --prompts "
+                              "or a shorter --prompt-len")
+        store_url = f"shm://kvdirect-demo-{os.getpid()}-{uuid.uuid4().hex[:8]}?size={size_mib}MiB"
     if use_kvd and store_url.startswith("shm://"):
         from kvdirect import open_store
 
@@ -357,7 +385,9 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, timeout_s: float = 3600)
                     raise KVDirectError(f"demo did not finish within {timeout_s:.0f} s")
                 continue
             if kind == "error":
-                raise KVDirectError(f"demo instance {role} failed:\n{payload}")
+                summary, tb = payload
+                log.debug("demo instance %s failed:\n%s", role, tb)
+                raise KVDirectError(f"demo instance {role} failed: {summary}")
             if kind == "ready":
                 bar.note(role, f"model ready ({payload['threads']} threads, weights {payload['digest'][:12]})")
             elif kind == "step":
@@ -404,21 +434,35 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _change(x) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}%"
+
+
+TABLE_HEAD = ["prefix reuse", "baseline TTFT mean / p50 / p99 (ms)", "kvdirect TTFT mean / p50 / p99 (ms)",
+              "ideal TTFT mean (ms)", "TTFT change with kvdirect", "kvdirect vs ideal", "pool hit rate",
+              "KV loaded", "outputs identical"]
+
+
 def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["reuse", "baseline ms (mean/p50/p99)", "kvdirect ms (mean/p50/p99)", "ideal ms (mean)",
-            "reduction", "ideal reduction", "hit rate", "loaded", "outputs identical"]
+    """The demo table (README and CLI alike): header and one row per reuse level."""
     rows = []
     for r in result["runs"]:
         ideal = f"{r['ttft_mean_ms_ideal']:.0f}" if "ttft_mean_ms_ideal" in r else "-"
         loaded = f"{r['bytes_loaded'] / (1 << 20):.1f} MiB" if "bytes_loaded" in r else "-"
+        same = "yes" if r["outputs_identical"] else "NO"
+        if "max_logit_diff" in r:
+            same += f" (max logit diff {r['max_logit_diff']:.3g})"
         rows.append([f"{100 * r['reuse']:.0f}%", _fmt_ms(r, "baseline"), _fmt_ms(r, "kvdirect"), ideal,
-                     _pct(r.get("ttft_reduction")), _pct(r.get("ttft_reduction_ideal")), _pct(r.get("hit_rate")),
-                     loaded, "yes" if r["outputs_identical"] else "NO"])
-    return head, rows
+                     _change(r.get("ttft_change")), _change(r.get("kvdirect_vs_ideal")), _pct(r.get("hit_rate")),
+                     loaded, same])
+    return list(TABLE_HEAD), rows
 
 
-def render_table(result: dict) -> str:
+def render_table(result: dict, *, markdown: bool = False) -> str:
     head, rows = table_rows(result)
+    if markdown:
+        md = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
+        return "\n".join([md(head), "|" + "---|" * len(head)] + [md(r) for r in rows])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
@@ -442,7 +486,7 @@ def plot(result: dict, path: str) -> None:
         bars = ax.bar(x + (i - (len(modes) - 1) / 2) * w, vals, w, label=m, color=colors[m])
         if m == "kvdirect":
             for b, r in zip(bars, runs):
-                ax.annotate(f"{-100 * r['ttft_reduction']:+.0f}%", (b.get_x() + b.get_width() / 2, b.get_height()),
+                ax.annotate(f"{100 * r['ttft_change']:+.0f}%", (b.get_x() + b.get_width() / 2, b.get_height()),
                             ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [f"{100 * r['reuse']:.0f}%" for r in runs])
     ax.set_xlabel("prefix reuse")

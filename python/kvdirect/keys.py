@@ -13,10 +13,16 @@ Two surfaces:
   :func:`pool_keys` -- binary digests for the cache manager; hex is produced
   only when a caller asks for strings.
 
+Both hash full pages only by default, as the cache stores full pages only
+(``include_partial=True`` adds a trailing partial page, as SGLang does).
+
 Pool object keys add a :class:`LayoutFingerprint` so that instances whose KV
 layouts differ never read each other's pages:
 ``kvd1/<16 hex fingerprint>/<64 hex page hash>`` (86 bytes, under MemCache's
-256-byte limit).
+256-byte limit). The one public way to name a page as the cache does::
+
+    fp = LayoutFingerprint.from_layout(layout, model=..., tp_rank=0, tp_size=1)
+    fp.page_keys(tokens, namespace)        # == what KVDirectCache writes and reads
 """
 from __future__ import annotations
 
@@ -37,7 +43,9 @@ __all__ = [
     "namespace_seed",
     "hex_digests",
     "pool_keys",
+    "request_namespace",
     "LayoutFingerprint",
+    "OBJECT_FORMATS",
     "sha256",
     "sha256_kernel",
     "DIGEST_BYTES",
@@ -47,6 +55,8 @@ __all__ = [
 DIGEST_BYTES = 32
 KEY_VERSION = "kvd1"
 MAX_KEY_BYTES = 255
+#: page object formats (``KVLayout.object_format``): what ``layout_kind`` names
+OBJECT_FORMATS = ("mha", "mla", "mla_split")
 
 # The C++ functions are exported as they are (no Python frame on the hot
 # path); their docstrings live in csrc/python/bind_keys.cpp.
@@ -88,9 +98,11 @@ class LayoutFingerprint:
     """Everything that makes a page's bytes incompatible between instances.
 
     Two instances may share a pool page only when their fingerprints are equal.
-    MLA pages hold the compressed latent, identical on every TP rank, so
-    ``tp_size``/``tp_rank`` do not enter an MLA fingerprint; MHA pages hold a
-    rank's slice of the KV heads, so both do.
+    Build it from the engine's :class:`~kvdirect.KVLayout` with
+    :meth:`from_layout` (what ``KVDirectCache`` does), so that hand-made keys
+    equal the cache's. MLA pages hold the compressed latent, identical on every
+    TP rank, so ``tp_size``/``tp_rank`` do not enter an MLA fingerprint; MHA
+    pages hold a rank's slice of the KV heads, so both do.
     """
 
     model: str
@@ -100,7 +112,7 @@ class LayoutFingerprint:
     head_dim: int
     v_head_dim: Optional[int] = None  # None: same as head_dim
     page_size: int = 64
-    layout_kind: str = "layer_first"
+    layout_kind: Optional[str] = None  # page object format, one of OBJECT_FORMATS; None: from is_mla
     tp_size: int = 1
     tp_rank: int = 0
     is_mla: bool = False
@@ -114,15 +126,36 @@ class LayoutFingerprint:
             object.__setattr__(self, "v_head_dim", self.head_dim)
         for name in ("num_layers", "kv_heads", "head_dim", "v_head_dim", "page_size", "tp_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ConfigError(f"LayoutFingerprint.{name} must be a positive int, got {v!r}")
-        if isinstance(self.tp_rank, bool) or not isinstance(self.tp_rank, int) \
+            object.__setattr__(self, name, int(v))
+        if isinstance(self.tp_rank, bool) or not isinstance(self.tp_rank, (int, np.integer)) \
                 or not 0 <= self.tp_rank < self.tp_size:
             raise ConfigError(f"LayoutFingerprint.tp_rank must be in [0, tp_size={self.tp_size}), "
                               f"got {self.tp_rank!r}")
-        if not isinstance(self.layout_kind, str) or not self.layout_kind:
-            raise ConfigError("LayoutFingerprint.layout_kind must be a non-empty str")
+        object.__setattr__(self, "tp_rank", int(self.tp_rank))
         object.__setattr__(self, "is_mla", bool(self.is_mla))
+        kind = self.layout_kind
+        if kind is None:
+            kind = "mla" if self.is_mla else "mha"
+        if kind not in OBJECT_FORMATS:
+            raise ConfigError(f"LayoutFingerprint.layout_kind must be the page object format, one of "
+                              f"{', '.join(OBJECT_FORMATS)} (KVLayout.object_format), got {kind!r}")
+        if (kind != "mha") != self.is_mla:
+            raise ConfigError(f"LayoutFingerprint: layout_kind={kind!r} with is_mla={self.is_mla}: "
+                              "MLA formats are 'mla' and 'mla_split'")
+        object.__setattr__(self, "layout_kind", kind)
+
+    @classmethod
+    def from_layout(cls, layout, *, model: str, tp_rank: int = 0, tp_size: int = 1) -> "LayoutFingerprint":
+        """The fingerprint ``KVDirectCache`` uses for ``layout`` (a :class:`~kvdirect.KVLayout`).
+
+        ``model``: the model identity (``CacheConfig.model``); ``tp_rank``/``tp_size``:
+        this rank's tensor-parallel position (ignored for MLA, as above)."""
+        fields = getattr(layout, "fingerprint_fields", None)
+        if fields is None:
+            raise ConfigError(f"from_layout needs a KVLayout, got {type(layout).__name__}")
+        return cls(model=model, tp_rank=tp_rank, tp_size=tp_size, **fields())
 
     def canonical(self) -> bytes:
         """The exact bytes the digest is taken over (versioned, order-fixed JSON)."""
@@ -152,6 +185,20 @@ class LayoutFingerprint:
     @cached_property
     def key_prefix(self) -> str:
         return f"{KEY_VERSION}/{self.digest}/"
+
+    def page_keys(self, tokens, namespace: Optional[str] = None) -> list:
+        """Pool keys of the full pages of ``tokens`` in ``namespace``, exactly as
+        ``KVDirectCache`` writes and reads them (a trailing partial page has none)."""
+        seed = namespace_seed(extra_key=request_namespace(namespace))
+        return pool_keys(page_digests(tokens, self.page_size, namespace_seed=seed), self)
+
+
+def request_namespace(namespace: Optional[str]) -> Optional[str]:
+    """The namespace as keys see it: ``""`` and ``None`` are one (default) namespace,
+    as in the index."""
+    if namespace is not None and not isinstance(namespace, str):
+        raise ConfigError(f"namespace must be a str or None, got {type(namespace).__name__}")
+    return namespace or None
 
 
 def pool_keys(digests: Union[np.ndarray, Sequence[str]], fingerprint: LayoutFingerprint) -> list:

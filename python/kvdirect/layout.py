@@ -21,9 +21,12 @@ is why :meth:`KVLayout.fingerprint_fields` reports the *object format*
 Supported device layouts (``KVLayout.kind``):
 
 * ``mha``: per layer K ``[num_slots, kv_heads, head_dim]`` and V ``[num_slots,
-  kv_heads, v_head_dim]`` (SGLang ``MHATokenToKVPool``) -- :meth:`from_mha`;
+  kv_heads, v_head_dim]`` (SGLang ``MHATokenToKVPool``), or paged K ``[pages,
+  page_size, kv_heads, head_dim]`` and V likewise (vLLM-style blocks, e.g. the
+  two halves of a ``[2, pages, page_size, heads, dim]`` tensor) -- :meth:`from_mha`;
 * ``mla``: per layer ``[num_slots, 1, kv_lora_rank + rope_dim]`` (SGLang
-  ``MLATokenToKVPool``) -- :meth:`from_mla`;
+  ``MLATokenToKVPool``), or paged ``[pages, page_size, dim]`` / ``[pages,
+  page_size, 1, dim]`` -- :meth:`from_mla`;
 * ``ascend``: per layer K and V ``[pages + 1, page_size, kv_heads, head_dim]``
   (SGLang's NPU pools; slot // page_size is the page index), and ``ascend_mla``:
   split MLA on NPU, K = ``[pages + 1, page_size, 1, kv_lora_rank]``, V =
@@ -31,6 +34,12 @@ Supported device layouts (``KVLayout.kind``):
 * ``page_first``: one buffer ``[pages, layers, 2 (K/V) or 1 (MLA), page_size,
   kv_heads, head_dim]``, every layer of a page contiguous -- :meth:`page_first`;
 * raw addresses -- :meth:`from_addresses`.
+
+Per-layer buffers come as a list (one tensor per layer) or as one stacked
+tensor whose leading dimension is the layer. Every constructor checks the
+shapes it is given against the one it documents and refuses anything else
+with a :class:`~kvdirect.errors.ConfigError` that names the expected shape:
+a layout never guesses which dimension is which.
 """
 from __future__ import annotations
 
@@ -88,15 +97,53 @@ def _describe(t: Any, what: str) -> _Buf:
     raise ConfigError(f"{what}: expected a torch.Tensor or numpy.ndarray, got {type(t).__name__}")
 
 
-def _layers(x: Any, ndim: int, what: str) -> list:
-    """A list of per-layer buffers, or one stacked buffer with a leading layer dim."""
+def _page_size(page_size) -> int:
+    if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)) or page_size < 1:
+        raise ConfigError(f"page_size must be a positive int (tokens per page), got {page_size!r}")
+    return int(page_size)
+
+
+def _layers(x: Any, ndims: tuple, what: str, expect: str) -> list[_Buf]:
+    """Per-layer buffers from a list, or from one stacked buffer with a leading layer dim.
+
+    ``ndims``: the per-layer ranks the caller accepts; ``expect``: their shapes, for errors."""
     if isinstance(x, (list, tuple)):
         if not x:
             raise ConfigError(f"{what}: need at least one layer")
-        return list(x)
-    if getattr(x, "ndim", None) == ndim + 1:
-        return [x[i] for i in range(x.shape[0])]
-    raise ConfigError(f"{what}: expected a list of per-layer {ndim}-D buffers or one {ndim + 1}-D stacked buffer")
+        items = list(x)
+    elif getattr(x, "ndim", None) is not None and x.ndim - 1 in ndims:
+        items = [x[i] for i in range(x.shape[0])]
+    else:
+        raise ConfigError(f"{what}: expected a list of per-layer buffers {expect}, or one stacked buffer "
+                          f"with a leading layer dimension; got {_shape_of(x)}")
+    bufs = [_describe(t, what) for t in items]
+    for i, b in enumerate(bufs):
+        if len(b.shape) not in ndims:
+            raise ConfigError(f"{what}: layer {i} has shape {b.shape}; expected {expect}")
+    return bufs
+
+
+def _shape_of(x: Any) -> str:
+    shape = getattr(x, "shape", None)
+    return f"shape {tuple(shape)}" if shape is not None else type(x).__name__
+
+
+def _refuse_one_paged_layer(x: Any, b: _Buf, P: int, what: str, paged: str) -> None:
+    """A single tensor is read as stacked layers; one whose layers hold exactly one page is
+    more likely one paged layer passed without its list: refuse rather than guess."""
+    if not isinstance(x, (list, tuple)) and b.shape[0] == P:
+        raise ConfigError(f"{what}: one tensor of shape {_shape_of(x)} reads as {len(x)} stacked layers of "
+                          f"one {P}-slot page each; if it is one layer of {paged}, pass a list with one "
+                          "such buffer per layer")
+
+
+def _check_pages(b: _Buf, name: str) -> None:
+    """Paged buffer [pages, page_size, ...]: every page contiguous, pages not overlapping."""
+    if not b.contiguous_from(1):
+        raise ConfigError(f"{name}: non-contiguous pages (shape {b.shape}, byte strides {b.strides}); "
+                          f"each [page_size, ...] page must be contiguous")
+    if b.shape[0] > 1 and b.strides[0] < b.nbytes_from(1):
+        raise ConfigError(f"{name}: pages overlap (page stride {b.strides[0]} < page bytes {b.nbytes_from(1)})")
 
 
 def _check_same(bufs: list[_Buf], what: str, dims_from: int = 0) -> None:
@@ -154,36 +201,71 @@ class KVLayout:
     # ---- constructors --------------------------------------------------------
     @classmethod
     def from_mha(cls, k_buffers, v_buffers, page_size: int, *, dtype: str | None = None) -> "KVLayout":
-        """Per-layer K ``[num_slots, kv_heads, head_dim]`` and V ``[num_slots, kv_heads, v_head_dim]``."""
-        ks = [_describe(t, "k_buffers") for t in _layers(k_buffers, 3, "k_buffers")]
-        vs = [_describe(t, "v_buffers") for t in _layers(v_buffers, 3, "v_buffers")]
+        """Per-layer K ``[num_slots, kv_heads, head_dim]`` and V ``[num_slots, kv_heads, v_head_dim]``,
+        or paged K ``[pages, page_size, kv_heads, head_dim]`` and V ``[pages, page_size, kv_heads,
+        v_head_dim]`` (slot ``s`` is token ``s % page_size`` of page ``s // page_size``)."""
+        P = _page_size(page_size)
+        expect = (f"[num_slots, kv_heads, head_dim] or paged [pages, page_size={P}, kv_heads, head_dim]")
+        ks = _layers(k_buffers, (3, 4), "k_buffers", expect)
+        vs = _layers(v_buffers, (3, 4), "v_buffers", expect)
         if len(ks) != len(vs):
             raise LayoutMismatchError(f"{len(ks)} K buffers but {len(vs)} V buffers: one of each per layer")
         _check_same(ks, "k_buffers")
         _check_same(vs, "v_buffers")
-        _check_same([ks[0], vs[0]], "K vs V", dims_from=3)  # dtype and device
-        if ks[0].shape[0] != vs[0].shape[0]:
-            raise LayoutMismatchError(f"K has {ks[0].shape[0]} slots but V has {vs[0].shape[0]}")
-        for name, b in (("k_buffers", ks[0]), ("v_buffers", vs[0])):
-            cls._check_slot_major(b, name)
-        P = int(page_size)
-        planes = _interleave([(b.addr, P * b.strides[0], P * b.nbytes_from(1)) for b in ks],
-                             [(b.addr, P * b.strides[0], P * b.nbytes_from(1)) for b in vs])
-        kv_heads = ks[0].shape[1] if len(ks[0].shape) > 1 else 1
-        return cls._from_planes("mha", P, ks[0].shape[0] // max(P, 1), 2, planes, ks + vs,
-                                _logical_dtype(ks, dtype), ks[0].device, kv_heads,
-                                ks[0].shape[-1], vs[0].shape[-1], (k_buffers, v_buffers))
+        _check_same([ks[0], vs[0]], "K vs V", dims_from=5)  # dtype and device
+        k0, v0 = ks[0], vs[0]
+        if len(k0.shape) != len(v0.shape):
+            raise LayoutMismatchError(f"K has shape {k0.shape} but V has {v0.shape}: both slot-major "
+                                      "[num_slots, heads, dim] or both paged [pages, page_size, heads, dim]")
+        paged = len(k0.shape) == 4
+        if paged:
+            for name, b in (("k_buffers", k0), ("v_buffers", v0)):
+                if b.shape[1] != P:
+                    raise LayoutMismatchError(
+                        f"{name}: a paged buffer is [pages, page_size, kv_heads, head_dim], and shape {b.shape} "
+                        f"holds pages of {b.shape[1]} slots but page_size={P}")
+                _check_pages(b, name)
+            seg = lambda b: (b.addr, b.strides[0], b.nbytes_from(1))  # noqa: E731
+            num_pages = k0.shape[0]
+        else:
+            _refuse_one_paged_layer(k_buffers, k0, P, "k_buffers", "[pages, page_size, kv_heads, head_dim]")
+            for name, b in (("k_buffers", k0), ("v_buffers", v0)):
+                cls._check_slot_major(b, name)
+            seg = lambda b: (b.addr, P * b.strides[0], P * b.nbytes_from(1))  # noqa: E731
+            num_pages = k0.shape[0] // P
+        if k0.shape[0] != v0.shape[0]:
+            what = "pages" if paged else "slots"
+            raise LayoutMismatchError(f"K has {k0.shape[0]} {what} but V has {v0.shape[0]}")
+        if k0.shape[-2] != v0.shape[-2]:
+            raise LayoutMismatchError(f"K has {k0.shape[-2]} KV heads but V has {v0.shape[-2]} "
+                                      f"(K {k0.shape}, V {v0.shape})")
+        planes = _interleave([seg(b) for b in ks], [seg(b) for b in vs])
+        return cls._from_planes("mha", P, num_pages, 2, planes, ks + vs, _logical_dtype(ks, dtype), k0.device,
+                                k0.shape[-2], k0.shape[-1], v0.shape[-1], (k_buffers, v_buffers))
 
     @classmethod
     def from_mla(cls, kv_buffers, page_size: int, *, dtype: str | None = None) -> "KVLayout":
-        """Per-layer ``[num_slots, 1, kv_lora_rank + rope_dim]`` (one buffer per layer)."""
-        bs = [_describe(t, "kv_buffers") for t in _layers(kv_buffers, 3, "kv_buffers")]
+        """Per-layer ``[num_slots, 1, kv_lora_rank + rope_dim]`` (one buffer per layer), or paged
+        ``[pages, page_size, dim]`` / ``[pages, page_size, 1, dim]``."""
+        P = _page_size(page_size)
+        expect = f"[num_slots, 1, dim], or paged [pages, page_size={P}, dim] or [pages, page_size={P}, 1, dim]"
+        bs = _layers(kv_buffers, (3, 4), "kv_buffers", expect)
         _check_same(bs, "kv_buffers")
-        cls._check_slot_major(bs[0], "kv_buffers")
-        P = int(page_size)
-        planes = [(b.addr, P * b.strides[0], P * b.nbytes_from(1)) for b in bs]
-        return cls._from_planes("mla", P, bs[0].shape[0] // max(P, 1), 1, planes, bs,
-                                _logical_dtype(bs, dtype), bs[0].device, 1, bs[0].shape[-1], 0, (kv_buffers,))
+        b = bs[0]
+        if len(b.shape) == 3 and b.shape[1] == 1:  # slot-major (also page_size 1 paged: the same bytes)
+            _refuse_one_paged_layer(kv_buffers, b, P, "kv_buffers", "[pages, page_size, 1, dim]")
+            cls._check_slot_major(b, "kv_buffers")
+            planes = [(x.addr, P * x.strides[0], P * x.nbytes_from(1)) for x in bs]
+            num_pages = b.shape[0] // P
+        elif b.shape[1] == P and (len(b.shape) == 3 or b.shape[2] == 1):
+            _check_pages(b, "kv_buffers")
+            planes = [(x.addr, x.strides[0], x.nbytes_from(1)) for x in bs]
+            num_pages = b.shape[0]
+        else:
+            raise LayoutMismatchError(f"kv_buffers: shape {b.shape} is not an MLA pool with page_size={P}; "
+                                      f"expected {expect}")
+        return cls._from_planes("mla", P, num_pages, 1, planes, bs, _logical_dtype(bs, dtype), b.device, 1,
+                                b.shape[-1], 0, (kv_buffers,))
 
     @classmethod
     def from_ascend(cls, k_buffers, v_buffers, page_size: int | None = None, *, is_mla: bool = False,
@@ -193,25 +275,28 @@ class KVLayout:
         ``is_mla=True``: split MLA on NPU, K = ``[pages + 1, page_size, 1, kv_lora_rank]``
         (nope) and V = ``[pages + 1, page_size, 1, rope_dim]`` (rope).
         """
-        ks = [_describe(t, "k_buffers") for t in _layers(k_buffers, 4, "k_buffers")]
-        vs = [_describe(t, "v_buffers") for t in _layers(v_buffers, 4, "v_buffers")]
+        if page_size is not None:
+            page_size = _page_size(page_size)
+        heads = "1" if is_mla else "kv_heads"
+        expect = f"[pages + 1, page_size, {heads}, dim]"
+        ks = _layers(k_buffers, (4,), "k_buffers", expect)
+        vs = _layers(v_buffers, (4,), "v_buffers", expect)
         if len(ks) != len(vs):
             raise LayoutMismatchError(f"{len(ks)} K buffers but {len(vs)} V buffers: one of each per layer")
         _check_same(ks, "k_buffers")
         _check_same(vs, "v_buffers")
         _check_same([ks[0], vs[0]], "K vs V", dims_from=4)
         P = ks[0].shape[1]
-        if page_size is not None and int(page_size) != P:
+        if page_size is not None and page_size != P:
             raise LayoutMismatchError(f"page_size={page_size} but the Ascend buffers hold pages of {P} slots "
                                       f"(shape {ks[0].shape} is [pages+1, page_size, heads, dim])")
-        if vs[0].shape[:2] != ks[0].shape[:2]:
-            raise LayoutMismatchError(f"K pages {ks[0].shape[:2]} and V pages {vs[0].shape[:2]} differ")
+        if vs[0].shape[:3] != ks[0].shape[:3]:
+            raise LayoutMismatchError(f"K pages {ks[0].shape[:3]} and V pages {vs[0].shape[:3]} differ "
+                                      "([pages + 1, page_size, heads] must match)")
+        if is_mla and ks[0].shape[2] != 1:
+            raise LayoutMismatchError(f"is_mla=True: split MLA buffers are {expect}, got K {ks[0].shape}")
         for name, b in (("k_buffers", ks[0]), ("v_buffers", vs[0])):
-            if not b.contiguous_from(1):
-                raise ConfigError(f"{name}: non-contiguous pages (shape {b.shape}, byte strides {b.strides}); "
-                                  "each [page_size, heads, dim] page must be contiguous")
-            if b.shape[0] > 1 and b.strides[0] < b.nbytes_from(1):
-                raise ConfigError(f"{name}: pages overlap (page stride {b.strides[0]} < page bytes {b.nbytes_from(1)})")
+            _check_pages(b, name)
         planes = _interleave([(b.addr, b.strides[0], b.nbytes_from(1)) for b in ks],
                              [(b.addr, b.strides[0], b.nbytes_from(1)) for b in vs])
         return cls._from_planes("ascend_mla" if is_mla else "ascend", P, ks[0].shape[0], 2, planes, ks + vs,
@@ -247,7 +332,18 @@ class KVLayout:
         dtype = str(dtype).replace("torch.", "")
         if dtype not in ITEMSIZE:
             raise ConfigError(f"unknown dtype {dtype!r}; known: {sorted(ITEMSIZE)}")
-        es, P = ITEMSIZE[dtype], int(page_size)
+        P = _page_size(page_size)
+        for name, v in (("num_slots", num_slots), ("kv_heads", kv_heads), ("head_dim", head_dim),
+                        ("v_head_dim", 1 if v_head_dim is None else v_head_dim)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ConfigError(f"from_addresses: {name} must be a positive int, got {v!r}")
+        if is_mla and kv_heads != 1:
+            raise ConfigError(f"from_addresses(is_mla=True): an MLA pool has one latent head, got kv_heads={kv_heads}")
+        for name, addrs in (("k_addrs", k_addrs), ("v_addrs", v_addrs or ())):
+            bad = [a for a in addrs if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or a <= 0]
+            if bad:
+                raise ConfigError(f"from_addresses: {name} must be non-null integer addresses, got {bad[0]!r}")
+        es = ITEMSIZE[dtype]
         k_row = kv_heads * head_dim * es
         ks = [(int(a), P * k_row, P * k_row) for a in k_addrs]
         if not ks:
@@ -264,7 +360,7 @@ class KVLayout:
                 raise LayoutMismatchError(f"{len(ks)} K addresses but {len(vs)} V addresses")
             planes, per = _interleave(ks, vs), 2
         regions = [(a, num_slots * (s // P)) for a, s, _ in planes]
-        return cls(kind="mla" if is_mla else "mha", page_size=P, num_pages=int(num_slots) // max(P, 1),
+        return cls(kind="mla" if is_mla else "mha", page_size=P, num_pages=int(num_slots) // P,
                    planes_per_layer=per, bases=[p[0] for p in planes], page_strides=[p[1] for p in planes],
                    seg_bytes=[p[2] for p in planes], dtype=dtype, device=device, kv_heads=kv_heads,
                    head_dim=head_dim, v_head_dim=vd, regions=regions)
@@ -350,10 +446,12 @@ class KVLayout:
         return list(self._regions)
 
     def fingerprint_fields(self) -> dict:
-        """Everything that decides a page object's bytes (for LayoutFingerprint)."""
+        """Everything that decides a page object's bytes: the keyword arguments of
+        :class:`~kvdirect.keys.LayoutFingerprint` besides the model and TP position
+        (``LayoutFingerprint.from_layout`` uses them)."""
         return {"dtype": self.dtype, "num_layers": self.num_layers, "kv_heads": self.kv_heads,
-                "head_dim": self.head_dim, "v_head_dim": self.v_head_dim, "page_size": self.page_size,
-                "kind": self.object_format, "is_mla": self.is_mla}
+                "head_dim": self.head_dim, "v_head_dim": self.v_head_dim or None, "page_size": self.page_size,
+                "layout_kind": self.object_format, "is_mla": self.is_mla}
 
     def __repr__(self) -> str:
         return (f"KVLayout(kind={self.kind}, layers={self.num_layers}, page_size={self.page_size}, "

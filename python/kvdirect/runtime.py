@@ -160,3 +160,15 @@ def machine_description() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}, "
             f"Python {platform.python_version()}, load avg {load:.2f}")
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new work (MemAvailable), for up-front size checks."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvdirect.errors import StoreError
+from kvdirect.errors import ConfigError, StoreError
 
 _HERE_HOST = "127.0.0.1"
 
@@ -221,7 +221,7 @@ ock.mmc.log_level = {log_level}
 
 
 def parse_tcp_url(url: str) -> tuple[str, int]:
-    """'tcp://HOST:PORT' -> (HOST, PORT); StoreError otherwise."""
+    """'tcp://HOST:PORT' -> (HOST, PORT); ConfigError otherwise."""
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
@@ -230,7 +230,7 @@ def parse_tcp_url(url: str) -> tuple[str, int]:
     except ValueError:
         port = None
     if u.scheme != "tcp" or not u.hostname or not port:
-        raise StoreError(f"expected a MetaService URL like tcp://127.0.0.1:15000, got {url!r}")
+        raise ConfigError(f"expected a MetaService URL like tcp://127.0.0.1:15000, got {url!r}")
     return u.hostname, port
 
 

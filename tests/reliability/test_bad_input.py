@@ -198,7 +198,8 @@ CASES = [
                                                      page_size=P), ConfigError, r"non-contiguous pages"),
     ("kv-not-an-array", lambda w: KVLayout.from_mha([[1, 2]], [[1, 2]], page_size=P), ConfigError,
      r"expected a torch.Tensor or numpy.ndarray, got list"),
-    ("page-size-zero", lambda w: KVLayout.from_mha(kv(), kv(), page_size=0), ConfigError, r"page_size must be >= 1"),
+    ("page-size-zero", lambda w: KVLayout.from_mha(kv(), kv(), page_size=0), ConfigError,
+     r"page_size must be a positive int"),
     ("slot-negative", lambda w: w.dev.layout.plan([-4]), ConfigError, r"slot -4\) is out of range"),
     ("slot-out-of-range", lambda w: w.dev.layout.plan([512]), ConfigError, r"out of range"),
     ("slot-not-page-aligned", lambda w: w.dev.layout.plan([2]), ConfigError, r"not page aligned"),
@@ -239,14 +240,114 @@ FILE_CASES = [
     ("world-writable-file", lambda p: os.chmod(p, 0o666), StoreError, r"mode 666 .*writable.*chmod 600"),
 ]
 
+# Every subcommand (`kvdirect --help`) with every argument that can be wrong. In the arguments,
+# {missing} is a pool name nobody uses (checked not to be created), {tmp} a fresh folder (checked
+# to stay empty: nothing written), {file} an existing file outside it, {world} the suite's pool.
+MC = "mooncake://127.0.0.1:1?metadata=http://127.0.0.1:2/metadata"  # nothing listens on port 1
+LOCAL = ["memcache", "local-conf", "--meta", "tcp://127.0.0.1:15000", "--config-store", "tcp://127.0.0.1:16000"]
 CLI_CASES = [
-    ("cli-info-missing-pool", ["pool", "info", "nonexistent-relpool"], r"does not exist"),
+    # ---- kvdirect
+    ("cli-unknown-command", ["frobnicate"], r"invalid choice: 'frobnicate'"),
+    ("cli-unknown-option", ["--frobnicate"], r"unrecognized arguments: --frobnicate"),
+    # ---- doctor
+    ("cli-doctor-extra-arg", ["doctor", "now"], r"unrecognized arguments: now"),
+    ("cli-doctor-unknown-option", ["doctor", "--yaml"], r"unrecognized arguments: --yaml"),
+    # ---- demo
+    ("cli-demo-prompts-zero", ["demo", "--prompts", "0"], r"--prompts: must be a positive integer, got 0"),
+    ("cli-demo-prompts-text", ["demo", "--prompts", "many"], r"--prompts: expected an integer, got 'many'"),
+    ("cli-demo-prompt-len-negative", ["demo", "--prompt-len", "-5"], r"--prompt-len: must be a positive integer"),
+    ("cli-demo-prompt-len-one-page", ["demo", "--prompt-len", "100"], r"at least two pages \(128 tokens\)"),
+    ("cli-demo-reuse-range", ["demo", "--reuse", "0,150%"], r"reuse level '150%' is outside 0..100%"),
+    ("cli-demo-reuse-text", ["demo", "--reuse", "half"], r"'half' is not a number"),
+    ("cli-demo-reuse-empty", ["demo", "--reuse", ","], r"at least one reuse level"),
+    ("cli-demo-output-len-zero", ["demo", "--output-len", "0"], r"--output-len: must be a positive integer"),
+    ("cli-demo-page-size-zero", ["demo", "--page-size", "0"], r"--page-size: must be a positive integer, got 0"),
+    ("cli-demo-store-scheme", ["demo", "--store", "bogus://x"], r"unknown store scheme 'bogus'"),
+    ("cli-demo-store-not-url", ["demo", "--store", "kvdirect"], r"must look like scheme://"),
+    ("cli-demo-store-missing-pool", ["demo", "--store", "shm://{missing}"],
+     r"shm pool '.*' does not exist; create it with `kvdirect pool create"),
+    ("cli-demo-store-bad-pool-name", ["demo", "--store", "shm://bad$name"], r"bad shm pool name"),
+    ("cli-demo-store-bad-param", ["demo", "--store", "shm://{world}?sise=1GiB"], r"unknown parameter.*sise"),
+    ("cli-demo-store-unreachable", ["demo", "--store", MC], r"cannot reach the Mooncake master"),
+    ("cli-demo-too-big", ["demo", "--prompts", "100000", "--prompt-len", "100000"], r"GiB and .* available"),
+    ("cli-demo-device", ["demo", "--device", "tpu"], r"--device: invalid choice: 'tpu'"),
+    ("cli-demo-modes-no-baseline", ["demo", "--modes", "kvdirect"], r"includes baseline"),
+    ("cli-demo-modes-unknown", ["demo", "--modes", "baseline,turbo"], r"comma list of baseline, ideal, kvdirect"),
+    ("cli-demo-model-size", ["demo", "--model-size", "huge"], r"--model-size: invalid choice"),
+    ("cli-demo-seed-negative", ["demo", "--seed", "-1"], r"--seed: must be >= 0"),
+    ("cli-demo-json-no-folder", ["demo", "--json", "{tmp}/no/demo.json"], r"--json: folder .* does not exist"),
+    ("cli-demo-json-is-folder", ["demo", "--json", "{tmp}"], r"--json: .* is a folder"),
+    ("cli-demo-plot-no-folder", ["demo", "--plot", "{tmp}/no/demo.png"], r"--plot: folder .* does not exist"),
+    # ---- bench
+    ("cli-bench-no-benchmark", ["bench"], r"required: BENCH"),
+    ("cli-bench-unknown", ["bench", "store"], r"invalid choice: 'store'"),
+    ("cli-bench-requests-zero", ["bench", "load", "--requests", "0"], r"--requests: must be a positive integer"),
+    ("cli-bench-page-size-zero", ["bench", "load", "--page-size", "0"], r"--page-size: must be a positive integer"),
+    ("cli-bench-prompt-len-negative", ["bench", "load", "--prompt-len", "-5"], r"--prompt-len: must be a positive"),
+    ("cli-bench-prompt-len-below-page", ["bench", "load", "--prompt-len", "10"], r"shorter than one page"),
+    ("cli-bench-layers-zero", ["bench", "load", "--layers", "0"], r"--layers: must be a positive integer"),
+    ("cli-bench-kv-heads-text", ["bench", "load", "--kv-heads", "two"], r"--kv-heads: expected an integer"),
+    ("cli-bench-head-dim-zero", ["bench", "load", "--head-dim", "0"], r"--head-dim: must be a positive integer"),
+    ("cli-bench-rounds-zero", ["bench", "load", "--rounds", "0"], r"--rounds: must be a positive integer"),
+    ("cli-bench-too-big", ["bench", "load", "--requests", "100000"], r"GiB of memory and .* available"),
+    ("cli-bench-store-scheme", ["bench", "load", "--store", "bogus://x"], r"unknown store scheme 'bogus'"),
+    ("cli-bench-store-missing-pool", ["bench", "load", "--store", "shm://{missing}"],
+     r"shm pool '.*' does not exist"),
+    ("cli-bench-store-unreachable", ["bench", "load", "--store", MC], r"cannot reach the Mooncake master"),
+    ("cli-bench-json-no-folder", ["bench", "load", "--json", "{tmp}/no/b.json"], r"--json: folder .* does not exist"),
+    # ---- pool
+    ("cli-pool-no-action", ["pool"], r"required: ACTION"),
     ("cli-create-bad-name", ["pool", "create", "bad/name"], r"bad shm pool name"),
-    ("cli-create-bad-size", ["pool", "create", "relcli", "--size", "banana"], r"bad size"),
-    ("cli-create-bad-block", ["pool", "create", "relcli", "--size", "4MiB", "--block-size", "5000"],
+    ("cli-create-bad-size", ["pool", "create", "{missing}", "--size", "banana"], r"bad size 'banana'"),
+    ("cli-create-zero-size", ["pool", "create", "{missing}", "--size", "0"], r"--size: must be a size above 0"),
+    ("cli-create-too-small", ["pool", "create", "{missing}", "--size", "10KiB"], r"too small"),
+    ("cli-create-bad-block", ["pool", "create", "{missing}", "--size", "4MiB", "--block-size", "5000"],
      r"power of two"),
-    ("cli-unknown-command", ["frobnicate"], r"invalid choice"),
+    ("cli-create-existing", ["pool", "create", "{world}"], r"already exists"),
+    ("cli-info-missing-pool", ["pool", "info", "{missing}"], r"does not exist"),
+    ("cli-info-bad-name", ["pool", "info", ".hidden"], r"bad shm pool name"),
+    ("cli-destroy-missing-pool", ["pool", "destroy", "{missing}"], r"does not exist"),
+    ("cli-destroy-bad-name", ["pool", "destroy", "a b"], r"bad shm pool name"),
+    # ---- memcache
+    ("cli-memcache-no-action", ["memcache"], r"required: ACTION"),
+    ("cli-meta-url-scheme", ["memcache", "meta", "--url", "http://127.0.0.1:15000"], r"tcp://127.0.0.1:15000"),
+    ("cli-meta-url-no-port", ["memcache", "meta", "--url", "tcp://127.0.0.1"], r"expected a MetaService URL"),
+    ("cli-meta-config-store-port", ["memcache", "meta", "--config-store-port", "0"], r"TCP port in 1..65535"),
+    ("cli-meta-metrics-port", ["memcache", "meta", "--metrics-port", "70000"], r"TCP port in 1..65535"),
+    ("cli-meta-same-ports", ["memcache", "meta", "--workdir", "{tmp}/w", "--url", "tcp://127.0.0.1:15000",
+                             "--config-store-port", "15000"], r"must differ from the meta port"),
+    ("cli-meta-log-level", ["memcache", "meta", "--log-level", "loud"], r"--log-level: invalid choice"),
+    ("cli-meta-config-is-folder", ["memcache", "meta", "--config", "{tmp}"], r"is not a file"),
+    ("cli-meta-config-and-url", ["memcache", "meta", "--config", "{file}", "--url", "tcp://127.0.0.1:15000"],
+     r"exists: --url.* apply only when"),
+    ("cli-local-conf-meta-url", [*LOCAL[:2], "--meta", "bogus://x", *LOCAL[4:]], r"expected a MetaService URL"),
+    ("cli-local-conf-store-url", [*LOCAL[:4], "--config-store", "127.0.0.1:16000"], r"expected a MetaService URL"),
+    ("cli-local-conf-missing-meta", ["memcache", "local-conf", *LOCAL[4:]], r"required: --meta"),
+    ("cli-local-conf-protocol", [*LOCAL, "--protocol", "udp"], r"--protocol: invalid choice: 'udp'"),
+    ("cli-local-conf-world-size", [*LOCAL, "--world-size", "0"], r"--world-size: must be a positive integer"),
+    ("cli-local-conf-dram-size", [*LOCAL, "--dram-size", "lots"], r"bad size 'lots'"),
+    ("cli-local-conf-output", [*LOCAL, "-o", "{tmp}/no/mmc.conf"], r"--output: folder .* does not exist"),
 ]
+
+
+def cli_commands() -> set:
+    """Every (sub)command `kvdirect --help` offers, e.g. ('pool', 'create')."""
+    import argparse
+
+    from kvdirect.cli import build_parser
+
+    out = set()
+
+    def walk(p, path):
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            out.add(path)
+        for a in subs:
+            for name, sp in a.choices.items():
+                walk(sp, path + (name,))
+
+    walk(build_parser(), ())
+    return out
 
 
 def test_the_table_is_big_enough():
@@ -274,16 +375,62 @@ def test_damaged_pool_file(world, side_pool, case):
     world.intact()
 
 
+def _run_cli_case(case, root):
+    """Run one CLI case in its own folder; returns (argv, result, missing pool name, output folder)."""
+    name, args, _ = case
+    missing = uniq("relcli")
+    out_dir = root / name / "out"
+    out_dir.mkdir(parents=True)
+    existing = root / name / "meta.conf"
+    existing.write_text("ock.mmc.meta_service_url = tcp://127.0.0.1:15000\n")
+    argv = [a.format(missing=missing, tmp=out_dir, file=existing, world=_WORLD_NAME[0]) for a in args]
+    r = subprocess.run([sys.executable, "-m", "kvdirect", *argv], capture_output=True, text=True, timeout=60,
+                       cwd=out_dir)
+    return argv, r, missing, out_dir
+
+
+_WORLD_NAME = [None]
+
+
+@pytest.fixture(scope="module")
+def cli_results(world, tmp_path_factory):
+    """Every CLI case, run as a real `python -m kvdirect` process, a few at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _WORLD_NAME[0] = world.name
+    root = tmp_path_factory.mktemp("cli")
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        res = dict(zip([c[0] for c in CLI_CASES], ex.map(lambda c: _run_cli_case(c, root), CLI_CASES)))
+    yield res
+    for _, _, missing, _ in res.values():
+        destroy_pool(missing, missing_ok=True)
+
+
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
-def test_bad_cli_input(world, case):
-    _, args, pattern = case
-    r = subprocess.run([sys.executable, "-m", "kvdirect", *args], capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    out = r.stdout + r.stderr
-    assert "Traceback" not in out, out
-    assert re.search(pattern, out), out
-    destroy_pool("relcli", missing_ok=True)
+def test_bad_cli_input(world, cli_results, case):
+    """One line on stderr, nothing on stdout, a non-zero exit, no traceback, and no work done:
+    no pool created, nothing written."""
+    argv, r, missing, out_dir = cli_results[case[0]]
+    pattern = case[2]
+    assert r.returncode != 0, argv
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert r.stdout == "", r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvdirect"), r.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+    assert not os.path.exists(f"/dev/shm/kvdirect-{missing}")  # no pool made by a failed command
+    assert list(out_dir.iterdir()) == []                      # and nothing written
     world.intact()
+
+
+def test_cli_table_covers_every_command():
+    commands = cli_commands()
+    assert {("doctor",), ("demo",), ("bench", "load"), ("pool", "create"), ("pool", "info"), ("pool", "destroy"),
+            ("memcache", "meta"), ("memcache", "local-conf")} <= commands
+    covered = set()
+    for _, args, _ in CLI_CASES:
+        covered |= {tuple(args[:n]) for n in (1, 2)}
+    assert commands <= covered, f"commands without a bad-input case: {sorted(commands - covered)}"
 
 
 def test_null_address_in_scatter_list_is_refused(world):

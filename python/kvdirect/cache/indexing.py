@@ -23,7 +23,7 @@ class PageKeys:
         self._seed_cache: dict = {}
 
     def seed(self, namespace):
-        namespace = namespace or None  # the index treats "" and None as one namespace: so do keys
+        namespace = _keys.request_namespace(namespace)  # "" and None are one, as in the index
         if namespace not in self._seed_cache:
             self._seed_cache[namespace] = _keys.namespace_seed(extra_key=namespace)
         return self._seed_cache[namespace]

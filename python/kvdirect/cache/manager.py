@@ -50,11 +50,8 @@ class KVDirectCache:
             raise ConfigError(f"page_size {self.page_size} differs from the layout's {layout.page_size}")
         self.free_slots = free_slots or (lambda slots: None)
         self.index = PrefixIndex(self.page_size, max_pool_only_pages=self.config.max_pool_only_pages)
-        fields = dict(layout.fingerprint_fields())
-        fields["layout_kind"] = fields.pop("kind")  # the stored page format, not the device layout
-        fields["v_head_dim"] = fields["v_head_dim"] or None  # MLA: no separate V (layout says 0)
-        self.fingerprint = _keys.LayoutFingerprint(model=self.config.model, tp_size=tp_size,
-                                                   tp_rank=tp_rank, **fields)
+        self.fingerprint = _keys.LayoutFingerprint.from_layout(layout, model=self.config.model,
+                                                               tp_rank=tp_rank, tp_size=tp_size)
         self.store: Store | None = self._open_store(store)
         stats = CacheStats(self.config.latency_window)
         self._p = CacheParts(

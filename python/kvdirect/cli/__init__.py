@@ -2,10 +2,12 @@
 
 Each subcommand module defines ``register(subparsers)``, which adds its parser
 and sets ``func`` to a callable taking the parsed args and returning an exit code.
+Output conventions (``cli/_args.py``): arguments are checked before any work; an
+error is one line on stderr, ``kvdirect SUBCOMMAND: error: MESSAGE``, with exit
+status 2 for bad arguments or configuration and 1 when the work itself failed.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
@@ -16,7 +18,9 @@ SUBCOMMANDS = ["demo", "doctor", "bench", "pool", "memcache"]
 def build_parser() -> argparse.ArgumentParser:
     from kvdirect import __version__
 
-    p = argparse.ArgumentParser(prog="kvdirect", description=__doc__.splitlines()[0])
+    from kvdirect.cli._args import Parser
+
+    p = Parser(prog="kvdirect", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"kvdirect {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
@@ -36,13 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from kvdirect.errors import KVDirectError
+    from kvdirect.cli._args import one_line
+    from kvdirect.errors import ConfigError, KVDirectError
 
     try:
         return int(args.func(args) or 0)
     except KVDirectError as e:  # a clear message, not a traceback
-        print(f"kvdirect {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        prog = getattr(args, "prog", None) or f"kvdirect {args.command}"
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
 
 
 if __name__ == "__main__":

@@ -1,54 +1,83 @@
 """`kvdirect demo`: two serving instances share one KV pool; TTFT with and without kvdirect."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
+from kvdirect.cli import _args as A
 
-def _floats(text: str) -> list[float]:
+MODES = ("baseline", "ideal", "kvdirect")
+
+
+def reuse_levels(text: str) -> tuple:
+    """'0,0.5,1' or '0,50%,100%' -> (0.0, 0.5, 1.0); each level in [0, 1]."""
     vals = []
     for part in text.replace(",", " ").split():
-        v = float(part.rstrip("%"))
-        vals.append(v / 100 if part.endswith("%") or v > 1 else v)
-    return vals
+        try:
+            v = float(part.rstrip("%"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number: use fractions or percents, "
+                                             "e.g. 0,0.5,1 or 0,50%,100%") from None
+        v = v / 100 if part.endswith("%") or v > 1 else v
+        if not 0.0 <= v <= 1.0:
+            raise argparse.ArgumentTypeError(f"reuse level {part!r} is outside 0..100%")
+        vals.append(v)
+    if not vals:
+        raise argparse.ArgumentTypeError("give at least one reuse level")
+    return tuple(vals)
+
+
+def modes(text: str) -> tuple:
+    ms = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in ms if m not in MODES]
+    if bad or "baseline" not in ms:
+        raise argparse.ArgumentTypeError(f"modes are a comma list of {', '.join(MODES)} that includes "
+                                         f"baseline, got {text!r}")
+    return ms
 
 
 def run(args) -> int:
-    from kvdirect.errors import KVDirectError
+    import importlib.util
 
+    from kvdirect.errors import ConfigError
+
+    store = args.store
+    if store and "kvdirect" in args.modes:
+        A.open_user_store(store).close()  # a bad or unreachable store fails here, before the model is built
+        store = A.existing_pool_url(store)
     try:
         from kvdirect.demo import DemoConfig, plot, render_table, run_demo
         from kvdirect.engine.model import ModelSpec
     except ImportError as e:
-        print(f"kvdirect demo needs torch and transformers ({e}); install them with "
-              "`pip install 'kvdirect[demo]'`", file=sys.stderr)
-        return 2
+        raise ConfigError(f"kvdirect demo needs torch and transformers ({e}); install them with "
+                          "`pip install 'kvdirect[demo]'`") from None
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("--plot needs matplotlib: pip install 'kvdirect[demo]'")
     spec_kw = {}
     if args.model_size == "small":
         spec_kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        intermediate_size=128, vocab_size=512)
-    try:
-        cfg = DemoConfig(prompts=args.prompts, prompt_len=args.prompt_len, reuse=tuple(_floats(args.reuse)),
-                         output_len=args.output_len, page_size=args.page_size, store_url=args.store,
-                         device=args.device, modes=tuple(args.modes.split(",")), seed=args.seed,
-                         spec=ModelSpec(**spec_kw))
-        if cfg.device == "cuda":
-            import torch
+    cfg = DemoConfig(prompts=args.prompts, prompt_len=args.prompt_len, reuse=args.reuse,
+                     output_len=args.output_len, page_size=args.page_size, store_url=store,
+                     device=args.device, modes=args.modes, seed=args.seed, spec=ModelSpec(**spec_kw))
+    if cfg.device == "cuda":
+        import torch
 
-            if not torch.cuda.is_available():
-                print("--device cuda: torch sees no CUDA device here; use --device cpu", file=sys.stderr)
-                return 2
-        result = run_demo(cfg, progress=not args.quiet)
-    except (KVDirectError, ValueError) as e:
-        print(f"kvdirect demo: {e}", file=sys.stderr)
-        return 2
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    result = run_demo(cfg, progress=not args.quiet)
     m = result["machine"]
     print(f"\nmachine: {m.get('gpu') or m['cpu']}, {m['cores']} cores, device {m['device']}, "
           f"torch {m.get('torch')}, transformers {m.get('transformers')}")
     print(f"workload: {cfg.prompts} prompts x {cfg.prompt_len} tokens per reuse level, output {cfg.output_len}, "
           f"page {cfg.page_size}, store {result['config']['store_url'] or '-'}\n")
     print(render_table(result))
-    print("\nreference (SGLang PR #14056, Qwen3-32B): -93.5% TTFT at 100% reuse, -46.6% at 50%")
+    print("\nTTFT change = mean TTFT / baseline mean TTFT - 1 (negative: faster); kvdirect vs ideal = "
+          "kvdirect / ideal - 1 (ideal: the prefix already on the device, no transfer)")
+    ref = result["reference"]["ttft_change"]
+    print(f"reference (SGLang PR #14056, Qwen3-32B): TTFT change {100 * ref['1.0']:+.1f}% at 100% reuse, "
+          f"{100 * ref['0.5']:+.1f}% at 50%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -57,7 +86,7 @@ def run(args) -> int:
         plot(result, args.plot)
         print(f"wrote {args.plot}")
     if not result["outputs_identical"]:
-        print("ERROR: cached outputs differ from the uncached ones", file=sys.stderr)
+        print(f"{args.prog}: error: cached outputs differ from the uncached ones", file=sys.stderr)
         return 1
     return 0
 
@@ -65,20 +94,23 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="two instances share one KV pool: TTFT with and without kvdirect",
                        description=__doc__)
-    p.add_argument("--prompts", type=int, default=12, help="prompts per reuse level (default 12)")
-    p.add_argument("--prompt-len", type=int, default=3584, help="tokens per prompt (default 3584)")
-    p.add_argument("--reuse", default="0,0.5,1", help="prefix reuse levels, fractions or percents (default 0,0.5,1)")
-    p.add_argument("--output-len", type=int, default=4, help="greedy tokens per request (default 4)")
-    p.add_argument("--page-size", type=int, default=64, help="tokens per KV page (default 64)")
-    p.add_argument("--store", default=None, metavar="URL",
-                   help="KV pool URL (default: an embedded shm pool made for this run)")
+    p.add_argument("--prompts", type=A.positive_int, default=12, help="prompts per reuse level (default 12)")
+    p.add_argument("--prompt-len", type=A.positive_int, default=3584,
+                   help="tokens per prompt, at least two pages (default 3584)")
+    p.add_argument("--reuse", type=reuse_levels, default=(0.0, 0.5, 1.0),
+                   help="prefix reuse levels, fractions or percents (default 0,0.5,1)")
+    p.add_argument("--output-len", type=A.positive_int, default=4, help="greedy tokens per request (default 4)")
+    p.add_argument("--page-size", type=A.positive_int, default=64, help="tokens per KV page (default 64)")
+    p.add_argument("--store", type=A.store_url, default=None, metavar="URL",
+                   help="KV pool URL; an shm:// pool must exist unless the URL says create=... "
+                        "(default: an embedded shm pool made for this run and removed after it)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--modes", default="baseline,ideal,kvdirect",
+    p.add_argument("--modes", type=modes, default=MODES,
                    help="comma list of baseline, ideal, kvdirect (default: all three)")
     p.add_argument("--model-size", default="default", choices=["default", "small"],
                    help="'small' is a tiny model for quick checks")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG chart")
+    p.add_argument("--seed", type=A.non_negative_int, default=0)
+    p.add_argument("--json", type=A.output_file, metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", type=A.output_file, metavar="PATH", help="write a PNG chart")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, prog=p.prog)

@@ -65,4 +65,4 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("doctor", help="show build flags, backends, devices and store clients")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, prog=p.prog)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 
 def _human(n: int) -> str:
@@ -59,29 +58,21 @@ def _destroy(args) -> int:
     return 0
 
 
-def run(args) -> int:
-    from kvdirect.errors import KVDirectError
-
-    try:
-        return args.pool_func(args)
-    except KVDirectError as e:
-        print(f"kvdirect pool {args.pool_cmd}: {e}", file=sys.stderr)
-        return 1
-
-
 def register(sub) -> None:
+    from kvdirect.cli import _args as A
+
     p = sub.add_parser("pool", help="create, inspect or destroy the embedded shared-memory pool")
     ps = p.add_subparsers(dest="pool_cmd", metavar="ACTION", required=True)
     c = ps.add_parser("create", help="create /dev/shm/kvdirect-NAME")
-    c.add_argument("name")
-    c.add_argument("--size", default="1GiB", help="pool size, e.g. 8GiB (default 1GiB)")
-    c.add_argument("--block-size", default="64KiB", help="allocation block, a power of two (default 64KiB)")
-    c.set_defaults(pool_func=_create)
+    c.add_argument("name", type=A.pool_name)
+    c.add_argument("--size", type=A.size, default="1GiB", help="pool size, e.g. 8GiB (default 1GiB)")
+    c.add_argument("--block-size", type=A.size, default="64KiB",
+                   help="allocation block, a power of two (default 64KiB)")
+    c.set_defaults(func=_create, prog=c.prog)
     i = ps.add_parser("info", help="capacity, used, objects, hits/misses, evictions")
-    i.add_argument("name")
+    i.add_argument("name", type=A.pool_name)
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    i.set_defaults(pool_func=_info)
+    i.set_defaults(func=_info, prog=i.prog)
     d = ps.add_parser("destroy", help="remove the pool file (processes using it keep their mapping)")
-    d.add_argument("name")
-    d.set_defaults(pool_func=_destroy)
-    p.set_defaults(func=run)
+    d.add_argument("name", type=A.pool_name)
+    d.set_defaults(func=_destroy, prog=d.prog)
