@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--json", default=None, help="also write the figures here")
     a = ap.parse_args()
     P, L, es = a.page_size, a.layers, 2  # bf16
     pool_pages = 4 * a.pages
@@ -72,6 +73,11 @@ def main():
     print(f"  KVLayout.plan, first slot of each page        {t_first * 1e3:9.3f} ms   {t_py / t_first:7.1f}x")
     print(f"  KVLayout.plan, first call (cold output memory) {t_cold * 1e3:8.3f} ms   {t_py / t_cold:7.1f}x")
     print(f"  goal >= 50x: {'met' if t_py / t_tok >= 50 else 'NOT met'}")
+    if a.json:
+        import json
+        Path(a.json).write_text(json.dumps({"machine": describe(), "pages": a.pages, "layers": L,
+                                            "python_ms": t_py * 1e3, "plan_tokens_ms": t_tok * 1e3,
+                                            "plan_first_slots_ms": t_first * 1e3, "ratio": t_py / t_tok}))
 
 
 if __name__ == "__main__":

@@ -13,13 +13,21 @@ SMALL = ["--requests", "2", "--prompt-len", "512", "--layers", "2", "--head-dim"
 
 def test_bench_load_json(tmp_path):
     out = tmp_path / "load.json"
-    r = run_cli("bench", "load", *SMALL, "--json", str(out))
+    r = run_cli("bench", "load", *SMALL, "--misses", "50", "--json", str(out))
     d = json.loads(out.read_text())
     assert d["direct_ms"] > 0 and d["staged_ms"] > 0
     # 2 layers x K/V x 2 heads x 64 dims x fp16 x 512 tokens
     assert d["bytes_per_request"] == 2 * 2 * 2 * 64 * 2 * 512
     assert d["config"]["stored_pages"] == 2 * 512 // 64
     assert "direct / staged" in r.stdout
+    # the same run's memcpy baseline, write-back and miss figures (issue 16)
+    for k in ("memcpy_gbps", "direct_gbps", "writeback_gbps", "miss_us_p50", "miss_us_p99",
+              "direct_one_thread_gbps", "writeback_one_thread_gbps"):
+        assert d[k] > 0, k
+    assert d["miss_us_p99"] >= d["miss_us_p50"]
+    assert d["direct_vs_memcpy"] == d["direct_gbps"] / d["memcpy_gbps"]
+    assert set(d["miss_parts_us_p50"]) == {"match", "keys_one_page", "keys_all_pages", "exists_one_key"}
+    assert d["config"]["misses"] == 50
     name = parse_url(d["store"]).host  # the temporary pool this run made
     assert name.startswith("kvdirect-bench-") and not os.path.exists(pool_path(name))
 

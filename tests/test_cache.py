@@ -748,3 +748,31 @@ def test_staged_load_stops_at_the_first_failed_page(url):
     slots = b.alloc(m.pool_len)
     assert cb.load(m, slots) == P
     np.testing.assert_array_equal(b.k[0][slots[:P]], expected_kv(b, toks)[0][:P])
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_existence_query_on_a_local_pool_probes_the_first_page(url, local):
+    """A local pool (shm) is asked for the first unknown page alone: a miss hashes one page
+    and sends one key. A remote-style store gets one batched query. Hits load either way."""
+    P = 4
+    a, b = Device(P), Device(P)
+    writer = make(a, url)
+    toks = tokens_of(10 * P, 11)
+    serve(writer, a, toks[:6 * P])
+    writer.flush()
+    store = open_store(url)
+    if not local:
+        store = ScriptedStore(store)  # a Store whose lookups are not declared local
+    assert store.local_lookup is local
+    c = make(b, store)
+    miss = c.match(tokens_of(10 * P, 12))
+    assert (miss.device_len, miss.pool_len) == (0, 0)
+    assert c.stats()["query_keys"] == (1 if local else 10)
+    assert miss._digests.shape[0] == (1 if local else 10)  # pages hashed on the miss
+    hit = c.match(toks)  # 6 of its 10 pages are in the pool
+    assert (hit.device_len, hit.pool_len) == (0, 6 * P)
+    assert c.stats()["query_keys"] == (1 + 1 + 10 if local else 20)
+    slots = b.alloc(hit.pool_len)
+    assert c.load(hit, slots) == 6 * P
+    np.testing.assert_array_equal(b.k[2][slots], expected_kv(b, toks[:6 * P])[2])
+    c.close(), writer.close()

@@ -438,6 +438,46 @@ def test_match_result_slots_are_a_fresh_array():
     assert ix.match([1, 2, 3, 4]).device_slots.tolist() == [5, 6, 7, 8]
 
 
+def test_match_slots_are_a_snapshot_built_on_first_access():
+    P = 4
+    ix = PrefixIndex(P)
+    t = toks(1, 2, 3, P=P)
+    ix.insert(t, slots_for(12, 40))
+    r = ix.match(t)
+    assert ix.evict(1 << 30).size == 12  # every page gone before the slots are read
+    assert r.device_slots.tolist() == list(range(40, 52))  # what the match saw
+    assert r.device_slots is r.device_slots  # built once, then the same array
+    assert r[1] is r.device_slots and len(r) == 5
+    with pytest.raises(IndexError):
+        r[5]
+    assert "device_len=12" in repr(r)
+    with pytest.raises(TypeError):
+        MatchResult()  # only match() makes them
+
+
+@pytest.mark.parametrize("order", ["runs", "reversed pages", "scattered tokens"])
+def test_match_slots_across_nodes_and_slot_shapes(order):
+    """Slots leave a match as runs of consecutive slots: pages of one node, pages of
+    consecutive nodes that continue each other, nodes holding a slot per token."""
+    P = 4
+    ix = PrefixIndex(P)
+    base = toks(1, 2, 3, 4, 5, P=P)
+    if order == "runs":
+        slots = np.arange(20, dtype=np.int64) + 7
+    elif order == "reversed pages":
+        slots = (np.arange(5)[::-1, None] * P + np.arange(P)).reshape(-1).astype(np.int64)
+    else:
+        slots = np.random.default_rng(3).permutation(100)[:20].astype(np.int64)
+    ix.insert(base, slots)
+    ix.match(base[:2 * P])  # split the node after two pages: the path is now two nodes
+    ix.insert(np.concatenate([base[:3 * P], toks(9, P=P)]), np.concatenate([slots[:3 * P], [90, 91, 92, 93]]))
+    for n in (P, 2 * P, 3 * P, 5 * P):
+        assert ix.match(base[:n]).device_slots.tolist() == slots[:n].tolist()
+    assert ix.match(np.concatenate([base[:3 * P], toks(9, P=P)])).device_slots.tolist() == \
+        slots[:3 * P].tolist() + [90, 91, 92, 93]
+    check(ix)
+
+
 # ---------------------------------------------------------------------------
 # threads: completion marks from another thread
 # ---------------------------------------------------------------------------
@@ -477,3 +517,32 @@ def test_completion_marks_from_another_thread():
     assert not errors
     assert r.device_len >= 0
     check(ix)
+
+
+def test_insert_path_is_insert_then_mark_then_match():
+    """insert_path gives what insert + mark_in_pool + set digests + match gave, in one call."""
+    P = 4
+    a, b = PrefixIndex(P), PrefixIndex(P)
+    t = toks(1, 2, 3, 4, P=P)
+    dg = np.arange(4 * 32, dtype=np.uint8).reshape(4, 32)
+    for ix in (a, b):  # pages 0-1 on device, 2-3 pool-only
+        ix.insert(t[:2 * P], slots_for(2 * P, 10))
+        ix.insert_pool_only(t)
+    slots = np.concatenate([slots_for(2 * P, 10), slots_for(2 * P, 60)])
+    already, r = a.insert_path(t, slots, None, dg, in_pool_first=2)
+    assert b.insert(t, slots, None, dg) == already == 2 * P
+    b.mark_in_pool(t, 2, 2)
+    want = b.match(t)
+    assert (r.device_len, r.pool_len, r.last_digest) == (want.device_len, want.pool_len, want.last_digest)
+    assert r.device_slots.tolist() == want.device_slots.tolist() == slots.tolist()
+    assert a.path_states(r.node)[0].tolist() == b.path_states(want.node)[0].tolist()
+    assert a.path_digests(r.node)[0].tolist() == dg.tolist()
+    assert a.match(t).node == r.node
+    # a prefix ending inside a node: the node is split, the handle names the prefix's end
+    already, r2 = a.insert_path(t[:3 * P], slots[:3 * P])
+    assert already == 3 * P and r2.device_len == 3 * P and a.match(t[:3 * P]).node == r2.node
+    with pytest.raises(ConfigError):
+        a.insert_path(t, slots, in_pool_first=-1)
+    already, r3 = a.insert_path(t[:P - 1], slots[:P - 1])  # no full page
+    assert already == 0 and r3.node == 0 and r3.device_len == 0
+    check(a), check(b)

@@ -361,9 +361,20 @@ class Driver:
         pages = len(tokens) // self.P
         dg = [digest_of(i, 1) for i in range(pages)] if with_digest and pages else None
         arg = np.frombuffer(b"".join(dg), np.uint8).reshape(-1, 32) if dg else None
-        got = self.idx.insert(as_kind(tokens, kind), np.asarray(slots, np.int64), ns, arg)
+        if rng.random() < 0.5:
+            got = self.idx.insert(as_kind(tokens, kind), np.asarray(slots, np.int64), ns, arg)
+            want = self.ref.insert(tokens, slots, ns, dg)
+            assert got == want
+            return
+        # insert_path: the insert, and the path as a match right after it sees it (that
+        # match only re-stamps the newest path: recency order is the same either way)
+        got, r = self.idx.insert_path(as_kind(tokens, kind), np.asarray(slots, np.int64), ns, arg)
         want = self.ref.insert(tokens, slots, ns, dg)
         assert got == want
+        dev, path_slots, pool, end, digest = self.ref.match(tokens, ns)
+        assert (r.device_len, r.pool_len) == (dev, 0) and dev == pages * self.P
+        assert r.device_slots.tolist() == path_slots and r.last_digest == digest
+        self._record(r.node, end)
 
     def insert_pool_only(self, tokens, ns, kind, with_digest):
         pages = len(tokens) // self.P

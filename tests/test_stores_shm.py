@@ -514,3 +514,119 @@ def test_killed_holding_lock_with_concurrent_survivors(pool_name, tmp_path):
         survivor.join(10)
         assert survivor.exitcode == 0 and r[2] == 0 and r[1] > 0
         assert s.stats()["recoveries"] == 1
+
+
+# ---------------------------------------------------------------------------
+# large batches: copy threads and non-temporal stores (csrc/shm/shm_pool.h CopyOptions)
+
+
+def _force_batch_copy(s: ShmStore, threads: int = 0) -> None:
+    """Every batch takes the large-batch path: the threads and non-temporal stores."""
+    s._pool.set_copy_options(threads=threads, parallel_min_bytes=0, stream_min_bytes=0)
+
+
+@pytest.mark.parametrize("threads", [0, 2, 3])
+@pytest.mark.parametrize("checksum", ["on", "off"])
+def test_large_batch_path_round_trips_odd_segments(pool_name, threads, checksum):
+    """Objects split over threads, stores streamed where aligned, plain where not: every
+    byte arrives and the checksum written on put verifies on get, whatever the cuts."""
+    with open_store(f"shm://{pool_name}?size=8MiB&block=4KiB&checksum={checksum}") as s:
+        _force_batch_copy(s, threads)
+        rng = np.random.default_rng(7)
+        n, seg = 24, 4096 + 96
+        src = rng.integers(0, 256, n * 3 * seg + 64, dtype=np.uint8)
+        dst = np.zeros_like(src)
+        # three segments per object: the first at a 32-byte-aligned address, the others not
+        offs = np.array([[i * 3 * seg + 32 * ((j + i) % 2) + 5 * j for j in range(3)] for i in range(n)], np.uint64)
+        sizes = np.full((n, 3), seg - 40, np.uint64)
+        keys = [f"big-{i}" for i in range(n)]
+        assert not s.put(keys, ScatterList(src.ctypes.data + offs, sizes)).any()
+        assert not s.get(keys, ScatterList(dst.ctypes.data + offs, sizes)).any()
+        for i in range(n):
+            for j in range(3):
+                o, z = int(offs[i, j]), int(sizes[i, j])
+                np.testing.assert_array_equal(dst[o:o + z], src[o:o + z])
+        # the same objects read whole, through the single-object path, agree byte for byte
+        got = s.get_bytes("big-5")
+        want = np.concatenate([src[int(offs[5, j]):int(offs[5, j] + sizes[5, j])] for j in range(3)])
+        assert got == want.tobytes()
+
+
+def test_large_batch_corrupt_object_is_a_miss_alone(pool_name):
+    with open_store(f"shm://{pool_name}?size=8MiB&block=4KiB") as s:
+        _force_batch_copy(s)
+        n, size = 16, 20000
+        data = [np.frombuffer((f"OBJ{i:02d}-".encode() * (size // 6 + 1))[:size], np.uint8) for i in range(n)]
+        keys = [f"k{i}" for i in range(n)]
+        assert not s.put(keys, sl_of(*data)).any()
+        _corrupt_object(s.path, b"OBJ09-")
+        outs = [np.zeros(size, np.uint8) for _ in range(n)]
+        st = s.get(keys, sl_of(*outs))
+        assert st[9] == CORRUPT and (np.delete(st, 9) == OK).all()
+        for i in range(n):
+            if i != 9:
+                np.testing.assert_array_equal(outs[i], data[i])
+        assert not s.exists(["k9"])[0]
+
+
+def _batch_child(s, q):
+    outs = [np.zeros(5000, np.uint8) for _ in range(8)]
+    st = s.get([f"f{i}" for i in range(8)], sl_of(*outs))
+    q.put((st.tolist(), [int(o[0]) for o in outs]))
+
+
+def test_forked_child_uses_its_own_copy_threads(pool_name):
+    """A child forked after the parent's handle started copy threads inherits the handle
+    but not the threads: its large batches must still complete."""
+    with open_store(f"shm://{pool_name}?size=4MiB") as s:
+        _force_batch_copy(s)
+        assert not s.put([f"f{i}" for i in range(8)], sl_of(*[np.full(5000, i, np.uint8) for i in range(8)])).any()
+        q = CTX.Queue()
+        p = CTX.Process(target=_batch_child, args=(s, q))  # fork: the very handle, not a new one
+        p.start()
+        try:
+            st, first = q.get(timeout=30)
+        finally:
+            p.join(10)
+            if p.is_alive():  # hung on threads it does not have: do not leave it behind
+                p.kill()
+                p.join(5)
+        assert st == [OK] * 8 and first == list(range(8))
+
+
+def test_exists_prefix_stops_at_the_first_absent_key(pool_name):
+    with open_store(f"shm://{pool_name}?size=2MiB") as s:
+        for k in ("a", "b", "d"):
+            assert s.put_bytes(k, b"x" * 100)
+        assert s.exists_prefix(["a", "b", "c", "d"]) == 2
+        assert s.exists_prefix(["c", "a"]) == 0
+        assert s.exists_prefix(["a", "b", "d"]) == 3
+        assert s.exists_prefix([]) == 0
+        with pytest.raises(ConfigError):
+            s.exists_prefix(["a", ""])
+        with pytest.raises(ConfigError):
+            s.exists_prefix(["a", 7])
+
+
+@pytest.mark.parametrize("put_parallel", [True, False])
+def test_checksums_of_objects_copied_in_parts_equal_whole_object_checksums(pool_name, put_parallel):
+    """A large batch is copied in units of blocks on several threads, each hashed apart and
+    the parts merged: the checksum must be the one a whole-object pass computes, so a put
+    in parts verifies on a get in one piece and the other way round, whatever the cuts."""
+    with open_store(f"shm://{pool_name}?size=16MiB&block=4KiB") as s:
+        rng = np.random.default_rng(9)
+        n, cuts = 5, [1, 31, 70001, 4096, 333333, 5, 200000]  # segments cross unit and block edges
+        size = sum(cuts)
+        src = rng.integers(0, 256, n * size, dtype=np.uint8)
+        dst = np.zeros_like(src)
+        offs = np.array([[i * size + sum(cuts[:j]) for j in range(len(cuts))] for i in range(n)], np.uint64)
+        sizes = np.tile(np.array(cuts, np.uint64), (n, 1))
+        keys = [f"parts-{i}" for i in range(n)]
+        parallel = dict(threads=0, parallel_min_bytes=0, stream_min_bytes=0)
+        whole = dict(threads=1, parallel_min_bytes=1 << 62, stream_min_bytes=1 << 62)
+        s._pool.set_copy_options(**(parallel if put_parallel else whole))
+        assert not s.put(keys, ScatterList(src.ctypes.data + offs, sizes)).any()
+        s._pool.set_copy_options(**(whole if put_parallel else parallel))
+        assert not s.get(keys, ScatterList(dst.ctypes.data + offs, sizes)).any()
+        np.testing.assert_array_equal(dst, src)
+        assert s.get_bytes("parts-3") == src[3 * size:4 * size].tobytes()  # one-object path agrees

@@ -14,37 +14,14 @@
 // source and destination ranges. Calls are serialised per engine.
 #pragma once
 
-#include <condition_variable>
 #include <cstdint>
-#include <functional>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 #include "common/status.h"
+#include "common/thread_pool.h"
 
 namespace kvd::copy {
-
-class ThreadPool {
- public:
-  explicit ThreadPool(unsigned threads);  // threads includes the caller
-  ~ThreadPool();
-  ThreadPool(const ThreadPool&) = delete;
-  ThreadPool& operator=(const ThreadPool&) = delete;
-  unsigned size() const { return static_cast<unsigned>(workers_.size()) + 1; }
-  // Runs fn(w) for w in [0, n) with n <= size(); w = 0 runs on the caller. Blocks.
-  void run(unsigned n, const std::function<void(unsigned)>& fn);
-
- private:
-  void loop(unsigned id);
-  std::vector<std::thread> workers_;
-  std::mutex mu_;
-  std::condition_variable wake_, done_;
-  const std::function<void(unsigned)>* job_ = nullptr;
-  unsigned job_n_ = 0, pending_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
-};
 
 class CopyEngine {
  public:
@@ -62,7 +39,7 @@ class CopyEngine {
   enum class Mode { kGather, kScatter, kCopy };
   Status run(Mode mode, const uint64_t* a, const uint64_t* b, const uint64_t* sizes, uint64_t n, uint64_t packed,
              uint64_t packed_size);
-  ThreadPool pool_;
+  kvd::ThreadPool pool_;
   uint64_t min_per_thread_;
   std::mutex mu_;                 // one batch at a time; prefix_ is reused
   std::vector<uint64_t> prefix_;  // byte prefix of the current batch

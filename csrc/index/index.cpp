@@ -17,29 +17,45 @@
 #include <cstring>
 #include <sstream>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace kvd {
 
-struct PrefixIndex::Node {
-  uint64_t id = 0;
-  Node* parent = nullptr;
+// Field order follows use: what a match reads and writes on every node of its
+// path (the walk, the state scan, recency, slot runs) comes first, so a match
+// touches the node's first cache lines only; bookkeeping for writes, locks
+// and eviction follows.
+struct alignas(64) PrefixIndex::Node {
+  // ---- read by every match on the path (the first cache line)
   Node* hnext = nullptr;  // next sibling with the same first-page hash
-  uint64_t hkey = 0;      // hash of this node's first page
-  std::unordered_map<uint64_t, Node*> children;
-  // Token ids, n_pages * P: int32 when every id of the node fits (the usual
-  // case: half the bytes to compare), else int64. Keys are values either way.
-  std::vector<int64_t> tokens;
-  std::vector<int32_t> tokens32;
+  Node* parent = nullptr;
+  int64_t n_pages = 0, n_dev = 0;
+  uint64_t ts = 0;
+  Node* lru_prev = nullptr;  // toward the head (more recent)
+  Node* lru_next = nullptr;  // toward the tail (older)
   bool narrow = false;
   // Device slots, either one entry per slot (runs == false) or, when every
   // device page's slots are consecutive (s, s+1, ..., s+P-1) -- what paged
   // allocators hand out -- one base slot per page: less memory, and match
-  // writes the slots instead of reading them back.
-  std::vector<int64_t> slots;
+  // hands over runs instead of reading every slot back.
   bool runs = false;
+  bool in_lru = false;
+  bool in_pool = false;
+  bool is_root = false;
+  // Token ids, n_pages * P: int32 when every id of the node fits (the usual
+  // case: half the bytes to compare), else int64. Keys are values either way.
+  std::vector<int32_t> tokens32;
+  std::vector<int64_t> slots;
   std::vector<uint8_t> state;       // n_pages (PoolState)
-  std::vector<uint8_t> digest;      // n_pages * 32, empty until first digest
   std::vector<uint8_t> has_digest;  // n_pages, empty until first digest
-  int64_t n_pages = 0, n_dev = 0;
+  uint64_t id = 0;
+  std::unordered_map<uint64_t, Node*> children;
+  // ---- bookkeeping
+  std::vector<int64_t> tokens;      // wide ids (narrow == false)
+  uint64_t hkey = 0;                // hash of this node's first page
+  std::vector<uint8_t> digest;      // n_pages * 32, empty until first digest
   int64_t end_depth = 0;  // pages from the namespace root to this node's end
   int64_t lock_ref = 0;  // locks on this node's path end or below
   int64_t own_locks = 0;  // lock(node) calls on this very handle not yet unlocked
@@ -47,18 +63,13 @@ struct PrefixIndex::Node {
   int64_t pin_sub = 0;  // WRITING pages in this subtree, this node included
   int64_t dev_children = 0;
   int64_t prot_pages = 0;  // this node's contribution to protected_pages_
-  uint64_t ts = 0;
-  Node* lru_prev = nullptr;  // toward the head (more recent)
-  Node* lru_next = nullptr;  // toward the tail (older)
-  bool in_lru = false;
-  bool in_pool = false;
   PoolKey pk{};
-  bool is_root = false;
 };
 
 namespace {
 
 constexpr uint64_t kMul = 0x9E3779B97F4A7C15ull;
+constexpr size_t kScanChildren = 4;
 
 inline uint64_t mix(uint64_t h) {
   h ^= h >> 33;
@@ -108,13 +119,13 @@ inline int64_t first_mismatch(const int32_t* a, const int32_t* b, int64_t n) {
   return n;
 }
 
-// Mixed widths: compare values, 32 at a time, widening the int32 side.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-int64_t first_mismatch_mixed(const int64_t* a, const int32_t* b, int64_t n) {
+// Mixed widths (an int64 query against int32 node tokens, the usual case with
+// SGLang's array('q') keys): compare values, 32 at a time, widening the int32
+// side. The AVX2 loop is 3 instructions per 4 tokens (widening load, xor with
+// the query, or into the block's accumulator); a block with a difference falls
+// through to the exact scalar scan.
+int64_t first_mismatch_mixed_portable(const int64_t* a, const int32_t* b, int64_t n, int64_t i) {
   constexpr int64_t kBlock = 32;
-  int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
     uint64_t acc = 0;
     for (int64_t j = 0; j < kBlock; ++j)
@@ -124,6 +135,35 @@ int64_t first_mismatch_mixed(const int64_t* a, const int32_t* b, int64_t n) {
   for (; i < n; ++i)
     if (a[i] != static_cast<int64_t>(b[i])) return i;
   return n;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) int64_t first_mismatch_mixed_avx2(const int64_t* a,
+                                                                  const int32_t* b, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int j = 0; j < 32; j += 4) {
+      const __m256i w = _mm256_cvtepi32_epi64(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + i + j)));
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i + j));
+      acc = _mm256_or_si256(acc, _mm256_xor_si256(w, q));
+    }
+    if (!_mm256_testz_si256(acc, acc)) break;
+  }
+  return first_mismatch_mixed_portable(a, b, n, i);
+}
+bool have_avx2() {
+  static const bool v = __builtin_cpu_supports("avx2");
+  return v;
+}
+#endif
+
+inline int64_t first_mismatch_mixed(const int64_t* a, const int32_t* b, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (have_avx2()) return first_mismatch_mixed_avx2(a, b, n);
+#endif
+  return first_mismatch_mixed_portable(a, b, n, 0);
 }
 
 inline int64_t first_mismatch(const int64_t* a, const int32_t* b, int64_t n) {
@@ -213,6 +253,14 @@ PrefixIndex::Node* PrefixIndex::resolve(uint64_t id) const {
 template <class T>
 PrefixIndex::Node* PrefixIndex::find_child(Node* parent, const T* page) const {
   if (parent->children.empty()) return nullptr;
+  if (parent->children.size() <= kScanChildren) {
+    // A few children (a split node has one): comparing their first pages, which
+    // mostly differ in the first tokens, is cheaper than hashing the page.
+    for (auto& kv : parent->children)
+      for (Node* c = kv.second; c; c = c->hnext)
+        if (with_tokens(c, [&](const auto* t) { return page_equal(t, page, P_); })) return c;
+    return nullptr;
+  }
   auto it = parent->children.find(page_hash(page, P_));
   if (it == parent->children.end()) return nullptr;
   for (Node* c = it->second; c; c = c->hnext)
@@ -222,10 +270,14 @@ PrefixIndex::Node* PrefixIndex::find_child(Node* parent, const T* page) const {
 
 // Number of leading whole pages of n that equal toks (at most max_pages).
 template <class T>
-int64_t PrefixIndex::match_pages(const Node* n, const T* toks, int64_t max_pages) const {
+int64_t PrefixIndex::match_pages(const Node* n, const T* toks, int64_t max_pages,
+                                 int64_t known) const {
   const int64_t lim = std::min(max_pages, n->n_pages);
-  const int64_t len = lim * P_;
-  return with_tokens(n, [&](const auto* t) { return first_mismatch(t, toks, len); }) / P_;
+  if (known >= lim) return lim;
+  const int64_t off = known * P_, len = lim * P_ - off;
+  return known + with_tokens(n, [&](const auto* t) {
+           return first_mismatch(t + off, toks + off, len);
+         }) / P_;
 }
 
 PrefixIndex::Node* PrefixIndex::new_node(Node* parent) {
@@ -371,6 +423,53 @@ void PrefixIndex::write_slots(const Node* n, int64_t first, int64_t pages, int64
     return;
   }
   fill_runs(dst, n->slots.data() + first, pages, P_);
+}
+
+void PrefixIndex::append_runs(const Node* n, int64_t pages, SlotRuns* runs) const {
+  if (pages <= 0) return;
+  // The open run lives in (first, count) until a gap closes it.
+  int64_t first, count;
+  if (!runs->empty()) {
+    first = runs->back().first;
+    count = runs->back().count;
+    runs->pop_back();
+  } else {
+    first = n->slots[0];
+    count = 0;
+  }
+  const int64_t* s = n->slots.data();
+  if (n->runs) {
+    for (int64_t p = 0; p < pages; ++p) {
+      if (s[p] != first + count) {
+        if (count) runs->push_back({first, count});
+        first = s[p];
+        count = 0;
+      }
+      count += P_;
+    }
+  } else {
+    const int64_t len = pages * P_;
+    for (int64_t i = 0; i < len; ++i) {
+      if (s[i] != first + count) {
+        if (count) runs->push_back({first, count});
+        first = s[i];
+        count = 0;
+      }
+      ++count;
+    }
+  }
+  runs->push_back({first, count});
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void expand_slot_runs(const SlotRun* runs, size_t n, int64_t* dst) {
+  for (size_t r = 0; r < n; ++r) {
+    const int64_t b = runs[r].first, c = runs[r].count;
+    for (int64_t i = 0; i < c; ++i) dst[i] = b + i;
+    dst += c;
+  }
 }
 
 // Splits n after k pages (0 < k < n_pages). The new node M takes the first k
@@ -545,17 +644,18 @@ void PrefixIndex::gc_dead_after_unlock(std::vector<Node*>& chain) {
 // ---- match ------------------------------------------------------------------
 
 template <class T>
-Status PrefixIndex::match_t(const T* toks, int64_t n_pages, const std::string* ns, MatchOut* out,
-                            SlotAlloc alloc, void* ctx) {
+PrefixIndex::Node* PrefixIndex::match_t(const T* toks, int64_t n_pages, const std::string* ns,
+                                        MatchOut* out) {
   *out = MatchOut{};
-  Node* node = root_for(ns, false);
-  if (!node || n_pages == 0) return Status::kOk;
-  int64_t pos = 0, dev = 0, pool = 0;
   scratch_.clear();
+  Node* node = root_for(ns, false);
+  if (!node || n_pages == 0) return nullptr;
+  int64_t pos = 0, dev = 0, pool = 0;
   while (pos < n_pages) {
     Node* c = find_child(node, toks + pos * P_);
     if (!c) break;
-    int64_t k = match_pages(c, toks + pos * P_, n_pages - pos);
+    // find_child compared the first page: the walk goes on from the second
+    int64_t k = match_pages(c, toks + pos * P_, n_pages - pos, 1);
     int64_t u = c->n_dev;
     while (u < c->n_pages && c->state[u] == static_cast<uint8_t>(PoolState::kInPool)) ++u;
     int64_t m = std::min(k, u);
@@ -569,7 +669,7 @@ Status PrefixIndex::match_t(const T* toks, int64_t n_pages, const std::string* n
     pos += m;
     if (!whole) break;
   }
-  if (scratch_.empty()) return Status::kOk;
+  if (scratch_.empty()) return nullptr;
   ++clock_;
   touch_path(node);
   out->device_len = dev * P_;
@@ -580,8 +680,25 @@ Status PrefixIndex::match_t(const T* toks, int64_t n_pages, const std::string* n
     out->has_last_digest = true;
     std::memcpy(out->last_digest, node->digest.data() + last * 32, 32);
   }
-  if (dev > 0 && alloc) {
-    int64_t* dst = alloc(ctx, dev * P_);
+  return node;
+}
+
+// Leaves the matched path in scratch_ (the mutex is held by the caller).
+Status PrefixIndex::match_locked(TokenSpan t, const std::string* ns, MatchOut* out) {
+  const int64_t n_pages = t.len / P_;
+  if (t.is_int32)
+    match_t(static_cast<const int32_t*>(t.data), n_pages, ns, out);
+  else
+    match_t(static_cast<const int64_t*>(t.data), n_pages, ns, out);
+  return Status::kOk;
+}
+
+Status PrefixIndex::match(TokenSpan t, const std::string* ns, MatchOut* out, SlotAlloc alloc,
+                          void* ctx) {
+  std::lock_guard<std::mutex> g(mu_);
+  match_locked(t, ns, out);
+  if (out->device_len > 0 && alloc) {
+    int64_t* dst = alloc(ctx, out->device_len);
     if (!dst) return Status::kNoSpace;
     for (Node* x : scratch_) {
       if (x->n_dev == 0) break;
@@ -592,13 +709,15 @@ Status PrefixIndex::match_t(const T* toks, int64_t n_pages, const std::string* n
   return Status::kOk;
 }
 
-Status PrefixIndex::match(TokenSpan t, const std::string* ns, MatchOut* out, SlotAlloc alloc,
-                          void* ctx) {
+Status PrefixIndex::match(TokenSpan t, const std::string* ns, MatchOut* out, SlotRuns* runs) {
   std::lock_guard<std::mutex> g(mu_);
-  const int64_t n_pages = t.len / P_;
-  if (t.is_int32)
-    return match_t(static_cast<const int32_t*>(t.data), n_pages, ns, out, alloc, ctx);
-  return match_t(static_cast<const int64_t*>(t.data), n_pages, ns, out, alloc, ctx);
+  runs->clear();
+  match_locked(t, ns, out);
+  for (Node* x : scratch_) {
+    if (x->n_dev == 0) break;
+    append_runs(x, x->n_dev, runs);
+  }
+  return Status::kOk;
 }
 
 // ---- insert -----------------------------------------------------------------
@@ -645,7 +764,7 @@ int64_t PrefixIndex::insert_t(const T* toks, int64_t n_pages, const int64_t* slo
       pos = n_pages;
       break;
     }
-    int64_t k = match_pages(c, toks + pos * P_, n_pages - pos);
+    int64_t k = match_pages(c, toks + pos * P_, n_pages - pos, 1);
     if (k < c->n_pages) c = split(c, k);
     if (pool_only) {
       for (int64_t j = 0; j < k; ++j) {
@@ -688,6 +807,7 @@ int64_t PrefixIndex::insert_t(const T* toks, int64_t n_pages, const int64_t* slo
   }
   ++clock_;
   touch_path(node);
+  insert_end_ = node;
   enforce_pool_bound();
   return pool_only ? changed : cached * P_;
 }
@@ -699,6 +819,46 @@ int64_t PrefixIndex::insert(TokenSpan t, const int64_t* slots, const std::string
   if (t.is_int32)
     return insert_t(static_cast<const int32_t*>(t.data), n_pages, slots, ns, digests, rows, false);
   return insert_t(static_cast<const int64_t*>(t.data), n_pages, slots, ns, digests, rows, false);
+}
+
+int64_t PrefixIndex::insert_path(TokenSpan t, const int64_t* slots, const std::string* ns,
+                                 const uint8_t* digests, int64_t rows, int64_t in_pool_first,
+                                 MatchOut* out, SlotRuns* runs) {
+  std::lock_guard<std::mutex> g(mu_);
+  *out = MatchOut{};
+  runs->clear();
+  const int64_t n_pages = t.len / P_;
+  if (n_pages == 0) return 0;
+  int64_t already;
+  insert_end_ = nullptr;
+  if (t.is_int32)
+    already = insert_t(static_cast<const int32_t*>(t.data), n_pages, slots, ns, digests, rows, false);
+  else
+    already = insert_t(static_cast<const int64_t*>(t.data), n_pages, slots, ns, digests, rows, false);
+  Node* end = insert_end_;
+  if (in_pool_first >= 0 && in_pool_first < n_pages) {
+    const int64_t cnt = n_pages - in_pool_first;
+    if (t.is_int32)
+      mark_t(MarkOp::kInPool, static_cast<const int32_t*>(t.data), n_pages, in_pool_first, cnt, ns, nullptr);
+    else
+      mark_t(MarkOp::kInPool, static_cast<const int64_t*>(t.data), n_pages, in_pool_first, cnt, ns, nullptr);
+  }
+  // Every page of the path is on device now: the path from the root is the match.
+  scratch_.clear();
+  for (Node* x = end; x && !x->is_root; x = x->parent) scratch_.push_back(x);
+  std::reverse(scratch_.begin(), scratch_.end());
+  int64_t dev = 0;
+  for (Node* x : scratch_) {
+    dev += x->n_dev;
+    append_runs(x, x->n_dev, runs);
+  }
+  out->device_len = dev * P_;
+  out->node = end ? end->id : 0;
+  if (end && !end->has_digest.empty() && end->has_digest[end->n_pages - 1]) {
+    out->has_last_digest = true;
+    std::memcpy(out->last_digest, end->digest.data() + (end->n_pages - 1) * 32, 32);
+  }
+  return already;
 }
 
 int64_t PrefixIndex::insert_pool_only(TokenSpan t, const std::string* ns, const uint8_t* digests,
@@ -760,7 +920,7 @@ int64_t PrefixIndex::mark_t(MarkOp op, const T* toks, int64_t n_full, int64_t fi
   while (pos < end) {
     Node* c = find_child(node, toks + pos * P_);
     if (!c) break;
-    int64_t k = match_pages(c, toks + pos * P_, end - pos);
+    int64_t k = match_pages(c, toks + pos * P_, end - pos, 1);
     int64_t a = std::max<int64_t>(first - pos, 0), b = k;
     if (a < b) {
       int64_t before = changed;

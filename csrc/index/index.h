@@ -88,6 +88,17 @@ struct MatchOut {
 // Returns room for n slots (n > 0), or nullptr to abort the copy.
 using SlotAlloc = int64_t* (*)(void* ctx, int64_t n);
 
+// Matched device slots as runs of consecutive slot numbers (first, first + 1,
+// ..., first + count - 1), in token order. A paged allocator's page is one run
+// (consecutive pages merge), so a match hands over a few runs instead of one
+// entry per token and the caller expands them only when it needs the slots.
+struct SlotRun {
+  int64_t first, count;
+};
+using SlotRuns = std::vector<SlotRun>;
+// Writes the slots of runs[0, n) to dst (their counts summed entries).
+void expand_slot_runs(const SlotRun* runs, size_t n, int64_t* dst);
+
 enum class MarkOp {
   kWriting,      // device pages UNKNOWN -> WRITING (pinned)
   kInPool,       // any page not IN_POOL -> IN_POOL (unpins WRITING)
@@ -115,6 +126,10 @@ class PrefixIndex {
   // device prefix are written into alloc(ctx, device_len) in path order.
   Status match(TokenSpan tokens, const std::string* ns, MatchOut* out, SlotAlloc alloc,
                void* ctx);
+  // The same match; the device prefix's slots are appended to *runs (cleared
+  // first) as runs: nothing per token is written, nothing is allocated once
+  // *runs has grown to its working size.
+  Status match(TokenSpan tokens, const std::string* ns, MatchOut* out, SlotRuns* runs);
 
   // Caches the full pages of `tokens` on device. slots holds at least
   // (len / P) * P entries (slot i belongs to token i). Returns how many leading
@@ -125,6 +140,14 @@ class PrefixIndex {
   // set the digests of the first `rows` pages.
   int64_t insert(TokenSpan tokens, const int64_t* slots, const std::string* ns,
                  const uint8_t* digests, int64_t digest_rows);
+
+  // insert() and what its caller asks next, under one lock (a finished load,
+  // a write-back): pages [in_pool_first, full pages) become IN_POOL (none when
+  // in_pool_first >= the page count), and *out / *runs describe the inserted
+  // path as match(tokens) would now: every full page on device, node = its end.
+  int64_t insert_path(TokenSpan tokens, const int64_t* slots, const std::string* ns,
+                      const uint8_t* digests, int64_t digest_rows, int64_t in_pool_first,
+                      MatchOut* out, SlotRuns* runs);
 
   // Records the full pages of `tokens` as known to be in the pool. Missing
   // pages are created pool-only; existing UNKNOWN pages become IN_POOL; WRITING
@@ -183,10 +206,10 @@ class PrefixIndex {
   template <class T>
   Node* find_child(Node* parent, const T* page) const;
   template <class T>
-  int64_t match_pages(const Node* n, const T* toks, int64_t max_pages) const;
+  int64_t match_pages(const Node* n, const T* toks, int64_t max_pages, int64_t known = 0) const;
   template <class T>
-  Status match_t(const T* toks, int64_t n_pages, const std::string* ns, MatchOut* out,
-                 SlotAlloc alloc, void* ctx);
+  Node* match_t(const T* toks, int64_t n_pages, const std::string* ns, MatchOut* out);
+  Status match_locked(TokenSpan t, const std::string* ns, MatchOut* out);
   template <class T>
   int64_t insert_t(const T* toks, int64_t n_pages, const int64_t* slots, const std::string* ns,
                    const uint8_t* digests, int64_t rows, bool pool_only);
@@ -214,6 +237,7 @@ class PrefixIndex {
   int64_t slot_entries(const Node* n) const;
   void append_slots(Node* n, const int64_t* s, int64_t pages);
   void write_slots(const Node* n, int64_t first_page, int64_t pages, int64_t* dst) const;
+  void append_runs(const Node* n, int64_t pages, SlotRuns* runs) const;
   void clear_all();
   std::string check_node(const Node* n, int64_t* dev, int64_t* prot, int64_t* pool,
                          int64_t* pin, int64_t* count) const;
@@ -231,6 +255,7 @@ class PrefixIndex {
   Node* lru_tail_ = nullptr;  // least recent
   std::set<PoolKey> pool_set_;  // nodes holding pool-only pages, oldest first
   std::vector<Node*> scratch_;
+  Node* insert_end_ = nullptr;  // end of the path the last insert walked
 };
 
 }  // namespace kvd

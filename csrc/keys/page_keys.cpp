@@ -4,6 +4,10 @@
 #include <cstring>
 #include <memory>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "keys/sha256.h"
 
 namespace kvd::keys {
@@ -161,12 +165,49 @@ bool namespace_seed(const std::string_view* extra_key, const std::string_view* c
   return true;
 }
 
-void to_hex(const uint8_t* digests, size_t n, char* out) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  for (size_t i = 0; i < n * kDigestBytes; ++i) {
-    out[2 * i] = kHex[digests[i] >> 4];
-    out[2 * i + 1] = kHex[digests[i] & 15];
+namespace {
+// Two hex characters per byte value, in output order.
+struct HexPairs {
+  char pair[256][2];
+  constexpr HexPairs() : pair() {
+    constexpr char kHex[] = "0123456789abcdef";
+    for (int b = 0; b < 256; ++b) {
+      pair[b][0] = kHex[b >> 4];
+      pair[b][1] = kHex[b & 15];
+    }
   }
+};
+constexpr HexPairs kHexPairs;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// 16 bytes -> 32 hex characters with two table shuffles (every pool key of a
+// request is formatted on a miss: 56 x 32 bytes for 3584 tokens).
+__attribute__((target("ssse3"))) void to_hex_ssse3(const uint8_t* in, size_t n, char* out) {
+  const __m128i table = _mm_setr_epi8('0', '1', '2', '3', '4', '5', '6', '7', '8', '9', 'a', 'b', 'c', 'd', 'e', 'f');
+  const __m128i low = _mm_set1_epi8(0x0f);
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i));
+    const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(x, 4), low));
+    const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(x, low));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i), _mm_unpacklo_epi8(hi, lo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i + 16), _mm_unpackhi_epi8(hi, lo));
+  }
+  for (; i < n; ++i) std::memcpy(out + 2 * i, kHexPairs.pair[in[i]], 2);
+}
+bool have_ssse3() {
+  static const bool v = __builtin_cpu_supports("ssse3");
+  return v;
+}
+#endif
+}  // namespace
+
+void to_hex(const uint8_t* digests, size_t n, char* out) {
+  const size_t bytes = n * kDigestBytes;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (have_ssse3()) return to_hex_ssse3(digests, bytes, out);
+#endif
+  for (size_t i = 0; i < bytes; ++i) std::memcpy(out + 2 * i, kHexPairs.pair[digests[i]], 2);
 }
 
 }  // namespace kvd::keys

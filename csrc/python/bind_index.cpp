@@ -11,8 +11,8 @@
 // copying (CPU torch tensors), or lists/tuples (converted). Errors are raised as
 // kvdirect.errors.ConfigError with the argument name and the fix.
 #include <Python.h>
-#include <structseq.h>
 
+#include <cstddef>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -339,14 +339,9 @@ PyObject* new_int64_array(int64_t n) {
                                      g_int64_descr, 1, dims, nullptr, nullptr, 0, nullptr);
 }
 
-int64_t* alloc_slots(void* ctx, int64_t n) {
-  PyObject* a = new_int64_array(n);
-  if (!a) return nullptr;
-  *static_cast<PyObject**>(ctx) = a;
-  return reinterpret_cast<int64_t*>(py::detail::array_proxy(a)->data);
-}
-
 // ---- methods -----------------------------------------------------------------
+
+PyObject* new_match_result(const kvd::MatchOut& out, const kvd::SlotRuns& runs);
 
 PyObject* m_match(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kw) {
   auto* idx = get(self);
@@ -366,52 +361,37 @@ PyObject* m_match(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObj
   const std::string* ns;
   if (!read_ns(a[1], &nsbuf, &ns)) return nullptr;
   kvd::MatchOut out;
-  PyObject* slots = nullptr;
-  kvd::Status st = idx->match(span, ns, &out, alloc_slots, &slots);
-  if (st != kvd::Status::kOk) {
-    Py_XDECREF(slots);
-    if (!PyErr_Occurred()) PyErr_NoMemory();
-    return nullptr;
-  }
-  if (!slots) {
-    slots = g_empty_slots;
-    Py_INCREF(slots);
-  }
-  PyObject* r = PyStructSequence_New(g_match_type);
-  if (!r) {
-    Py_DECREF(slots);
-    return nullptr;
-  }
-  PyStructSequence_SET_ITEM(r, 0, PyLong_FromLongLong(out.device_len));
-  PyStructSequence_SET_ITEM(r, 1, slots);
-  PyStructSequence_SET_ITEM(r, 2, PyLong_FromLongLong(out.pool_len));
-  PyStructSequence_SET_ITEM(r, 3, PyLong_FromUnsignedLongLong(out.node));
-  PyObject* dg;
-  if (out.has_last_digest) {
-    dg = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(out.last_digest), 32);
-  } else {
-    dg = Py_None;
-    Py_INCREF(dg);
-  }
-  PyStructSequence_SET_ITEM(r, 4, dg);
-  return r;
+  // Reused between calls (the GIL serialises them): no allocation once warm.
+  static kvd::SlotRuns runs;
+  idx->match(span, ns, &out, &runs);
+  return new_match_result(out, runs);
 }
 
+enum class InsertKind { kDevice, kPoolOnly, kPath };
+
 PyObject* do_insert(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kw,
-                    bool pool_only) {
+                    InsertKind kind) {
   auto* idx = get(self);
   if (!idx) return nullptr;
-  static const char* const names_dev[] = {"tokens", "slots", "namespace", "digests"};
+  static const char* const names_dev[] = {"tokens", "slots", "namespace", "digests", "in_pool_first"};
   static const char* const names_pool[] = {"tokens", "namespace", "digests"};
-  PyObject* a[4];
-  const char* fn = pool_only ? "insert_pool_only" : "insert";
+  PyObject* a[5] = {};
+  const bool pool_only = kind == InsertKind::kPoolOnly;
+  const char* fn = pool_only ? "insert_pool_only" : kind == InsertKind::kPath ? "insert_path" : "insert";
   if (pool_only) {
     if (!parse(fn, args, nargs, kw, names_pool, 1, 3, a)) return nullptr;
     a[3] = a[2];
     a[2] = a[1];
     a[1] = nullptr;
-  } else if (!parse(fn, args, nargs, kw, names_dev, 2, 4, a)) {
+  } else if (!parse(fn, args, nargs, kw, names_dev, 2, kind == InsertKind::kPath ? 5 : 4, a)) {
     return nullptr;
+  }
+  int64_t in_pool_first = -1;
+  if (a[4] && a[4] != Py_None) {
+    if (!read_int64(a[4], "in_pool_first", &in_pool_first)) return nullptr;
+    if (in_pool_first < 0)
+      return fail("insert_path: in_pool_first must be >= 0 (or None), got %lld",
+                  static_cast<long long>(in_pool_first));
   }
   IntArg th;
   kvd::TokenSpan span;
@@ -451,16 +431,35 @@ PyObject* do_insert(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyO
     int64_t neg = 0;
     for (int64_t i = 0; i < need; ++i) neg |= sp[i];
     if (neg < 0) return fail("slots: device slot indices must be >= 0");
+    if (kind == InsertKind::kPath) {
+      kvd::MatchOut out;
+      static kvd::SlotRuns runs;  // reused between calls (the GIL serialises them)
+      r = idx->insert_path(span, sp, ns, dg.data, dg.rows, in_pool_first, &out, &runs);
+      PyObject* m = new_match_result(out, runs);
+      if (!m) return nullptr;
+      PyObject* already = PyLong_FromLongLong(r);
+      if (!already) {
+        Py_DECREF(m);
+        return nullptr;
+      }
+      PyObject* t = PyTuple_Pack(2, already, m);
+      Py_DECREF(already);
+      Py_DECREF(m);
+      return t;
+    }
     r = idx->insert(span, sp, ns, dg.data, dg.rows);
   }
   return PyLong_FromLongLong(r);
 }
 
 PyObject* m_insert(PyObject* self, PyObject* const* a, Py_ssize_t n, PyObject* kw) {
-  return do_insert(self, a, n, kw, false);
+  return do_insert(self, a, n, kw, InsertKind::kDevice);
 }
 PyObject* m_insert_pool_only(PyObject* self, PyObject* const* a, Py_ssize_t n, PyObject* kw) {
-  return do_insert(self, a, n, kw, true);
+  return do_insert(self, a, n, kw, InsertKind::kPoolOnly);
+}
+PyObject* m_insert_path(PyObject* self, PyObject* const* a, Py_ssize_t n, PyObject* kw) {
+  return do_insert(self, a, n, kw, InsertKind::kPath);
 }
 
 PyObject* do_lock(PyObject* self, PyObject* arg, bool lock) {
@@ -635,6 +634,10 @@ PyMethodDef index_methods[] = {
     {"insert", FC(m_insert), METH_FASTCALL | METH_KEYWORDS,
      "insert(tokens, slots, namespace=None, digests=None) -> int: leading tokens already on "
      "device"},
+    {"insert_path", FC(m_insert_path), METH_FASTCALL | METH_KEYWORDS,
+     "insert_path(tokens, slots, namespace=None, digests=None, in_pool_first=None) -> (int, "
+     "MatchResult): insert, mark pages from in_pool_first on IN_POOL, and the inserted path as "
+     "a match of tokens would now return it, in one call"},
     {"insert_pool_only", FC(m_insert_pool_only), METH_FASTCALL | METH_KEYWORDS,
      "insert_pool_only(tokens, namespace=None, digests=None) -> int: pages that became IN_POOL"},
     {"lock", m_lock, METH_O, "lock(node): pin the path root..node against eviction"},
@@ -728,16 +731,143 @@ Py_ssize_t index_len(PyObject* self) {
   return static_cast<Py_ssize_t>(idx->num_pages());
 }
 
-PyStructSequence_Field match_fields[] = {
-    {"device_len", "tokens (page aligned) resident on device from the start of the key"},
-    {"device_slots", "numpy int64[device_len]: their device slots, in token order"},
-    {"pool_len", "tokens after device_len known to be in the pool (no device slots)"},
-    {"node", "handle (int) of the matched path's end, for lock/unlock/path_*; 0 = nothing"},
-    {"last_digest", "32-byte digest of the last matched page if known, else None"},
-    {nullptr, nullptr}};
-PyStructSequence_Desc match_desc = {
-    "kvdirect._core.MatchResult",
-    "Result of PrefixIndex.match (a named tuple).", match_fields, 5};
+// ---- MatchResult ---------------------------------------------------------------
+//
+// What a match returns: lengths, the node handle, the last page's digest and
+// the device slots. The slots are kept as the runs the index handed over (a
+// page or a stretch of consecutive pages each) and expanded into a numpy array
+// on first access of device_slots: a match that only needs lengths and the
+// node (SGLang's match_prefix returns no indices) writes nothing per token.
+// The runs are a snapshot taken under the index lock, so the array is exactly
+// what an eager copy would have been. It reads like the named tuple it was:
+// five fields by name, index or unpacking.
+
+struct PyMatch {
+  PyObject_VAR_HEAD  // ob_size: number of slot runs
+  int64_t device_len, pool_len;
+  uint64_t node;
+  PyObject* slots;  // expanded device slots, once asked for
+  bool has_digest;
+  uint8_t digest[32];
+  kvd::SlotRun runs[1];
+};
+
+PyObject* new_match_result(const kvd::MatchOut& out, const kvd::SlotRuns& runs) {
+  const Py_ssize_t n = static_cast<Py_ssize_t>(runs.size());
+  auto* r = PyObject_NewVar(PyMatch, g_match_type, n);
+  if (!r) return nullptr;
+  r->device_len = out.device_len;
+  r->pool_len = out.pool_len;
+  r->node = out.node;
+  r->slots = nullptr;
+  r->has_digest = out.has_last_digest;
+  if (out.has_last_digest) std::memcpy(r->digest, out.last_digest, 32);
+  if (n) std::memcpy(r->runs, runs.data(), runs.size() * sizeof(kvd::SlotRun));
+  return reinterpret_cast<PyObject*>(r);
+}
+
+void match_dealloc(PyObject* self) {
+  auto* r = reinterpret_cast<PyMatch*>(self);
+  Py_XDECREF(r->slots);
+  PyTypeObject* tp = Py_TYPE(self);
+  PyObject_Free(self);
+  Py_DECREF(tp);  // heap type: instances own a reference to it
+}
+
+PyObject* match_device_len(PyObject* self, void*) {
+  return PyLong_FromLongLong(reinterpret_cast<PyMatch*>(self)->device_len);
+}
+PyObject* match_pool_len(PyObject* self, void*) {
+  return PyLong_FromLongLong(reinterpret_cast<PyMatch*>(self)->pool_len);
+}
+PyObject* match_node(PyObject* self, void*) {
+  return PyLong_FromUnsignedLongLong(reinterpret_cast<PyMatch*>(self)->node);
+}
+PyObject* match_last_digest(PyObject* self, void*) {
+  auto* r = reinterpret_cast<PyMatch*>(self);
+  if (!r->has_digest) Py_RETURN_NONE;
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(r->digest), 32);
+}
+PyObject* match_device_slots(PyObject* self, void*) {
+  auto* r = reinterpret_cast<PyMatch*>(self);
+  if (!r->slots) {
+    if (r->device_len == 0) {
+      r->slots = g_empty_slots;
+      Py_INCREF(r->slots);
+    } else {
+      PyObject* a = new_int64_array(r->device_len);
+      if (!a) return nullptr;
+      kvd::expand_slot_runs(r->runs, static_cast<size_t>(Py_SIZE(r)),
+                            reinterpret_cast<int64_t*>(py::detail::array_proxy(a)->data));
+      r->slots = a;
+    }
+  }
+  Py_INCREF(r->slots);
+  return r->slots;
+}
+
+using MatchGetter = PyObject* (*)(PyObject*, void*);
+constexpr MatchGetter kMatchFields[] = {match_device_len, match_device_slots, match_pool_len,
+                                        match_node, match_last_digest};
+constexpr Py_ssize_t kMatchLen = 5;
+
+Py_ssize_t match_len(PyObject*) { return kMatchLen; }
+PyObject* match_item(PyObject* self, Py_ssize_t i) {
+  if (i < 0 || i >= kMatchLen) {
+    PyErr_SetString(PyExc_IndexError, "MatchResult index out of range");
+    return nullptr;
+  }
+  return kMatchFields[i](self, nullptr);
+}
+
+PyObject* match_repr(PyObject* self) {
+  auto* r = reinterpret_cast<PyMatch*>(self);
+  return PyUnicode_FromFormat("MatchResult(device_len=%lld, pool_len=%lld, node=%llu, slot_runs=%zd%s)",
+                              static_cast<long long>(r->device_len),
+                              static_cast<long long>(r->pool_len),
+                              static_cast<unsigned long long>(r->node), Py_SIZE(r),
+                              r->has_digest ? ", last_digest=<32 bytes>" : "");
+}
+
+PyGetSetDef match_getset[] = {
+    {"device_len", match_device_len, nullptr,
+     "tokens (page aligned) resident on device from the start of the key", nullptr},
+    {"device_slots", match_device_slots, nullptr,
+     "numpy int64[device_len]: their device slots in token order (built on first access, then "
+     "the same array; the caller owns it)",
+     nullptr},
+    {"pool_len", match_pool_len, nullptr,
+     "tokens after device_len known to be in the pool (no device slots)", nullptr},
+    {"node", match_node, nullptr,
+     "handle (int) of the matched path's end, for lock/unlock/path_*; 0 = nothing", nullptr},
+    {"last_digest", match_last_digest, nullptr,
+     "32-byte digest of the last matched page if known, else None", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr}};
+
+#ifdef Py_TPFLAGS_DISALLOW_INSTANTIATION
+constexpr unsigned kMatchFlags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION;
+#else
+constexpr unsigned kMatchFlags = Py_TPFLAGS_DEFAULT;
+#endif
+
+PyTypeObject* make_match_type() {
+  static PyType_Slot slots[] = {
+      {Py_tp_doc, const_cast<char*>(
+                      "Result of PrefixIndex.match: (device_len, device_slots, pool_len, node, "
+                      "last_digest), by name, index or unpacking.")},
+      {Py_tp_dealloc, reinterpret_cast<void*>(match_dealloc)},
+      {Py_tp_getset, match_getset},
+      {Py_tp_repr, reinterpret_cast<void*>(match_repr)},
+      {Py_sq_length, reinterpret_cast<void*>(match_len)},
+      {Py_sq_item, reinterpret_cast<void*>(match_item)},
+      {0, nullptr}};
+  static PyType_Spec spec = {"kvdirect._core.MatchResult",
+                             static_cast<int>(offsetof(PyMatch, runs)),
+                             static_cast<int>(sizeof(kvd::SlotRun)), kMatchFlags, slots};
+  PyObject* t = PyType_FromSpec(&spec);
+  if (!t) throw py::error_already_set();
+  return reinterpret_cast<PyTypeObject*>(t);
+}
 
 PyObject* make_index_type() {
   static PyType_Slot slots[] = {
@@ -772,8 +902,7 @@ KVD_BINDINGS(10, index) {
     e.attr("flags").attr("writeable") = false;
     g_empty_slots = e.release().ptr();
   }
-  g_match_type = PyStructSequence_NewType(&match_desc);
-  if (!g_match_type) throw py::error_already_set();
+  g_match_type = make_match_type();  // kept for the life of the process
   m.attr("MatchResult") = py::handle(reinterpret_cast<PyObject*>(g_match_type));
   m.attr("PrefixIndex") = py::reinterpret_steal<py::object>(make_index_type());
   m.attr("POOL_UNKNOWN") = 0;

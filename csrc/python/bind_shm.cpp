@@ -50,6 +50,36 @@ std::vector<std::string> keys_from(py::handle seq) {
   return out;
 }
 
+// Keys read in place for a lookup: each str is held (a reference) while the
+// GIL is released, so its UTF-8 bytes stay valid whatever other threads do.
+struct HeldKeys {
+  std::vector<py::object> refs;
+  std::vector<kvd::shm::KeyView> views;
+};
+
+HeldKeys hold_keys(py::handle seq) {
+  py::object fast = py::reinterpret_steal<py::object>(PySequence_Fast(seq.ptr(), "store keys must be a sequence of str"));
+  if (!fast) throw py::error_already_set();
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(fast.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
+  HeldKeys h;
+  h.refs.reserve(size_t(n));
+  h.views.reserve(size_t(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!PyUnicode_Check(items[i]))
+      raise_config(std::string("store keys must be str, got ") + Py_TYPE(items[i])->tp_name);
+    Py_ssize_t len = 0;
+    const char* s = PyUnicode_AsUTF8AndSize(items[i], &len);
+    if (!s) throw py::error_already_set();
+    if (len == 0 || size_t(len) > kvd::shm::kMaxKeyBytes)
+      raise_config("store key must be 1.." + std::to_string(kvd::shm::kMaxKeyBytes) + " bytes, got " +
+                   std::to_string(len) + ": '" + std::string(s, utf8_cut(s, size_t(len), 40)) + "'");
+    h.refs.push_back(py::reinterpret_borrow<py::object>(items[i]));
+    h.views.push_back({s, size_t(len)});
+  }
+  return h;
+}
+
 using U64Array = py::array_t<uint64_t, py::array::c_style>;
 
 void check_scatter(const std::vector<std::string>& keys, const U64Array& addrs, const U64Array& sizes) {
@@ -137,6 +167,28 @@ KVD_BINDINGS(50, shm) {
       .def_property_readonly("closed", &Pool::closed)
       .def("set_verify_checksum", &Pool::set_verify_checksum)
       .def("set_write_checksum", &Pool::set_write_checksum)
+      .def(
+          "set_copy_options",
+          [](Pool& p, unsigned threads, uint64_t parallel_min_bytes, uint64_t stream_min_bytes) {
+            kvd::shm::CopyOptions o;
+            o.threads = threads;
+            o.parallel_min_bytes = parallel_min_bytes;
+            o.stream_min_bytes = stream_min_bytes;
+            p.set_copy_options(o);
+          },
+          py::arg("threads") = 0, py::arg("parallel_min_bytes") = kvd::shm::CopyOptions().parallel_min_bytes,
+          py::arg("stream_min_bytes") = kvd::shm::CopyOptions().stream_min_bytes,
+          "copy threads for large batches (0: one per hardware thread, 1: the caller only), the batch "
+          "size from which they are used, and from which stores are non-temporal (csrc/shm/shm_pool.h)")
+      .def("copy_options",
+           [](Pool& p) {
+             auto o = p.copy_options();
+             py::dict d;
+             d["threads"] = o.threads;
+             d["parallel_min_bytes"] = o.parallel_min_bytes;
+             d["stream_min_bytes"] = o.stream_min_bytes;
+             return d;
+           })
       .def("exists",
            [](Pool& p, py::handle keys) {
              auto k = keys_from(keys);
@@ -148,6 +200,13 @@ KVD_BINDINGS(50, shm) {
              }
              return out;
            })
+      .def("exists_prefix",
+           [](Pool& p, py::handle keys) {
+             HeldKeys k = hold_keys(keys);
+             py::gil_scoped_release nogil;
+             return live(p).exists_prefix(k.views.data(), k.views.size());
+           },
+           "-> how many leading keys are present (stops at the first absent one)")
       .def("put",
            [](Pool& p, py::handle keys, const U64Array& addrs, const U64Array& sizes) {
              return batch_transfer(p, &Pool::put, keys, addrs, sizes);

@@ -42,6 +42,16 @@ void stripes_portable(uint8_t* dst, const uint8_t* src, size_t ns, uint64_t* a1,
 }
 
 #if defined(__x86_64__)
+// kStream: non-temporal stores (dst 32-byte aligned), see copy_hash.h.
+template <bool kStream>
+__attribute__((target("avx2"))) inline void store32(__m256i* d, __m256i x) {
+  if (kStream)
+    _mm256_stream_si256(d, x);
+  else
+    _mm256_storeu_si256(d, x);
+}
+
+template <bool kStream>
 __attribute__((target("avx2"))) void stripes_avx2(uint8_t* dst, const uint8_t* src, size_t ns,
                                                   uint64_t* a1p, uint64_t* a2p, uint64_t* keyp) {
   __m256i a1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(a1p));
@@ -56,10 +66,10 @@ __attribute__((target("avx2"))) void stripes_avx2(uint8_t* dst, const uint8_t* s
     __m256i x2 = _mm256_loadu_si256(s + 2), x3 = _mm256_loadu_si256(s + 3);
     if (dst) {
       __m256i* d = reinterpret_cast<__m256i*>(dst + 32 * i);
-      _mm256_storeu_si256(d, x0);
-      _mm256_storeu_si256(d + 1, x1);
-      _mm256_storeu_si256(d + 2, x2);
-      _mm256_storeu_si256(d + 3, x3);
+      store32<kStream>(d, x0);
+      store32<kStream>(d + 1, x1);
+      store32<kStream>(d + 2, x2);
+      store32<kStream>(d + 3, x3);
     }
     __m256i k1 = _mm256_add_epi64(key, step), k2 = _mm256_add_epi64(k1, step);
     __m256i k3 = _mm256_add_epi64(k2, step);
@@ -75,7 +85,7 @@ __attribute__((target("avx2"))) void stripes_avx2(uint8_t* dst, const uint8_t* s
   }
   for (; i < ns; ++i) {
     __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * i));
-    if (dst) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 * i), x);
+    if (dst) store32<kStream>(reinterpret_cast<__m256i*>(dst + 32 * i), x);
     __m256i y = _mm256_xor_si256(x, key);
     a1 = _mm256_add_epi64(a1, _mm256_mul_epu32(y, _mm256_srli_epi64(y, 32)));
     a2 = _mm256_add_epi64(a2, x);
@@ -86,6 +96,7 @@ __attribute__((target("avx2"))) void stripes_avx2(uint8_t* dst, const uint8_t* s
   _mm256_store_si256(reinterpret_cast<__m256i*>(keyp), key);
 }
 
+template <bool kStream>
 __attribute__((target("avx2"))) void copy_avx2(uint8_t* dst, const uint8_t* src, size_t n) {
   size_t i = 0;
   for (; i + 128 <= n; i += 128) {
@@ -93,10 +104,10 @@ __attribute__((target("avx2"))) void copy_avx2(uint8_t* dst, const uint8_t* src,
     __m256i x0 = _mm256_loadu_si256(s), x1 = _mm256_loadu_si256(s + 1);
     __m256i x2 = _mm256_loadu_si256(s + 2), x3 = _mm256_loadu_si256(s + 3);
     __m256i* d = reinterpret_cast<__m256i*>(dst + i);
-    _mm256_storeu_si256(d, x0);
-    _mm256_storeu_si256(d + 1, x1);
-    _mm256_storeu_si256(d + 2, x2);
-    _mm256_storeu_si256(d + 3, x3);
+    store32<kStream>(d, x0);
+    store32<kStream>(d + 1, x1);
+    store32<kStream>(d + 2, x2);
+    store32<kStream>(d + 3, x3);
   }
   if (i < n) std::memcpy(dst + i, src + i, n - i);
 }
@@ -111,7 +122,7 @@ bool have_avx2() { return false; }
 
 }  // namespace
 
-CopyHasher::CopyHasher() {
+CopyHasher::CopyHasher(bool stream) : stream_(stream) {
   for (int l = 0; l < 4; ++l) {
     acc1_[l] = 0;
     acc2_[l] = kP1 * (l + 1);
@@ -119,11 +130,40 @@ CopyHasher::CopyHasher() {
   }
 }
 
+CopyHasher CopyHasher::part_at(uint64_t offset, bool stream) {
+  CopyHasher h(stream);
+  if (offset == 0) return h;
+  const uint64_t stripe = offset / 32;
+  for (int l = 0; l < 4; ++l) {
+    h.acc1_[l] = 0;
+    h.acc2_[l] = 0;  // the initial value is the first part's
+    h.key_[l] = kKey0[l] + stripe * kStep;
+  }
+  h.start_ = offset - offset % 32;
+  return h;
+}
+
+bool CopyHasher::merge(const CopyHasher& later) {
+  if (buffered_ != 0 || start_ + total_ != later.start_) return false;
+  for (int l = 0; l < 4; ++l) {
+    acc1_[l] += later.acc1_[l];
+    acc2_[l] += later.acc2_[l];
+    key_[l] = later.key_[l];
+  }
+  std::memcpy(buf_, later.buf_, sizeof buf_);
+  buffered_ = later.buffered_;
+  total_ += later.total_;
+  return true;
+}
+
 void CopyHasher::stripes(uint8_t* dst, const uint8_t* src, size_t ns) {
   if (ns == 0) return;
 #if defined(__x86_64__)
   if (have_avx2()) {
-    stripes_avx2(dst, src, ns, acc1_, acc2_, key_);
+    if (stream_ && dst && (reinterpret_cast<uintptr_t>(dst) & 31) == 0)
+      stripes_avx2<true>(dst, src, ns, acc1_, acc2_, key_);
+    else
+      stripes_avx2<false>(dst, src, ns, acc1_, acc2_, key_);
     return;
   }
 #endif
@@ -168,7 +208,7 @@ uint64_t CopyHasher::digest() const {
     std::memcpy(tail, buf_, buffered_);
     stripes_portable(nullptr, tail, 1, a1, a2, key);
   }
-  uint64_t h = total_ * kP1 ^ 0x5851F42D4C957F2DULL;
+  uint64_t h = (start_ + total_) * kP1 ^ 0x5851F42D4C957F2DULL;
   for (int l = 0; l < 4; ++l) {
     h = rotl(h ^ fmix(a1[l] + l), 27) * kP1 + kP3;
     h = rotl(h ^ fmix(a2[l] ^ kKey0[l]), 31) * kP2;
@@ -197,14 +237,28 @@ uint64_t key_hash64(const char* p, size_t n) {
   return fmix(h);
 }
 
-void fast_copy(void* dst, const void* src, size_t n) {
+void fast_copy(void* dstv, const void* srcv, size_t n, bool stream) {
+  auto* dst = static_cast<uint8_t*>(dstv);
+  auto* src = static_cast<const uint8_t*>(srcv);
 #if defined(__x86_64__)
   if (have_avx2() && n >= 4096) {
-    copy_avx2(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), n);
+    if (stream) {
+      size_t head = (32 - (reinterpret_cast<uintptr_t>(dst) & 31)) & 31;  // align the stores
+      std::memcpy(dst, src, head);
+      copy_avx2<true>(dst + head, src + head, n - head);
+    } else {
+      copy_avx2<false>(dst, src, n);
+    }
     return;
   }
 #endif
   std::memcpy(dst, src, n);
+}
+
+void copy_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
 }
 
 const char* copy_hash_kernel() { return have_avx2() ? "avx2" : "portable"; }

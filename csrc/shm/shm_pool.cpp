@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <mutex>
@@ -723,7 +724,7 @@ void Pool::unpin(uint32_t p) {
 namespace {
 template <bool kToPool>
 void copy_object(uint8_t* data, const uint32_t* next, uint64_t bs, uint32_t first_block, const uint64_t* addrs,
-                 const uint64_t* sizes, size_t nseg, CopyHasher* hasher) {
+                 const uint64_t* sizes, size_t nseg, CopyHasher* hasher, bool stream = false) {
   uint32_t b = first_block;
   uint64_t boff = 0;
   for (size_t j = 0; j < nseg; ++j) {
@@ -739,10 +740,42 @@ void copy_object(uint8_t* data, const uint32_t* next, uint64_t bs, uint32_t firs
       uint8_t* dst = kToPool ? bp : p;
       const uint8_t* src = kToPool ? p : bp;
       if (hasher) hasher->copy(dst, src, n);
-      else fast_copy(dst, src, n);
+      else fast_copy(dst, src, n, stream);
       p += n;
       rem -= n;
       boff += n;
+    }
+  }
+}
+
+// Bytes [from, from + len) of an object whose blocks are listed in `blocks`.
+template <bool kToPool>
+void copy_range(uint8_t* data, const uint32_t* blocks, uint64_t bs, const uint64_t* addrs, const uint64_t* sizes,
+                size_t nseg, uint64_t from, uint64_t len, CopyHasher* hasher, bool stream) {
+  size_t j = 0;
+  uint64_t seg_off = from;
+  while (j < nseg && seg_off >= sizes[j]) seg_off -= sizes[j++];
+  uint64_t bi = from / bs, boff = from % bs;
+  while (len && j < nseg) {
+    const uint64_t n = std::min(std::min(len, sizes[j] - seg_off), bs - boff);
+    uint8_t* bp = data + uint64_t(blocks[bi]) * bs + boff;
+    uint8_t* p = reinterpret_cast<uint8_t*>(addrs[j]) + seg_off;
+    uint8_t* dst = kToPool ? bp : p;
+    const uint8_t* src = kToPool ? p : bp;
+    if (n) {
+      if (hasher) hasher->copy(dst, src, n);
+      else fast_copy(dst, src, n, stream);
+    }
+    len -= n;
+    seg_off += n;
+    boff += n;
+    if (seg_off == sizes[j]) {
+      ++j;
+      seg_off = 0;
+    }
+    if (boff == bs) {
+      ++bi;
+      boff = 0;
     }
   }
 }
@@ -766,11 +799,143 @@ void Pool::exists(const std::string* keys, size_t n, uint8_t* out) {
     out[i] = key_ok(keys[i]) && index_find(keys[i].data(), keys[i].size(), key_hash64(keys[i].data(), keys[i].size())) >= 0;
 }
 
+void Pool::set_copy_options(const CopyOptions& o) {
+  std::lock_guard<std::mutex> g(copiers_mu_);
+  copy_opt_ = o;  // a batch uses copy_opt_.threads of the pool's threads (grown when short)
+}
+
+std::shared_ptr<ThreadPool> Pool::copiers() {
+  std::lock_guard<std::mutex> g(copiers_mu_);
+  const int pid = int(getpid());
+  if (copiers_ && copiers_pid_ != pid)  // forked: those threads are not ours; never join them
+    new std::shared_ptr<ThreadPool>(std::move(copiers_));
+  const unsigned want = std::max(copy_opt_.threads, hardware_threads());
+  if (!copiers_ || copiers_->size() < want) {  // a batch still running keeps the old one alive
+    copiers_ = std::make_shared<ThreadPool>(want);
+    copiers_pid_ = pid;
+  }
+  return copiers_;
+}
+
+// Moves objects [0, n) (obj[i] == kNil: skipped) between their blocks and their
+// segments; hash[i]: fold object i into a checksum, returned in sums[i]; ok[i]
+// is cleared for an object whose block chain leaves the pool (nothing copied).
+// Small batches: whole objects on the caller. Large ones: units of whole
+// blocks, spread over the copy threads, each unit hashed apart and the parts
+// merged in object order.
+void Pool::copy_batch(bool to_pool, size_t n, const uint32_t* obj, const uint8_t* hash, const uint64_t* addrs,
+                      const uint64_t* sizes, size_t nseg, uint64_t batch_bytes, uint64_t* sums, uint8_t* ok,
+                      const char* hold_phase) {
+  const uint64_t bs = hdr_->block_size, nb = hdr_->nblocks;
+  const bool stream = batch_bytes >= copy_opt_.stream_min_bytes;
+  const unsigned threads = copy_opt_.threads ? copy_opt_.threads : hardware_threads();
+  bool held = false;
+  auto hold_once = [&](unsigned w) {
+    if (w == 0 && !held) {
+      held = true;
+      maybe_hold(hold_phase);  // test hook: dying here leaves reservations / pins to reclaim
+    }
+  };
+  // Block lists first (the chain is walked once per object), bounded by the pool.
+  std::vector<uint64_t> first(n + 1, 0);
+  std::vector<uint32_t> blocks;
+  for (size_t i = 0; i < n; ++i) {
+    first[i] = blocks.size();
+    if (obj[i] == kNil) continue;
+    const ObjRec& o = objs_[obj[i]];
+    uint32_t b = o.first_block;
+    for (uint32_t k = 0; k < o.nblocks; ++k) {
+      if (b >= nb) {
+        ok[i] = 0;
+        break;
+      }
+      blocks.push_back(b);
+      b = next_[b];
+    }
+  }
+  first[n] = blocks.size();
+  if (batch_bytes < copy_opt_.parallel_min_bytes || threads <= 1) {
+    for (size_t i = 0; i < n; ++i) {
+      if (obj[i] == kNil || !ok[i]) continue;
+      const uint64_t size = objs_[obj[i]].size;
+      CopyHasher h(stream);
+      auto* hp = hash[i] ? &h : nullptr;
+      if (to_pool)
+        copy_range<true>(data_, blocks.data() + first[i], bs, addrs + i * nseg, sizes + i * nseg, nseg, 0, size, hp, stream);
+      else
+        copy_range<false>(data_, blocks.data() + first[i], bs, addrs + i * nseg, sizes + i * nseg, nseg, 0, size, hp, stream);
+      if (hp) sums[i] = h.digest();
+      hold_once(0);
+    }
+    if (stream) copy_fence();
+    return;
+  }
+  // Units: about kUnitBytes of whole blocks of one object each.
+  constexpr uint64_t kUnitBytes = 256 << 10;
+  const uint64_t unit = std::max<uint64_t>(bs, kUnitBytes / bs * bs);
+  struct Unit {
+    uint32_t i;
+    uint64_t from, len;
+  };
+  std::vector<Unit> units;
+  for (size_t i = 0; i < n; ++i) {
+    if (obj[i] == kNil || !ok[i]) continue;
+    const uint64_t size = objs_[obj[i]].size;
+    if (size == 0 && hash[i]) sums[i] = CopyHasher().digest();  // no unit: nothing to merge
+    for (uint64_t off = 0; off < size; off += unit) units.push_back({uint32_t(i), off, std::min(unit, size - off)});
+  }
+  std::vector<CopyHasher> parts(units.size());
+  const std::function<void(size_t, unsigned)> one = [&](size_t u, unsigned w) {
+    const Unit& x = units[u];
+    const uint32_t* bl = blocks.data() + first[x.i];
+    const uint64_t* a = addrs + x.i * nseg;
+    const uint64_t* z = sizes + x.i * nseg;
+    CopyHasher* hp = nullptr;
+    if (hash[x.i]) {
+      parts[u] = CopyHasher::part_at(x.from, stream);
+      hp = &parts[u];
+    }
+    if (to_pool)
+      copy_range<true>(data_, bl, bs, a, z, nseg, x.from, x.len, hp, stream);
+    else
+      copy_range<false>(data_, bl, bs, a, z, nseg, x.from, x.len, hp, stream);
+    if (stream) copy_fence();  // this thread's stores are complete before the batch is
+    hold_once(w);
+  };
+  if (!copiers()->try_run_units(units.size(), threads - 1, one))
+    for (size_t u = 0; u < units.size(); ++u) one(u, 0);  // the threads serve another batch
+  for (size_t u = 0; u < units.size();) {  // merge each object's parts, in order
+    const uint32_t i = units[u].i;
+    size_t v = u + 1;
+    if (hash[i]) {
+      CopyHasher h = parts[u];
+      for (; v < units.size() && units[v].i == i; ++v) h.merge(parts[v]);
+      sums[i] = h.digest();
+    } else {
+      while (v < units.size() && units[v].i == i) ++v;
+    }
+    u = v;
+  }
+}
+
+size_t Pool::exists_prefix(const KeyView* keys, size_t n) {
+  std::shared_lock<std::shared_mutex> cg(close_mu_);
+  if (!base_) throw std::runtime_error("shm pool is closed");
+  Guard g(this);
+  size_t i = 0;
+  for (; i < n; ++i) {
+    const KeyView& k = keys[i];
+    if (k.size == 0 || k.size > kMaxKeyBytes || index_find(k.data, k.size, key_hash64(k.data, k.size)) < 0) break;
+  }
+  return i;
+}
+
 void Pool::put(const std::string* keys, size_t n, const uint64_t* addrs, const uint64_t* sizes, size_t nseg,
                int32_t* status) {
   std::shared_lock<std::shared_mutex> cg(close_mu_);
   if (!base_) throw std::runtime_error("shm pool is closed");
   std::vector<uint32_t> ids(n, kNil);
+  uint64_t batch = 0;
   {
     Guard g(this);
     maybe_hold("lock");
@@ -780,26 +945,12 @@ void Pool::put(const std::string* keys, size_t n, const uint64_t* addrs, const u
       Status s = key_ok(keys[i]) ? reserve(keys[i], total, &ids[i]) : Status::kInvalidArgument;
       status[i] = int32_t(s);
       if (s != Status::kOk) hdr_->put_failures++;
+      else batch += total;
     }
   }
   std::vector<uint64_t> sums(n, 0);
-  const uint64_t bs = hdr_->block_size;
-  bool held = false;
-  for (size_t i = 0; i < n; ++i) {
-    if (ids[i] == kNil) continue;
-    const ObjRec& o = objs_[ids[i]];
-    if (write_checksum_) {
-      CopyHasher hs;
-      copy_object<true>(data_, next_, bs, o.first_block, addrs + i * nseg, sizes + i * nseg, nseg, &hs);
-      sums[i] = hs.digest();
-    } else {
-      copy_object<true>(data_, next_, bs, o.first_block, addrs + i * nseg, sizes + i * nseg, nseg, nullptr);
-    }
-    if (!held) {
-      held = true;
-      maybe_hold("put_copy");  // test hook: dying here leaves a reservation to reclaim
-    }
-  }
+  std::vector<uint8_t> hash(n, write_checksum_ ? 1 : 0), ok(n, 1);
+  copy_batch(true, n, ids.data(), hash.data(), addrs, sizes, nseg, batch, sums.data(), ok.data(), "put_copy");
   Guard g(this);
   for (size_t i = 0; i < n; ++i)
     if (ids[i] != kNil) publish(ids[i], sums[i], write_checksum_);
@@ -810,6 +961,7 @@ void Pool::get(const std::string* keys, size_t n, const uint64_t* addrs, const u
   std::shared_lock<std::shared_mutex> cg(close_mu_);
   if (!base_) throw std::runtime_error("shm pool is closed");
   std::vector<uint32_t> pins(n, kNil);
+  uint64_t batch = 0;
   {
     Guard g(this);
     for (size_t i = 0; i < n; ++i) {
@@ -827,6 +979,7 @@ void Pool::get(const std::string* keys, size_t n, const uint64_t* addrs, const u
         else {
           lru_unlink(uint32_t(id));
           lru_push_front(uint32_t(id));
+          batch += total;
         }
       }
       status[i] = int32_t(s);
@@ -834,24 +987,17 @@ void Pool::get(const std::string* keys, size_t n, const uint64_t* addrs, const u
       else hdr_->misses++;
     }
   }
-  const uint64_t bs = hdr_->block_size;
-  std::vector<uint8_t> bad(n, 0);
-  bool held = false;
+  std::vector<uint32_t> obj(n, kNil);
+  std::vector<uint8_t> hash(n, 0), ok(n, 1), bad(n, 0);
+  std::vector<uint64_t> sums(n, 0);
   for (size_t i = 0; i < n; ++i) {
     if (pins[i] == kNil) continue;
-    const ObjRec& o = objs_[pins_[pins[i]].obj];
-    if (verify_ && (o.flags & kHasChecksum)) {
-      CopyHasher hs;
-      copy_object<false>(data_, next_, bs, o.first_block, addrs + i * nseg, sizes + i * nseg, nseg, &hs);
-      bad[i] = hs.digest() != o.checksum;
-    } else {
-      copy_object<false>(data_, next_, bs, o.first_block, addrs + i * nseg, sizes + i * nseg, nseg, nullptr);
-    }
-    if (!held) {
-      held = true;
-      maybe_hold("get_copy");  // test hook: dying here leaves pins to reclaim
-    }
+    obj[i] = pins_[pins[i]].obj;
+    hash[i] = verify_ && (objs_[obj[i]].flags & kHasChecksum);
   }
+  copy_batch(false, n, obj.data(), hash.data(), addrs, sizes, nseg, batch, sums.data(), ok.data(), "get_copy");
+  for (size_t i = 0; i < n; ++i)
+    if (obj[i] != kNil) bad[i] = !ok[i] || (hash[i] && sums[i] != objs_[obj[i]].checksum);
   Guard g(this);
   for (size_t i = 0; i < n; ++i) {
     if (pins[i] == kNil) continue;

@@ -34,6 +34,13 @@
 // * Checksums: a 64-bit checksum is computed while copying on put (fused with
 //   the copy, see copy_hash.h) and verified on get when enabled for this
 //   handle. A mismatch returns kCorrupt for that key and drops the object.
+// * Copies of a large batch (CopyOptions) are split into units of whole
+//   blocks (about 256 KiB) spread over this handle's copy threads: a thread
+//   takes the next unit when it is done, so a thread that is descheduled
+//   delays the batch by one unit at most and one that never ran delays it not
+//   at all; each unit is checksummed apart and the parts merged (copy_hash.h).
+//   Large batches use non-temporal stores. A batch that finds the threads busy
+//   with another batch of this handle runs on its caller alone.
 // * Crash safety: one process-shared robust mutex guards all metadata. A
 //   process killed while holding it makes the next locker see EOWNERDEAD; it
 //   then rebuilds every derived structure (free lists, index, LRU, counters,
@@ -55,12 +62,15 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <shared_mutex>
 #include <string>
 #include <vector>
 
 #include "common/status.h"
+#include "common/thread_pool.h"
 #include "shm/copy_hash.h"
 
 namespace kvd::shm {
@@ -76,11 +86,24 @@ struct CreateOptions {
 
 enum class OpenMode { kOpen, kCreate, kAuto };
 
+// How put/get move bytes (per handle, process-local).
+struct CopyOptions {
+  unsigned threads = 0;                     // 0: one per hardware thread; 1: the caller only
+  uint64_t parallel_min_bytes = 2ULL << 20;  // batches from this size use the threads
+  uint64_t stream_min_bytes = 4ULL << 20;    // ... and non-temporal stores from this size
+};
+
 struct PoolStats {
   uint64_t size, capacity, used, object_bytes, block_size, blocks, free_blocks;
   uint64_t objects, max_objects, writing, pins;
   uint64_t hits, misses, evictions, puts, put_failures, corrupt, removes;
   uint64_t recoveries, reaped_pins, reaped_writes;
+};
+
+// A key read in place (not copied), e.g. a Python str's UTF-8 bytes.
+struct KeyView {
+  const char* data;
+  size_t size;
 };
 
 struct Header;
@@ -104,8 +127,13 @@ class Pool {
   const std::string& name() const { return name_; }
   void set_verify_checksum(bool on) { verify_ = on; }
   void set_write_checksum(bool on) { write_checksum_ = on; }
+  void set_copy_options(const CopyOptions& o);
+  CopyOptions copy_options() const { return copy_opt_; }
 
   void exists(const std::string* keys, size_t n, uint8_t* out);
+  // How many leading keys are present; stops at the first absent (or invalid)
+  // key, so a miss costs one lookup whatever the batch.
+  size_t exists_prefix(const KeyView* keys, size_t n);
   // Segment j of key i: addrs[i*nseg + j], sizes[i*nseg + j].
   void put(const std::string* keys, size_t n, const uint64_t* addrs, const uint64_t* sizes,
            size_t nseg, int32_t* status);
@@ -165,6 +193,10 @@ class Pool {
   void unpin(uint32_t pin);
   bool dead(uint32_t pid);
   bool record_ok(uint32_t id) const;
+  void copy_batch(bool to_pool, size_t n, const uint32_t* obj, const uint8_t* hash, const uint64_t* addrs,
+                  const uint64_t* sizes, size_t nseg, uint64_t batch_bytes, uint64_t* sums, uint8_t* ok,
+                  const char* hold_phase);
+  std::shared_ptr<ThreadPool> copiers();
 
   std::string name_;
   int fd_ = -1;
@@ -179,6 +211,10 @@ class Pool {
   bool verify_ = true;
   bool write_checksum_ = true;
   std::shared_mutex close_mu_;  // ops shared, close exclusive
+  CopyOptions copy_opt_;
+  std::mutex copiers_mu_;
+  std::shared_ptr<ThreadPool> copiers_;  // created on the first large batch
+  int copiers_pid_ = 0;                   // a forked child must not use its parent's threads
   std::string hold_phase_, hold_marker_;
   double hold_seconds_ = 0;
 };

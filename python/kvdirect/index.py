@@ -20,7 +20,10 @@ Summary of the contract:
   shared read-only empty one), then ``pool_len``
   tokens known to be in the pool. ``node`` is an int handle of the matched path
   (0 when nothing matched); matching splits nodes as needed and refreshes
-  recency.
+  recency. The result keeps the slots as the runs of consecutive slots the
+  index holds (a page or more each) and builds ``device_slots`` on first
+  access: a snapshot of the match, so a caller that needs only lengths and the
+  node pays nothing per token.
 * ``insert(tokens, slots, namespace=None, digests=None) -> int``: caches the full
   pages on device and returns how many leading tokens were *already* on device.
   The caller frees its own slots for ``[0, returned)``; the index owns every
@@ -28,6 +31,11 @@ Summary of the contract:
   become device-resident again and keep their pool state). ``slots`` needs at
   least ``len(tokens) // page_size * page_size`` int64 entries; extra entries
   are ignored. Slots must be >= 0.
+* ``insert_path(tokens, slots, namespace=None, digests=None, in_pool_first=None)
+  -> (int, MatchResult)``: ``insert`` plus what a finished load or a write-back
+  asks next, in one call: pages from ``in_pool_first`` on are marked in the
+  pool, and the result describes the inserted path as ``match(tokens)`` would
+  now (every full page on device, ``node`` its end).
 * ``insert_pool_only(tokens, namespace=None, digests=None) -> int``: records
   pages a store query found in the pool (no slots); returns pages that changed.
 * ``lock(node)`` / ``unlock(node)``: reference counts along the path; locked

@@ -93,12 +93,11 @@ def finish_load(p: CacheParts, m: CacheMatch, slots: np.ndarray, n_pages: int, s
         new_len = m.device_len + n_ok * P
         all_slots = np.concatenate([m.device_slots, slots[: n_ok * P]])
         prefix = m.tokens[:new_len]
-        already = p.index.insert(prefix, all_slots, m.namespace)
+        # one index call: insert with digests, mark the loaded pages in the pool, the new path
+        already, r = p.index.insert_path(prefix, all_slots, m.namespace, m._digests[:new_len // P],
+                                         in_pool_first=dev_pages)
         if already > m.device_len:  # another request inserted meanwhile: keep its slots
             p.free_slots(all_slots[m.device_len:already])
-        r = p.index.match(prefix, m.namespace)
-        p.index.set_path_digests(r.node, m._digests[:new_len // P])
-        p.index.mark_in_pool(prefix, dev_pages, n_ok, namespace=m.namespace)
         p.locks.move(m.node, r.node)
         m.node, m.device_len, m.device_slots = r.node, r.device_len, r.device_slots
         p.stats.add(loaded_pages=n_ok, loaded_bytes=n_ok * p.layout.page_bytes)

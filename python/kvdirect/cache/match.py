@@ -25,6 +25,19 @@ class CacheMatch:
     _index_pool_pages: int = 0          # pool pages the index knew without asking the store
 
 
+def _exists_prefix(p: CacheParts, digests: np.ndarray) -> int:
+    """How many leading pages the pool holds; a store failure is a miss, never a crash."""
+    keys = p.keys.pool_keys(digests)
+    p.stats.add(query_keys=len(keys))
+    try:
+        found = int(p.store.exists_prefix(keys))
+        p.health.recovered()
+        return found
+    except STORE_FAILURES as e:
+        p.health.failed("exists", e)
+        return 0
+
+
 def match(p: CacheParts, tokens, namespace: str | None, exclude_last: bool = False) -> CacheMatch:
     t = as_tokens(tokens)
     n_all = len(t)
@@ -42,16 +55,16 @@ def match(p: CacheParts, tokens, namespace: str | None, exclude_last: bool = Fal
     digests = None
     found = 0
     if upto > dev_pages:
-        digests = p.keys.digests(t, namespace, r.node, known, upto)
+        if query and getattr(p.store, "local_lookup", False):
+            # a local pool answers one key at once: ask for the first unknown page before
+            # hashing the others, so a miss costs one page hash and one lookup
+            digests = p.keys.digests(t, namespace, r.node, known, known + 1)
+            if _exists_prefix(p, digests[known:]) == 0:
+                query = False
+        if query or digests is None:
+            digests = p.keys.digests(t, namespace, r.node, known, upto)
         if query:
-            qkeys = p.keys.pool_keys(digests[known:upto])
-            try:
-                found = int(p.store.exists_prefix(qkeys))
-                p.health.recovered()
-            except STORE_FAILURES as e:  # a store failure is a miss, never a crash
-                p.health.failed("exists", e)
-                found = 0
-            p.stats.add(query_keys=len(qkeys))
+            found = _exists_prefix(p, digests[known:upto])
     pool_pages = idx_pool_pages + found
     if p.tp_reduce is not None:
         # TP ranks must agree on the prefix they reuse: the shortest one wins

@@ -65,10 +65,9 @@ class WriteBack:
                               f"{full * P} tokens, {len(s)} slots")
         check_token_slots(p.layout, s[: full * P], "write_back")
         prefix = t[: full * P]
-        already = p.index.insert(prefix, s[: full * P], namespace)
+        already, r = p.index.insert_path(prefix, s[: full * P], namespace)  # r: the path, as match sees it
         if not (p.config.write_back and full and p.health.available()):
             return already
-        r = p.index.match(prefix, namespace)
         states = p.index.path_states(r.node)[0][:full]
         todo = np.flatnonzero(states == UNKNOWN)
         if not todo.size:

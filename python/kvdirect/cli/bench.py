@@ -5,7 +5,8 @@ from kvdirect.cli import _args as A
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (load: direct vs staged three-tier path)")
+    p = sub.add_parser("bench", help="benchmarks (load: direct vs staged three-tier path, write-back, "
+                                     "misses, against memcpy)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     lp = bsub.add_parser("load", help="load latency per request: kvdirect's direct path vs a staged path")
     lp.add_argument("--store", type=A.store_url, default=None,
@@ -19,6 +20,7 @@ def register(sub) -> None:
     lp.add_argument("--kv-heads", type=A.positive_int, default=2)
     lp.add_argument("--head-dim", type=A.positive_int, default=128)
     lp.add_argument("--rounds", type=A.positive_int, default=3)
+    lp.add_argument("--misses", type=A.positive_int, default=400, help="full-miss samples (p50/p99 of their cost)")
 
     def run(args):
         from kvdirect.benchload import check_workload, main_json

@@ -148,6 +148,10 @@ class Store(abc.ABC):
     #: True when put/get can read/write accelerator memory addresses directly
     #: (RDMA/SDMA). False: the cache manager stages device pages through host memory.
     supports_device_memory: bool = False
+    #: True when exists/exists_prefix are in-process lookups (no round trip): a cache
+    #: may then ask about a request's first unknown page alone before hashing the rest
+    #: (a miss costs one page hash); remote stores get one batched query instead.
+    local_lookup: bool = False
 
     @abc.abstractmethod
     def exists(self, keys: Sequence[str]) -> np.ndarray:

@@ -59,6 +59,7 @@ class ShmStore(Store):
 
     scheme = "shm"
     supports_device_memory = False
+    local_lookup = True
 
     def __init__(self, name: str = "kvdirect", *, size: int | str | None = None, checksum: bool = True,
                  create: str = "auto", block_size: int | str = DEFAULT_BLOCK,
@@ -92,6 +93,10 @@ class ShmStore(Store):
     # -- the store interface -------------------------------------------------
     def exists(self, keys: Sequence[str]) -> np.ndarray:
         return self._pool.exists(keys)
+
+    def exists_prefix(self, keys: Sequence[str]) -> int:
+        # in C++, stopping at the first absent key: a miss costs one lookup
+        return int(self._pool.exists_prefix(keys))
 
     def put(self, keys: Sequence[str], scatter: ScatterList) -> np.ndarray:
         return self._pool.put(keys, scatter.addrs, scatter.sizes)
