@@ -29,6 +29,12 @@ def master_keys(metrics_url: str, netns: str | None = None) -> int:
     return int(m.group(1)) if m else 0
 
 
+#: a store call's deadline: a timed-out put is a miss and backs the store off, which loses
+#: the pages written meanwhile; on a 2-core machine running two servers (and, across the
+#: namespaces, the first put opening a TCP connection to the peer's segment) 5 s is tight
+PUT_TIMEOUT_S = 30
+
+
 def wait_keys(metrics_url: str, n: int, netns: str | None = None, timeout: float = 60) -> int:
     deadline = time.monotonic() + timeout
     while True:
@@ -42,13 +48,13 @@ def test_two_servers_over_mooncake(farm, references):
     wl = Workload(per_level=6)
     with start_mooncake_master() as master:
         url = lambda: mooncake_store_url("127.0.0.1", master.ports["rpc"], master.ports["http"],
-                                         segment="64MiB", buffer="32MiB")
+                                         segment="64MiB", buffer="32MiB", timeout=PUT_TIMEOUT_S)
         a, b = farm.start_all([dict(kvdirect_config=kv_config(url()), name="A-mooncake"),
                                dict(kvdirect_config=kv_config(url()), name="B-mooncake")])
         serve_documents(a, wl, references)
         pages = len(wl.docs) * (wl.prompt_len // 16)
         metrics = f"http://127.0.0.1:{master.ports['metrics']}/metrics"
-        assert wait_keys(metrics, pages) >= pages, "server A's pages did not reach Mooncake"
+        assert wait_keys(metrics, pages) >= pages, f"server A's pages did not reach Mooncake:\n{a.log_tail(30)}"
         totals = check_prompts(b, wl, references, 16)
         assert totals["pool"] > 0
         farm.stop_all()
@@ -121,16 +127,20 @@ def test_two_hosts_in_network_namespaces(farm, references):
              f"--http_metadata_server_port={http}", f"--metrics_host={host_a}", f"--metrics_port={metrics}",
              "--enable_metric_reporting=false"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        url = lambda local: mooncake_store_url(host_a, rpc, http, segment="64MiB", buffer="32MiB", local=local)
+        # A writes with the long deadline; B keeps the default, so its loads from A's
+        # segment fail fast once A is killed
+        url = lambda local, timeout: mooncake_store_url(host_a, rpc, http, segment="64MiB", buffer="32MiB",
+                                                        local=local, timeout=timeout)
         wl = Workload(per_level=6)
-        a, b = farm.start_all([dict(kvdirect_config=kv_config(url(host_a)), netns=ns_a, name="host-A"),
-                               dict(kvdirect_config=kv_config(url(host_b)), netns=ns_b, name="host-B")])
+        a, b = farm.start_all([dict(kvdirect_config=kv_config(url(host_a, PUT_TIMEOUT_S)), netns=ns_a, name="host-A"),
+                               dict(kvdirect_config=kv_config(url(host_b, 5)), netns=ns_b, name="host-B")])
         docs = a.generate_many(wl.docs)
         for doc, r in zip(wl.docs, docs):
             assert r["output_ids"] == references[doc.tobytes()]
         pages = len(wl.docs) * (wl.prompt_len // 16)
         metrics_url = f"http://{host_a}:{metrics}/metrics"
-        assert wait_keys(metrics_url, pages, netns=ns_a) >= pages, "host A's pages did not reach Mooncake"
+        assert wait_keys(metrics_url, pages, netns=ns_a) >= pages, \
+            f"host A's pages did not reach Mooncake:\n{a.log_tail(30)}"
         # host B loads host A's pages across the link
         shared = [i for i, p in enumerate(wl.prompts) if p[0] > 0]
         first = set(shared[::2])

@@ -31,32 +31,41 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from kvdirect import keys as _keys
+from kvdirect.cache.quarantine import Quarantine
 from kvdirect.cache.transfer import Transfer, first_failure
 from kvdirect.config import CacheConfig
+from kvdirect.device import device_ops
 from kvdirect.errors import ConfigError, LayoutMismatchError
-from kvdirect.stores.base import OK, TIMEOUT, UNAVAILABLE, ScatterList
+from kvdirect.stores.base import OK, TIMEOUT, UNAVAILABLE
 from kvdirect.vllm.plan import PageRun, SaveAck, StepPlan, WorkerReport
 
 log = logging.getLogger("kvdirect.vllm")
 
 
 class PageTransfer:
-    """Pages between engine memory and the store, one call per batch: the cache manager's
-    transfer path (direct, or staged for stores that cannot address device memory), so
-    the ordered device transfers it gains serve vLLM too. Until then: host memory only."""
+    """Pages between engine memory and the store, one call per batch, through the cache
+    manager's ordered transfer path (direct, or staged with ``stage=true``). Pages are
+    given by their first slot (``block_id * page_size``). Host memory only for now."""
 
     def __init__(self, store, layout, config: CacheConfig | None = None):
         if layout.device != "cpu":
             raise ConfigError(f"kvdirect vLLM connector: KV cache on {layout.device}; only vLLM CPU is supported "
                               "(device engines need ordered device transfers, not wired for vLLM yet)")
         self.store, self.layout = store, layout
-        self._t = Transfer(store, layout, config or CacheConfig(model="-", store=None))
+        ops = device_ops(layout, store=f"the {store.scheme}:// pool")
+        # vLLM owns its blocks (nothing to free here); the quarantine holds retired staging
+        # buffers until the store is quiet, released by the worker's step (release())
+        self.quarantine = Quarantine(store, lambda slots: None)
+        self._t = Transfer(store, layout, config or CacheConfig(model="-", store=None), ops, self.quarantine)
 
-    def get(self, keys: list, scatter: ScatterList) -> np.ndarray:
-        return self._t.get(keys, scatter)
+    def get(self, keys: list, page_slots: np.ndarray) -> np.ndarray:
+        return self._t.get(keys, page_slots)
 
-    def put(self, keys: list, scatter: ScatterList) -> np.ndarray:
-        return self._t.put(keys, scatter)
+    def put(self, keys: list, page_slots: np.ndarray) -> np.ndarray:
+        return self._t.put(keys, page_slots, self._t.compute_event())
+
+    def release(self) -> None:
+        self.quarantine.release()
 
     def piecewise(self):
         """The store's ranged reader (layer-by-layer loads) or None."""
@@ -147,6 +156,7 @@ class WorkerSide:
     # ---- loads --------------------------------------------------------------------------
     def start_load(self, plan: StepPlan) -> None:
         self.check_plan(plan)
+        self.transfer.release()  # staging buffers retired by a timed-out call, once the store is quiet
         runs = [r for r in plan.loads if len(r)]
         if not runs:
             return
@@ -160,7 +170,7 @@ class WorkerSide:
             return
         t0 = time.perf_counter()
         try:
-            status = self.transfer.get(keys, self.layout.plan(slots))
+            status = self.transfer.get(keys, slots)
         except Exception as e:  # noqa: BLE001 - a store error is a miss, never a crash
             self._store_error("get", e)
             status = np.full(len(keys), UNAVAILABLE, dtype=np.int32)
@@ -214,7 +224,7 @@ class WorkerSide:
             with self._cv:
                 self._inflight[r.req_id] += 1
             keys = self._keys(r.digests)
-            self._writer.submit(self._run_save, r, keys, self.layout.plan(self._slots(r.block_ids)))
+            self._writer.submit(self._run_save, r, keys, self._slots(r.block_ids))
 
     def _reserve(self, n: int) -> bool:
         limit = self.config.max_inflight_pages
@@ -226,7 +236,7 @@ class WorkerSide:
             self._inflight_pages += n
             return True
 
-    def _run_save(self, run: PageRun, keys: list, scatter: ScatterList) -> None:
+    def _run_save(self, run: PageRun, keys: list, page_slots: np.ndarray) -> None:
         t0 = time.perf_counter()
         status = np.full(len(keys), UNAVAILABLE, dtype=np.int32)
         existed = 0
@@ -237,7 +247,7 @@ class WorkerSide:
             todo = np.flatnonzero(~have)
             if todo.size:
                 sub = [keys[i] for i in todo] if todo.size != len(keys) else keys
-                status[todo] = self.transfer.put(sub, scatter.take(todo))
+                status[todo] = self.transfer.put(sub, page_slots[todo])
             late = np.flatnonzero(status == TIMEOUT)
             if late.size:
                 self._settle_late_puts([keys[i] for i in late])
