@@ -478,3 +478,27 @@ def test_mooncake_tests_fail_when_libraries_are_missing_and_skip_when_not_instal
     else:
         assert r.returncode == 0, out[-3000:]
         assert "1 skipped" in out and 'pip install "kvdirect[mooncake]"' in out, out[-3000:]
+
+
+
+_CHILD_ENV = textwrap.dedent("""
+    import os, sys
+    from kvdirect.stores import open_store
+    s = open_store(sys.argv[1])
+    s.put_bytes("env-probe", b"x")  # the client works
+    print(repr(os.environ.get("MC_TCP_BIND_ADDRESS")))
+    s.close()
+""")
+
+
+@needs_mooncake
+def test_loopback_client_leaves_the_environment_alone(master):
+    """A loopback client may ask Mooncake to bind to loopback (MC_TCP_BIND_ADDRESS) for its
+    own setup, but must not leave the variable behind: processes started later inherit it,
+    and an engine started in another network namespace then registered its segment as
+    127.0.0.1, which its peers cannot reach (seen in the two-host SGLang test)."""
+    env = {k: v for k, v in os.environ.items() if k != "MC_TCP_BIND_ADDRESS"}
+    r = subprocess.run([sys.executable, "-c", _CHILD_ENV, master.store_url], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "None"

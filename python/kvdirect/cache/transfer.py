@@ -116,10 +116,9 @@ class Transfer:
         status = np.full(n, UNAVAILABLE, dtype=np.int32)
         s = self._load_stream
         self._wait(s, self.ops.compute_event())
-        buf = self.pool.acquire()
         done = 0
-        try:
-            for lo, hi, host in self._chunks(buf, n):
+        with _Lease(self, s) as lease:
+            for lo, hi, host in self._chunks(lease.buf, n):
                 st = _status(self.store.get(keys[lo:hi], host))
                 status[lo:hi] = st
                 n_ok = first_failure(st)
@@ -127,12 +126,12 @@ class Transfer:
                 if n_ok:
                     slots = page_slots[lo:lo + n_ok]
                     if on_layer is None:
-                        self.ops.to_device(slots, buf, s)
+                        self.ops.to_device(slots, lease.buf, s)
                         self._sync(self.ops.record(s))
                     else:
                         events = []
                         for layer in range(layers):  # one launch + event per layer
-                            self.ops.to_device(slots, buf, s, layer=layer)
+                            self.ops.to_device(slots, lease.buf, s, layer=layer)
                             events.append(self.ops.record(s))
                         for layer, ev in enumerate(events if last else events[-1:]):
                             self._sync(ev)
@@ -140,17 +139,9 @@ class Transfer:
                                 on_layer(layer, done + n_ok)
                 done += n_ok
                 if (st == TIMEOUT).any():  # the abandoned call may still write the buffer
-                    self._retire(buf)
-                    buf = None
-                if last or buf is None:
+                    lease.retire()
+                if last or lease.buf is None:
                     break
-        except BaseException:
-            if buf is not None:
-                self._drain(s)
-            raise
-        finally:
-            if buf is not None:
-                self.pool.release(buf)
         return status
 
     # ---- device -> pool ----------------------------------------------------------------
@@ -163,24 +154,15 @@ class Transfer:
         status = np.full(n, UNAVAILABLE, dtype=np.int32)
         s = self._store_stream
         self._wait(s, event)  # gathers read the pages only after the compute stream wrote them
-        buf = self.pool.acquire()
-        try:
-            for lo, hi, host in self._chunks(buf, n):
-                self.ops.to_host(page_slots[lo:hi], buf, s)
+        with _Lease(self, s) as lease:
+            for lo, hi, host in self._chunks(lease.buf, n):
+                self.ops.to_host(page_slots[lo:hi], lease.buf, s)
                 self._sync(self.ops.record(s))  # the gather has completed before the store reads the buffer
                 st = _status(self.store.put(keys[lo:hi], host))
                 status[lo:hi] = st
                 if (st == TIMEOUT).any():  # the abandoned put may still read the buffer
-                    self._retire(buf)
-                    buf = None
+                    lease.retire()
                     break
-        except BaseException:
-            if buf is not None:
-                self._drain(s)
-            raise
-        finally:
-            if buf is not None:
-                self.pool.release(buf)
         return status
 
     # ---- staging -------------------------------------------------------------------------
@@ -204,3 +186,29 @@ class Transfer:
 
     def close(self) -> None:
         self.ops.close()
+
+
+class _Lease:
+    """One staging buffer for one staged call: given back at the end, after draining the
+    stream if the call failed (nothing launched may still use it); a buffer that a
+    timed-out store call may still touch is retired instead (``retire``)."""
+
+    def __init__(self, transfer: Transfer, stream):
+        self.t, self.stream = transfer, stream
+        self.buf: HostBuffer | None = transfer.pool.acquire()
+
+    def retire(self) -> None:
+        self.t._retire(self.buf)
+        self.buf = None
+
+    def __enter__(self) -> "_Lease":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.buf is not None:
+            try:
+                if exc_type is not None:
+                    self.t._drain(self.stream)
+            finally:
+                self.t.pool.release(self.buf)
+        return False

@@ -89,6 +89,11 @@ def run(args) -> int:
     ref = result["reference"]["ttft_change"]
     print(f"reference (SGLang PR #14056, Qwen3-32B): TTFT change {100 * ref['1.0']:+.1f}% at 100% reuse, "
           f"{100 * ref['0.5']:+.1f}% at 50%")
+    return write_result(args, result, plot, "cached outputs differ from the uncached ones")
+
+
+def write_result(args, result: dict, plot, differ: str) -> int:
+    """``--json`` / ``--plot`` outputs of either engine's demo; exit 1 when outputs differ."""
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -97,7 +102,7 @@ def run(args) -> int:
         plot(result, args.plot)
         print(f"wrote {args.plot}")
     if not result["outputs_identical"]:
-        print(f"{args.prog}: error: cached outputs differ from the uncached ones", file=sys.stderr)
+        print(f"{args.prog}: error: {differ}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,12 +1,10 @@
 """``kvdirect demo --engine sglang``: argument handling and output (see demo.py)."""
 from __future__ import annotations
 
-import json
-import sys
-
 
 def run(args) -> int:
     """Parsed ``kvdirect demo`` arguments (already validated by cli/demo.py) -> exit code."""
+    from kvdirect.cli.demo import write_result
     from kvdirect.errors import ConfigError
     from kvdirect.sglang_demo.demo import MODES, SGLangDemoConfig, plot, render_table, run_demo
 
@@ -33,14 +31,4 @@ def run(args) -> int:
     print(f"workload: {cfg.prompts} prompts x {cfg.prompt_len} tokens per reuse level, output {cfg.output_len}; "
           f"TTFT of the second server's first request (p50)\n")
     print(render_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
-    if not result["outputs_identical"]:
-        print(f"{args.prog}: error: outputs differ between modes", file=sys.stderr)
-        return 1
-    return 0
+    return write_result(args, result, plot, "outputs differ between modes")

@@ -160,12 +160,19 @@ class MooncakeStore(Store):
         cls = import_client()
         if check:
             self._preflight()
-        if local in ("127.0.0.1", "localhost", "::1") and "MC_TCP_BIND_ADDRESS" not in os.environ:
-            # a loopback client listens on loopback only (by default Mooncake binds its RPC
-            # server to the first active network interface, even for a local-only pool)
-            os.environ["MC_TCP_BIND_ADDRESS"] = "127.0.0.1"
         self._client = cls()
-        rc = self._client.setup(local, metadata, self.segment, self.buffer, protocol, device, master)
+        bind = local in ("127.0.0.1", "localhost", "::1") and "MC_TCP_BIND_ADDRESS" not in os.environ
+        if bind:
+            # a loopback client listens on loopback only (by default Mooncake binds its RPC
+            # server to the first active network interface, even for a local-only pool);
+            # only for this setup: left in the environment, it would make every later
+            # client of this process, and every process it starts, bind to loopback too
+            os.environ["MC_TCP_BIND_ADDRESS"] = "127.0.0.1"
+        try:
+            rc = self._client.setup(local, metadata, self.segment, self.buffer, protocol, device, master)
+        finally:
+            if bind:
+                os.environ.pop("MC_TCP_BIND_ADDRESS", None)
         if rc != 0:
             raise StoreError(f"Mooncake setup failed (rc={rc}) with master {master}, metadata {metadata}, "
                              f"protocol {protocol!r}, segment {self.segment} B: {self._start_hint()}")
