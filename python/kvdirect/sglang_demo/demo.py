@@ -253,10 +253,13 @@ def run_demo(cfg: SGLangDemoConfig, *, progress: bool = True) -> dict:
     common = dict(max_total_tokens=max_tokens)
     try:
         # ---- phase 1: kvdirect A -> B (and B layer-wise), SGLang's own cache (baseline, ideal)
-        specs = {"A": dict(kvdirect_config=kv_cfg, **common), "B": dict(kvdirect_config=kv_cfg, **common),
+        # B and B-layerwise only load: written back, one's prompt would be in the pool when
+        # the other serves the same prompt, and it would hit far more than A's document
+        reader = {**kv_cfg, "write_back": False}
+        specs = {"A": dict(kvdirect_config=kv_cfg, **common), "B": dict(kvdirect_config=reader, **common),
                  "sglang": dict(radix="sglang", **common)}
         if "kvdirect_layerwise" in cfg.modes:
-            specs["B-layerwise"] = dict(kvdirect_config={**kv_cfg, "layerwise": True}, **common)
+            specs["B-layerwise"] = dict(kvdirect_config={**reader, "layerwise": True}, **common)
         s = servers.start(specs)
         for li, (shared, pairs) in enumerate(levels):
             keep = min(shared, cfg.prompt_len - 1) // cfg.page_size * cfg.page_size
