@@ -185,9 +185,8 @@ def test_sim_device_runs_work_late_and_orders_it_with_events():
         side.wait_event(ev)
         side.launch(lambda: mem.__setitem__(1, mem[0] + 1))   # must see the compute write
         done = side.record_event()
-        t0 = time.monotonic()
         done.synchronize()
-        assert time.monotonic() - t0 >= 0.03 and list(mem[:2]) == [1, 2]
+        assert list(mem[:2]) == [1, 2]  # nothing ran at launch (above): synchronize waited for both
         # without the event the side stream runs on its own clock
         sim.launch(lambda: (time.sleep(0.05), mem.__setitem__(2, 1)))
         seen = []

@@ -61,11 +61,18 @@ class DeviceOps:
         """An event recorded on ``stream`` after the work launched so far."""
         return None
 
+    # Streams and events of every asynchronous kind (torch's CUDA/NPU, the simulated
+    # device) offer ``stream.wait_event(ev)`` and ``ev.synchronize()``; synchronous
+    # kinds record no events (None), so there is nothing to wait for.
     def wait(self, stream, event) -> None:
         """Work launched on ``stream`` from now on starts after ``event`` (device side)."""
+        if event is not None:
+            stream.wait_event(event)
 
     def synchronize(self, event) -> None:
         """Block the calling thread until ``event`` has completed."""
+        if event is not None:
+            event.synchronize()
 
     # ---- copies (launched on ``stream``) -----------------------------------------
     def to_host(self, page_slots: np.ndarray, host: HostBuffer, stream) -> None:

@@ -192,14 +192,6 @@ class SimOps(DeviceOps):
     def record(self, stream):
         return stream.record_event()
 
-    def wait(self, stream, event) -> None:
-        if event is not None:
-            stream.wait_event(event)
-
-    def synchronize(self, event) -> None:
-        if event is not None:
-            event.synchronize()
-
     def to_host(self, page_slots, host: HostBuffer, stream) -> None:
         sc = self.layout.plan(page_slots, per_token=False)
         n = len(page_slots) * self.layout.page_bytes

@@ -39,14 +39,6 @@ class TorchStreams:
         ev.record(stream)
         return ev
 
-    def wait(self, stream, event) -> None:
-        if event is not None:
-            stream.wait_event(event)
-
-    def synchronize(self, event) -> None:
-        if event is not None:
-            event.synchronize()
-
     def _on(self, stream):
         """Context that makes ``stream`` current for torch ops."""
         return self._mod.stream(stream)
