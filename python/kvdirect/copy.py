@@ -91,6 +91,16 @@ def _open_lib(name: str, env: str, what: str, rebuild: str):
         raise BackendUnavailableError(f"{what}: cannot load {path}: {e}") from None
 
 
+def _raise_status(rc: int, what: str, where: str, err: str) -> None:
+    """A device kernel library's non-zero status as the error a caller can act on
+    (same codes for the CUDA and the Ascend library)."""
+    if rc == 9:
+        raise ConfigError(f"{what}: the segments hold more bytes than the packed buffer size")
+    if rc == 7:
+        raise BackendUnavailableError(f"{what} on {where}: {err}")
+    raise KVDirectError(f"{what} on {where} failed (status {rc}): {err}")
+
+
 class _CudaBackend:
     _lib = None
 
@@ -127,12 +137,8 @@ class _CudaBackend:
         return (lib.kvd_cuda_last_error() or b"").decode(errors="replace")
 
     def _check(self, rc: int, what: str) -> None:
-        if rc == 9:
-            raise ConfigError(f"{what}: the segments hold more bytes than the packed buffer size")
-        if rc == 7:
-            raise BackendUnavailableError(f"{what} on cuda:{self.device}: {self._err(self.lib)}")
         if rc:
-            raise KVDirectError(f"{what} on cuda:{self.device} failed (status {rc}): {self._err(self.lib)}")
+            _raise_status(rc, what, f"cuda:{self.device}", self._err(self.lib))
 
     def gather(self, addrs, sizes, packed, packed_size, to_packed, stream):
         rc = self.lib.kvd_cuda_gather(addrs.ctypes.data, sizes.ctypes.data, addrs.size, packed, packed_size,
@@ -177,13 +183,9 @@ class _AscendBackend:
         return lib
 
     def _check(self, rc: int, what: str) -> None:
-        err = (self.lib.kvd_ascend_last_error() or b"").decode(errors="replace")
-        if rc == 9:
-            raise ConfigError(f"{what}: the segments hold more bytes than the packed buffer size")
-        if rc == 7:
-            raise BackendUnavailableError(f"{what} on npu:{self.device}: {err}")
         if rc:
-            raise KVDirectError(f"{what} on npu:{self.device} failed (status {rc}): {err}")
+            _raise_status(rc, what, f"npu:{self.device}",
+                          (self.lib.kvd_ascend_last_error() or b"").decode(errors="replace"))
 
     def gather(self, addrs, sizes, packed, packed_size, to_packed, stream):
         rc = self.lib.kvd_ascend_gather(addrs.ctypes.data, sizes.ctypes.data, addrs.size, packed, packed_size,
