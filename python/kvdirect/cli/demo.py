@@ -10,6 +10,9 @@ from kvdirect.cli import _args as A
 MODES = ("baseline", "ideal", "kvdirect")
 # modes of `--engine sglang` only (kvdirect.sglang_demo.demo.MODES)
 SGLANG_ONLY_MODES = ("kvdirect_layerwise", "hicache", "hicache_file")
+#: ``--model-size small``: a tiny model for quick checks (either engine)
+SMALL_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=128, vocab_size=512)
 
 
 def reuse_levels(text: str) -> tuple:
@@ -65,10 +68,7 @@ def run(args) -> int:
                           "`pip install 'kvdirect[demo]'`") from None
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("--plot needs matplotlib: pip install 'kvdirect[demo]'")
-    spec_kw = {}
-    if args.model_size == "small":
-        spec_kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       intermediate_size=128, vocab_size=512)
+    spec_kw = SMALL_MODEL if args.model_size == "small" else {}
     cfg = DemoConfig(prompts=args.prompts, prompt_len=args.prompt_len, reuse=args.reuse,
                      output_len=args.output_len, page_size=args.page_size, store_url=store,
                      device=args.device, modes=args.modes, seed=args.seed, spec=ModelSpec(**spec_kw))

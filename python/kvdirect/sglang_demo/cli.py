@@ -4,7 +4,7 @@ from __future__ import annotations
 
 def run(args) -> int:
     """Parsed ``kvdirect demo`` arguments (already validated by cli/demo.py) -> exit code."""
-    from kvdirect.cli.demo import write_result
+    from kvdirect.cli.demo import SMALL_MODEL, write_result
     from kvdirect.errors import ConfigError
     from kvdirect.sglang_demo.demo import MODES, SGLangDemoConfig, plot, render_table, run_demo
 
@@ -13,10 +13,7 @@ def run(args) -> int:
     if args.store:
         raise ConfigError("--engine sglang makes its own pools (shm, and a Mooncake master for HiCache); "
                           "drop --store")
-    spec = {}
-    if args.model_size == "small":
-        spec = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    intermediate_size=128, vocab_size=512)
+    spec = dict(SMALL_MODEL) if args.model_size == "small" else {}
     try:
         cfg = SGLangDemoConfig(prompts=args.prompts, prompt_len=args.prompt_len, reuse=tuple(args.reuse),
                                output_len=args.output_len, page_size=args.page_size,
