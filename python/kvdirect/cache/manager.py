@@ -46,8 +46,12 @@ class KVDirectCache:
     def __init__(self, layout, store: Store | str | None = None, *, page_size: int | None = None,
                  free_slots: Callable[[np.ndarray], None] | None = None,
                  config: CacheConfig | None = None, namespace_seed: Callable | None = None,
-                 tp_rank: int = 0, tp_size: int = 1, tp_reduce_min: Callable[[int], int] | None = None):
+                 tp_rank: int = 0, tp_size: int = 1, tp_reduce_min: Callable[[int], int] | None = None,
+                 forward_stream=None):
         self.config = config or CacheConfig()
+        # the engine's forward stream when it is not current on the thread that calls the cache
+        # (SGLang's overlap scheduler): transfers also follow the work queued there
+        self.forward_stream = forward_stream
         if not self.config.model:
             raise ConfigError(
                 "KVDirectCache needs the model identity: set CacheConfig(model=...) (\"model\" in "
@@ -67,7 +71,7 @@ class KVDirectCache:
         stats = CacheStats(self.config.latency_window)
         quarantine = Quarantine(self.store, self.free_slots)
         try:
-            transfer = (Transfer(self.store, layout, self.config, self._ops, quarantine)
+            transfer = (Transfer(self.store, layout, self.config, self._ops, quarantine, forward_stream)
                         if self.store is not None else None)
         except BaseException:
             self.store.close()

@@ -76,6 +76,14 @@ def _tp_reduce(ctx):
     return torch_dist_min(group)
 
 
+def forward_stream(ctx):
+    """The model runner's forward stream. SGLang's overlap scheduler forwards on it while
+    the cache is called on the scheduler's own stream: every transfer also follows the
+    work queued there (SGLang's HiCache fences its loads and writes on the same stream)."""
+    runner = getattr(getattr(ctx, "tp_worker", None), "model_runner", None)
+    return getattr(runner, "forward_stream", None)
+
+
 def build_cache(ctx, *, config: CacheConfig | None = None, store=None):
     """The ``register_radix_cache_backend`` factory: TreeCacheBuildContext -> cache."""
     from kvdirect.sglang.pools import layout_from_pool
@@ -88,7 +96,8 @@ def build_cache(ctx, *, config: CacheConfig | None = None, store=None):
     kvcache = params.token_to_kv_pool_allocator.get_kvcache()
     layout = layout_from_pool(kvcache, params.page_size)
     cache = KVDirectRadixCache(params, layout, config=config, store=store, tp_rank=ctx.tp_rank,
-                               tp_size=ctx.tp_size, tp_reduce_min=_tp_reduce(ctx))
+                               tp_size=ctx.tp_size, tp_reduce_min=_tp_reduce(ctx),
+                               forward_stream=forward_stream(ctx))
     if config.layerwise:
         if ctx.tp_size > 1:
             raise ConfigError("kvdirect \"layerwise\": true is not supported with tensor parallelism yet "

@@ -115,7 +115,7 @@ class KVDirectRadixCache(BasePrefixCache):
     """SGLang prefix cache whose index, pool loads and write-backs are kvdirect's."""
 
     def __init__(self, params, layout, *, config: CacheConfig | None = None, store=None,
-                 tp_rank: int = 0, tp_size: int = 1, tp_reduce_min=None):
+                 tp_rank: int = 0, tp_size: int = 1, tp_reduce_min=None, forward_stream=None):
         self.disable = params.disable
         self.req_to_token_pool = params.req_to_token_pool
         self.token_to_kv_pool_allocator = params.token_to_kv_pool_allocator
@@ -129,7 +129,7 @@ class KVDirectRadixCache(BasePrefixCache):
         self.config = config or CacheConfig.from_env()
         self.kv = KVDirectCache(layout, store, page_size=self.page_size, free_slots=self._free_slots,
                                 config=self.config, tp_rank=tp_rank, tp_size=tp_size,
-                                tp_reduce_min=tp_reduce_min)
+                                tp_reduce_min=tp_reduce_min, forward_stream=forward_stream)
         self._epoch = 0
         self._markers: dict[Any, tuple[CacheMatch, int]] = {}
         self._empty = torch.empty((0,), dtype=torch.int64, device=self.device)
