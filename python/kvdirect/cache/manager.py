@@ -17,6 +17,7 @@ pages cannot be moved to that store fails here, naming the device and the fix.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import numpy as np
@@ -168,9 +169,18 @@ class KVDirectCache:
         return self._wb.apply()
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait for every in-flight write and apply it (shutdown, tests)."""
+        """Wait for every in-flight write and apply it (shutdown, tests). With TP every rank
+        must call it: the writes are applied once every rank has finished them."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._wb.wait_idle(timeout)
         self.poll()
+        while self._wb.tp and self._wb.jobs:
+            # another rank's writes (or a timed-out put's clean-up) are still running; the
+            # polls are collectives: every rank leaves after the same number of them
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self._wb.jobs)} write jobs not finished on every TP rank")
+            time.sleep(0.005)
+            self.poll()
 
     # ---- eviction and sizes -------------------------------------------------------
     def evict(self, num_tokens: int) -> int:
@@ -208,7 +218,7 @@ class KVDirectCache:
         d = self._p.stats.snapshot()
         d["inflight_pages"] = self._wb.inflight_pages
         d["quarantined_slots"] = self._p.quarantine.held_slots
-        d["pending_completions"] = len(self._wb.done)
+        d["pending_completions"] = self._wb.pending
         d["store"] = None if self.store is None else self.store.scheme
         d["mode"] = self.mode
         d.update(self._p.transfer.stats() if self._p.transfer is not None else
