@@ -115,14 +115,17 @@ class KVDirectCache:
             return None
 
     # ---- load path -------------------------------------------------------------
-    def match(self, tokens, namespace: str | None = None, *, exclude_last: bool = False) -> CacheMatch:
+    def match(self, tokens, namespace: str | None = None, *, exclude_last: bool = False,
+              pool: bool = True) -> CacheMatch:
         """Longest cached prefix of ``tokens``: on device (``device_len``) and further in the
         pool (``pool_len``). One index match plus at most one batched existence query.
 
         ``exclude_last=True`` keeps the last token out of the match, so at least one
         token is left to compute even at 100% reuse (an engine needs the last prompt
-        token's logits): the match then covers whole pages of ``tokens[:-1]``."""
-        return match(self._p, tokens, namespace, exclude_last)
+        token's logits): the match then covers whole pages of ``tokens[:-1]``.
+        ``pool=False`` matches device pages only (``pool_len`` 0, no store query): for an
+        instance that writes pages back but never loads them (a PD decode node)."""
+        return match(self._p, tokens, namespace, exclude_last, pool)
 
     def lock(self, node) -> None:
         self._p.locks.lock(node)
