@@ -60,6 +60,18 @@ def test_factory_builds_cache_from_build_context(pool_url, P):
     cache.shutdown()
 
 
+def test_factory_orders_transfers_after_the_forward_stream(pool_url):
+    """SGLang's overlap scheduler forwards on ``model_runner.forward_stream`` while the cache
+    is called on the scheduler's stream: the factory hands that stream to kvdirect, whose
+    compute events then cover it too (on CPU the copies are synchronous: nothing recorded)."""
+    from types import SimpleNamespace
+
+    stream = torch.cpu.Stream()
+    cache = build(Engine(4), tp_worker=SimpleNamespace(model_runner=SimpleNamespace(forward_stream=stream)))
+    assert cache.kv.forward_stream is stream
+    cache.shutdown()
+
+
 @pytest.mark.parametrize("flag,word", [("is_hybrid_swa", "SWA"), ("is_hybrid_ssm", "Mamba"),
                                        ("enable_hierarchical_cache", "hierarchical")])
 def test_unsupported_models_refused_at_start_up(pool_url, flag, word):
