@@ -299,7 +299,7 @@ must raise only ConfigError/TypeError/ValueError and keep its invariants.
 
 `scripts/sanitize.sh` builds the core with `KVDIRECT_SANITIZE=address,undefined`
 (CMake option) into `build/sanitize`, stages the module next to a copy of the
-Python package, and runs the shm, keys, layout, copy, index and cache tests plus
+Python package, and runs the shm, pool audit, keys, layout, copy, index and cache tests plus
 the reliability concurrency, fuzz, bad-input, security and shm fault tests with
 libasan (and libstdc++) preloaded; reports go to `build/sanitize/reports/`. CI
 runs it on every change.
