@@ -151,11 +151,15 @@ def test_objects_without_checksum_are_unverified_not_clean_by_content(pool):
 
 def test_progress_is_reported(pool):
     s, _ = pool
+    extra = page_keys(600, seed=3)  # 612 objects: three batches of 256 objects read
+    for k in extra:
+        assert s.put_bytes(k, b"p" * 100)
     seen = []
-    audit(s, progress=lambda done, problems: seen.append(done), progress_every=5)
-    assert seen and seen == sorted(seen) and seen[-1] <= 12
-    r = run_cli("pool", "audit", s.name, "--progress-every", "5")
-    assert len([ln for ln in r.stderr.splitlines() if "objects audited" in ln]) >= 1
+    audit(s, progress=lambda done, problems: seen.append((done, problems)), progress_every=200)
+    assert seen == [(256, 0), (512, 0), (612, 0)]  # after each batch that crossed a multiple of 200
+    r = run_cli("pool", "audit", s.name, "--progress-every", "200", check=False)
+    assert [ln for ln in r.stderr.splitlines() if "objects audited" in ln] == [
+        f"... {n} objects audited, {p} problems so far" for n, p in [(256, 0), (512, 0), (612, 0)]]
 
 
 class _Listing(ShmStore):
@@ -235,6 +239,9 @@ def test_a_store_that_cannot_list_says_so():
         st.close()
 
 
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="under scripts/sanitize.sh: MemCache's MetaService dlopens a library with RTLD_DEEPBIND, "
+                           "which AddressSanitizer refuses")
 def test_memcache_lists_through_the_meta_service():
     """A real MetaService answers /get_all_keys (empty: no client can attach without CANN here)."""
     pytest.importorskip("memcache_hybrid", reason="memcache-hybrid is in the [test] extra")

@@ -44,8 +44,9 @@ def check_supported(ctx) -> None:
 
 def model_identity(ctx, config: CacheConfig) -> str:
     """The model identity in kvdirect's page keys: ``config.model`` when set, else the
-    served model name (or ``--model-path``), its revision, the weight quantization and
-    a digest of its ``config.json`` (see :func:`kvdirect.config.model_identity`)."""
+    served model name (or ``--model-path``), its revision, the weight quantization, a
+    digest of its ``config.json`` and one of ``--json-model-override-args`` (see
+    :func:`kvdirect.config.model_identity`)."""
     if config.model:
         return config.model
     sa = ctx.server_args
@@ -59,7 +60,7 @@ def model_identity(ctx, config: CacheConfig) -> str:
     cfg = Path(path) / "config.json" if path else None
     return _model_identity(str(name), revision=getattr(sa, "revision", None),
                            quantization=getattr(sa, "quantization", None) or getattr(mc, "quantization", None),
-                           config_file=cfg)
+                           config_file=cfg, overrides=getattr(sa, "json_model_override_args", None))
 
 
 def _tp_reduce(ctx):
