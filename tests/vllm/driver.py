@@ -207,7 +207,7 @@ def run(job: dict) -> dict:
                 result["worker_stats"] = {k: v for k, v in w.stats.items()}
                 result["layout_kind"] = w.fingerprint.layout_kind
                 result["worker_state"] = {"inflight_pages": w._inflight_pages, "inflight": dict(w._inflight),
-                                          "saving": sorted(w._saving), "finishing": sorted(w._finishing)}
+                                          "late": sorted(w._late), "finishing": sorted(w._finishing)}
                 if job.get("dump_pages"):
                     result["pages"] = _dump_pages(wc, job["kv"]["extra"]["store"])
                 if hasattr(w.store, "injected"):

@@ -84,7 +84,7 @@ def assert_no_leaks(r):
     assert r["blocks"]["free"] == r["blocks"]["total"] - 1, r["blocks"]  # all but vLLM's null block
     assert r["sched_state"] == {"requests": 0, "loads": 0}, r["sched_state"]
     ws = r["worker_state"]
-    assert ws["inflight_pages"] == 0 and not ws["inflight"] and not ws["saving"] and not ws["finishing"], ws
+    assert ws["inflight_pages"] == 0 and not ws["inflight"] and not ws["late"] and not ws["finishing"], ws
 
 
 def assert_pages_match(a, b, n_loaded):
