@@ -12,8 +12,11 @@ objects directly. Job keys (all optional but ``model`` and ``phases``):
 * ``kv``: null, ``{"connector": "kvdirect", "extra": {...}, "role": "kv_both"}``,
   ``{"connector": "example", "path": DIR}`` or ``{"connector": "lmcache", "port": P}``
 * ``fault``: wrap the kvdirect store in the project's FlakyStore
-  (``{"fail_rate": .., "ops": ["get"], "seed": .., "mode": "error"}``)
-* ``phases``: list of ``{"prompts": [[ids]], "max_tokens": n, "mode": "batch" |
+  (``{"fail_rate": .., "ops": ["get"], "seed": .., "mode": "error" | "timeout" | "evict",
+  "delay_s": .., "delay_rate": .., "deadline_s": ..}``), or a list of such (nested, the first
+  innermost)
+* ``phases``: list of ``{"prompts": [[ids]], "max_tokens": n, "n": samples per prompt (top-1
+  sampling: greedy tokens), "mode": "batch" |
   "sequential" (one request at a time, wall time per request = TTFT with max_tokens 1)
   | "abort" (abort ``abort`` of the requests after ``abort_after_steps`` steps)}``
 * ``dump_pages``: hash the KV bytes of the blocks kvdirect saved / loaded and of
@@ -52,18 +55,34 @@ def _kv_config(job):
     raise ValueError(f"unknown connector {c!r}")
 
 
-def _install_fault(fault):
+def _install_fault(faults):
     from kvdirect.stores._testing import FlakyStore
     from kvdirect.vllm import settings
 
     real = settings.open_pool
 
     def flaky_open(cfg):
-        inner = real(cfg)
-        return FlakyStore(inner, fail_rate=fault.get("fail_rate", 0.3), seed=fault.get("seed", 0),
-                          fail_ops=tuple(fault.get("ops", ("get",))), mode=fault.get("mode", "error"))
+        store = real(cfg)
+        for f in faults if isinstance(faults, list) else [faults]:
+            store = FlakyStore(store, fail_rate=f.get("fail_rate", 0.3), seed=f.get("seed", 0),
+                               fail_ops=tuple(f.get("ops", ("get",))), mode=f.get("mode", "error"),
+                               delay_s=f.get("delay_s", 0.0), delay_rate=f.get("delay_rate", 1.0),
+                               delay_ops=tuple(f.get("delay_ops", f.get("ops", ("get",)))),
+                               deadline_s=f.get("deadline_s", 0.0))
+        return store
 
     settings.open_pool = flaky_open
+
+
+def _injected(store) -> dict:
+    """Injected failures of every FlakyStore layer, by mode."""
+    out = {}
+    while hasattr(store, "injected"):
+        for k, v in store.injected.items():
+            key = f"{store.mode}:{k}" if k != "timeout" else "timeout"
+            out[key] = out.get(key, 0) + v
+        store = store.inner
+    return out
 
 
 def _engine_parts(llm):
@@ -143,13 +162,19 @@ def run(job: dict) -> dict:
     _LLM["llm"] = llm
     result: dict = {"start_s": time.perf_counter() - t0, "phases": []}
     for ph in job["phases"]:
-        sp = SamplingParams(max_tokens=ph.get("max_tokens", 4), temperature=0.0, ignore_eos=True)
+        # n > 1: vLLM refuses greedy sampling, so sample with top_k=1 (the same tokens, without
+        # depending on the random stream, which a step recomputed after a failed load advances)
+        n = ph.get("n", 1)
+        sp = SamplingParams(max_tokens=ph.get("max_tokens", 4), temperature=0.0 if n == 1 else 1.0, ignore_eos=True,
+                            n=n, top_k=-1 if n == 1 else 1)
         prompts = [TokensPrompt(prompt_token_ids=p) for p in ph["prompts"]]
         mode = ph.get("mode", "batch")
         res = {"outputs": [], "cached_tokens": [], "wall_ms": []}
         if mode == "batch":
             outs = llm.generate(prompts, sp, use_tqdm=False)
             res["outputs"] = [list(o.outputs[0].token_ids) for o in outs]
+            if sp.n > 1:
+                res["samples"] = [[list(c.token_ids) for c in o.outputs] for o in outs]
             res["cached_tokens"] = [o.num_cached_tokens for o in outs]
         elif mode == "sequential":
             for p in prompts:
@@ -177,13 +202,12 @@ def run(job: dict) -> dict:
         else:
             raise ValueError(f"unknown mode {mode!r}")
         result["phases"].append(res)
-    # let held requests drain: a few empty steps deliver pending save completions
+    # let held requests drain: empty steps deliver pending save completions (and the release of
+    # blocks a timed-out get was still writing)
     core, sched = _engine_parts(llm)
     if core is not None:
-        for _ in range(200):
-            conn = sched.get_kv_connector() if sched is not None else None
-            if sched is None or len(sched.requests) == 0:
-                break
+        deadline = time.monotonic() + 30
+        while sched is not None and len(sched.requests) and time.monotonic() < deadline:
             core.step() if hasattr(core, "step") else None
             time.sleep(0.01)
     result["metrics"] = _metrics(llm)
@@ -206,12 +230,16 @@ def run(job: dict) -> dict:
                 w.flush()
                 result["worker_stats"] = {k: v for k, v in w.stats.items()}
                 result["layout_kind"] = w.fingerprint.layout_kind
+                import dataclasses
+
+                result["fingerprint"] = {f.name: getattr(w.fingerprint, f.name)
+                                         for f in dataclasses.fields(w.fingerprint)}
                 result["worker_state"] = {"inflight_pages": w._inflight_pages, "inflight": dict(w._inflight),
                                           "late": sorted(w._late), "finishing": sorted(w._finishing)}
                 if job.get("dump_pages"):
                     result["pages"] = _dump_pages(wc, job["kv"]["extra"]["store"])
                 if hasattr(w.store, "injected"):
-                    result["injected"] = dict(w.store.injected)
+                    result["injected"] = _injected(w.store)
     except Exception as e:  # noqa: BLE001
         result["introspection_error"] = repr(e)
     return result

@@ -34,8 +34,8 @@ def workload():
 
 
 def expected_hit(shared: int, prompt_len: int, P: int) -> int:
-    """Whole pages of the shared prefix, never the prompt's last token."""
-    return min(shared, prompt_len - 1) // P * P
+    """Whole pages of the shared prefix, up to the prompt's last token (vLLM computes that one)."""
+    return min(shared // P * P, prompt_len - 1)
 
 
 _baselines: dict = {}
@@ -106,7 +106,7 @@ def check_b(a, b, prompts, shared, want, P):
     assert b["metrics"]["vllm:external_prefix_cache_hits"] == sum(hits), b["metrics"]
     if want is not None:
         assert out["outputs"] == want, "greedy outputs with pool hits differ from the run without a connector"
-    assert_pages_match(a, b, sum(hits) // P)
+    assert_pages_match(a, b, sum(-(-h // P) for h in hits))  # a hit ending inside a page loads it whole
     assert b["worker_stats"].get("load_failed_pages", 0) == 0
     assert b["sched_stats"]["queries"] <= len(prompts)  # at most one existence query per request
     assert_no_leaks(b)
@@ -156,7 +156,7 @@ def test_failed_loads_recompute(model, consumers32):
     """A third of the gets fail (and scribble over their blocks): vLLM recomputes, outputs stay exact."""
     b = consumers32[1]["fault_get"]
     docs, prompts, shared = workload()
-    assert b["injected"]["get"] > 0
+    assert b["injected"]["error:get"] > 0
     assert b["worker_stats"]["load_failed_pages"] > 0
     assert b["phases"][0]["outputs"] == baseline(model, prompts, block_size=32)
     assert_no_leaks(b)
@@ -214,7 +214,7 @@ def test_failed_saves_are_never_claimed(model, shm_url):
     """Half of A's puts fail: B loads only pages that were really stored, outputs stay exact."""
     docs, prompts, shared = workload()
     a = run_engine(dict(docs_job(model, shm_url, docs), fault={"fail_rate": 0.5, "ops": ["put"], "seed": 5}))
-    assert a["injected"]["put"] > 0 and a["worker_stats"]["store_failed_pages"] > 0
+    assert a["injected"]["error:put"] > 0 and a["worker_stats"]["store_failed_pages"] > 0
     assert a["sched_stats"]["saved_pages_acked"] < len(docs) * (DOC // 32)
     assert_no_leaks(a)
     b = run_engine(prompts_job(model, shm_url, prompts, role="kv_consumer"))

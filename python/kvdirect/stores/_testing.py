@@ -11,8 +11,9 @@ Used by reliability tests (never by production code)::
   between the caller's existence query and its get), which then misses them (NOT_FOUND)
   and leaves their destination untouched.
 * ``fail_ops``: which of ``put``, ``get``, ``exists`` are affected.
-* ``delay_s`` / ``delay_ops``: sleep before each affected call (slow store; e.g. puts still
-  in flight while the cache manager wants to evict their pages).
+* ``delay_s`` / ``delay_ops`` / ``delay_rate``: sleep before each affected call, or before
+  that fraction of them (slow store; e.g. puts still in flight while the cache manager wants
+  to evict their pages).
 * ``deadline_s``: put and get run under the remote stores' deadline
   (:class:`kvdirect.stores._remote.DeadlineRunner`): a call slower than this returns
   TIMEOUT for every key while it keeps running, as a Mooncake or MemCache client call
@@ -48,13 +49,14 @@ _MODES = {"error": base.IO_ERROR, "timeout": base.TIMEOUT, "evict": base.NOT_FOU
 class FlakyStore(Store):
     def __init__(self, inner: Store, fail_rate: float = 0.0, delay_s: float = 0.0, seed: int = 0,
                  fail_ops=("put", "get", "exists"), mode: str = "error", delay_ops=None, garbage: bool = True,
-                 put_lands: bool = False, deadline_s: float = 0.0):
+                 put_lands: bool = False, deadline_s: float = 0.0, delay_rate: float = 1.0):
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
         if not 0.0 <= fail_rate <= 1.0:
             raise ValueError(f"fail_rate must be in [0, 1], got {fail_rate}")
         self.inner = inner
         self.fail_rate, self.delay_s, self.mode = float(fail_rate), float(delay_s), mode
+        self.delay_rate = float(delay_rate)
         self.fail_ops = frozenset(fail_ops)
         self.delay_ops = self.fail_ops if delay_ops is None else frozenset(delay_ops)
         self.garbage, self.put_lands = garbage, put_lands
@@ -82,6 +84,10 @@ class FlakyStore(Store):
 
     def _delay(self, op: str) -> None:
         if self.delay_s > 0 and op in self.delay_ops:
+            if self.delay_rate < 1.0:
+                with self._lock:
+                    if self._rng.random() >= self.delay_rate:
+                        return
             time.sleep(self.delay_s)
 
     @staticmethod

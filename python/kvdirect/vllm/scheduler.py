@@ -145,10 +145,10 @@ class SchedulerSide:
 
     # ---- match ---------------------------------------------------------------------
     def num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
-        if not self.load_enabled:
+        if not (self.load_enabled or self.save_enabled):
             return 0
-        st = self._state(request)
-        if st is None:
+        st = self._state(request)  # also without loads (kv_producer): the request's pages are saved
+        if st is None or not self.load_enabled:
             return 0
         P = self.P
         cap = int(request.num_tokens) - 1  # never the last token: vLLM computes at least one

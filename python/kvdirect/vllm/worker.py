@@ -27,12 +27,14 @@ moved by the store's own gather/scatter in one call per batch.
   keeps its blocks until then. Preempted requests' saves and late gets are
   awaited before the next forward can overwrite their blocks.
 * A get that timed out inside the store client (Mooncake, MemCache deadlines) may
-  keep writing its blocks after it was reported failed. Its request's blocks are
-  quarantined until ``Store.quiesce`` says no abandoned call is left: saves from
-  them are withheld and the request is held at finish or preemption. A late get
-  writes the same page's bytes that vLLM's recompute writes, so the request's own
-  recompute may use the blocks; what must not happen is the blocks holding other
-  tokens (reuse after free) or reaching the pool while a get may still land.
+  keep writing its blocks after it was reported failed, while vLLM recomputes into
+  the same blocks from the next step on. So the step that saw the timeout ends
+  only once ``Store.quiesce`` says no abandoned call is left (at most
+  ``late_get_wait_s``, then a warning): the late write lands before the recompute.
+  Past that bound the blocks stay quarantined until the store is quiet: saves from
+  them are withheld and the request is held at finish and awaited at preemption
+  (a late get then writes only that page's bytes from the pool into blocks that
+  hold the same page, never into blocks given to other tokens).
 * :class:`PageTransfer` is the one place bytes cross between engine memory and
   the store. On vLLM CPU no device ordering is needed; a device engine needs the
   compute stream's event before a put and before the forward after a get.
@@ -57,6 +59,8 @@ from kvdirect.stores.base import OK, TIMEOUT, UNAVAILABLE, status_name
 from kvdirect.vllm.plan import PageRun, SaveAck, StepPlan, WorkerReport
 
 log = logging.getLogger("kvdirect.vllm")
+
+LATE_GET_WAIT_S = 60.0  # how long a step waits for timed-out gets to return before vLLM recomputes
 
 
 class PageTransfer:
@@ -154,6 +158,7 @@ class WorkerSide:
         self._step: _StepLoads | None = None          # this step's loads until finish_loads settles them
         self._unsafe = np.zeros(0, dtype=np.int64)     # blocks no save may read this step
         self._late: dict[str, np.ndarray] = {}         # req -> blocks a timed-out get may still write
+        self.late_get_wait_s = LATE_GET_WAIT_S
         self._last_log: dict[str, float] = {}
         self._suppressed: collections.Counter = collections.Counter()
         self.stats = collections.Counter()
@@ -250,7 +255,7 @@ class WorkerSide:
         local = first.copy()
         if self.agree is not None:  # every rank runs this with the same runs: a collective is safe
             first = np.minimum(np.asarray(self.agree(first), dtype=np.int64), first)
-        unsafe = []
+        unsafe, late_runs = [], []
         late = self._late_possible(step.status)
         for r, e, k, k_own in zip(step.runs, ends, first, local):
             n, k = len(r), int(k)
@@ -274,12 +279,14 @@ class WorkerSide:
                     self._log_once(f"load_{kind}", "get of %d pages failed from page %d (%s): recomputed",
                                    n, r.first_page + k, kind)
             if late and k_own < n:
-                # a timed-out get may still write these blocks: quarantined until the store is quiet
-                self._late[r.req_id] = np.union1d(self._late.get(r.req_id, r.block_ids[:0]), r.block_ids[k_own:])
-                self._report.late_loads.append(r.req_id)
-                self.stats["late_load_requests"] += 1
-                self._log_once("late_load", "a get timed out and may still write the blocks of %s: they are "
-                               "held until the store is quiet", r.req_id)
+                late_runs.append((r.req_id, r.block_ids[k_own:]))
+        if late_runs:
+            # a timed-out get may still write these blocks, and vLLM recomputes into them next step
+            self.stats["late_load_requests"] += len(late_runs)
+            if not self.wait_quiet(self.late_get_wait_s):
+                for rid, blocks in late_runs:  # quarantined: held at finish / preemption until quiet
+                    self._late[rid] = np.union1d(self._late.get(rid, blocks[:0]), blocks)
+                    self._report.late_loads.append(rid)
         if self._late:
             unsafe += list(self._late.values())
         self._unsafe = np.unique(np.concatenate(unsafe)) if unsafe else np.zeros(0, dtype=np.int64)
@@ -396,7 +403,7 @@ class WorkerSide:
         timed-out gets must have returned, before the next forward may overwrite them."""
         pre = set(preempted or ())
         if pre & set(self._late):
-            self.wait_quiet()
+            self.wait_quiet(None)
         ids = pre & set(self._inflight)
         if not ids:
             return
@@ -405,14 +412,20 @@ class WorkerSide:
                 self._cv.wait(timeout=0.05)
         self.stats["preemption_waits"] += 1
 
-    def wait_quiet(self) -> None:
-        """Block until no timed-out get may still write a block (a warning per interval)."""
-        while self._late:
-            if self.transfer.quarantine.quiesced(1.0):
+    def wait_quiet(self, bound_s: float | None) -> bool:
+        """Block until no timed-out get may still write a block (a warning per interval), at most
+        ``bound_s`` seconds (None: no bound); whether the store is quiet."""
+        t0 = time.monotonic()
+        while True:
+            left = None if bound_s is None else bound_s - (time.monotonic() - t0)
+            if self.transfer.quarantine.quiesced(1.0 if left is None else max(0.0, min(1.0, left))):
                 self._release_late()
-                return
-            self._log_once("wait_quiet", "waiting for timed-out gets to return before the blocks of %s "
-                           "are reused", sorted(self._late))
+                return True
+            if left is not None and left <= 1.0:
+                self._log_once("late_get_bound", "a timed-out get still runs after %.0f s: its blocks stay "
+                               "held (saves withheld) until the store is quiet", bound_s)
+                return False
+            self._log_once("wait_quiet", "waiting for a timed-out get to return before vLLM reuses its blocks")
 
     def hold(self, held) -> None:
         """Finished requests the scheduler holds (``StepPlan.held``): reported by ``get_finished``
