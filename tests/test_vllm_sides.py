@@ -520,6 +520,24 @@ def test_a_late_get_past_the_bound_holds_its_blocks(pool):
         late.close()
 
 
+def test_one_log_line_per_failure_kind_per_interval(pool, caplog):
+    import logging
+
+    w, _ = worker(pool, kv_blocks(), cfg=CacheConfig(model="m", store=pool, log_interval_s=3600))
+    with caplog.at_level(logging.WARNING, logger="kvdirect.vllm"):
+        for _ in range(3):
+            w._store_error("get", RuntimeError("boom"))
+            w._store_error("put", RuntimeError("bang"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "get failed (boom)" in lines[0] and "put failed (bang)" in lines[1], lines
+    w._last_log["store_get"] -= 7200  # the interval passed: the next line says how many were not logged
+    with caplog.at_level(logging.WARNING, logger="kvdirect.vllm"):
+        w._store_error("get", RuntimeError("boom"))
+    assert "(+2 more since the last such line)" in caplog.records[-1].getMessage()
+    assert w.stats["get_errors"] == 4
+    w.close()
+
+
 def test_failed_puts_are_never_claimed(pool):
     toks = np.arange(7, 7 + 4 * P).tolist()
     src = kv_blocks(3)
