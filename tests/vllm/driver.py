@@ -13,8 +13,8 @@ objects directly. Job keys (all optional but ``model`` and ``phases``):
   ``{"connector": "example", "path": DIR}`` or ``{"connector": "lmcache", "port": P}``
 * ``fault``: wrap the kvdirect store in the project's FlakyStore
   (``{"fail_rate": .., "ops": ["get"], "seed": .., "mode": "error" | "timeout" | "evict",
-  "delay_s": .., "delay_rate": .., "deadline_s": ..}``), or a list of such (nested, the first
-  innermost)
+  "delay_s": .., "delay_rate": .., "deadline_s": .., "seed_per_rank": bool}``), or a list of such
+  (nested, the first innermost)
 * ``phases``: list of ``{"prompts": [[ids]], "max_tokens": n, "n": samples per prompt (top-1
   sampling: greedy tokens), "mode": "batch" |
   "sequential" (one request at a time, wall time per request = TTFT with max_tokens 1)
@@ -63,8 +63,16 @@ def _install_fault(faults):
 
     def flaky_open(cfg):
         store = real(cfg)
+        rank = 0
+        try:  # "seed_per_rank": each TP rank fails other pages (a worker process knows its rank here)
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            rank = get_tensor_model_parallel_rank()
+        except Exception:  # noqa: BLE001 - the scheduler process has no TP group
+            pass
         for f in faults if isinstance(faults, list) else [faults]:
-            store = FlakyStore(store, fail_rate=f.get("fail_rate", 0.3), seed=f.get("seed", 0),
+            seed = f.get("seed", 0) + (1000 * rank if f.get("seed_per_rank") else 0)
+            store = FlakyStore(store, fail_rate=f.get("fail_rate", 0.3), seed=seed,
                                fail_ops=tuple(f.get("ops", ("get",))), mode=f.get("mode", "error"),
                                delay_s=f.get("delay_s", 0.0), delay_rate=f.get("delay_rate", 1.0),
                                delay_ops=tuple(f.get("delay_ops", f.get("ops", ("get",)))),
@@ -220,6 +228,10 @@ def run(job: dict) -> dict:
             s = conn.scheduler
             result["sched_stats"] = dict(s.stats)
             result["sched_state"] = {"requests": len(s._reqs), "loads": len(s._loads)}
+            import dataclasses
+
+            result["fingerprints"] = [{f.name: getattr(fp, f.name) for f in dataclasses.fields(fp)}
+                                      for fp in s.fingerprints or ()]  # per TP rank
     try:
         from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 

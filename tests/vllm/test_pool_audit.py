@@ -41,26 +41,29 @@ def workload():
     return docs, phases
 
 
-def page_keys(fingerprint: dict, sequences) -> set:
+def page_keys(fingerprints: list, sequences) -> set:
+    """Every key a run could write: every full page of every sequence, for every TP rank."""
     from kvdirect import keys as K
 
-    fp = K.LayoutFingerprint(**fingerprint)
     out = set()
     for toks in sequences:
         n = len(toks) // P
         if n:
-            out.update(K.pool_keys(K.page_digests(np.asarray(toks[: n * P], dtype=np.int64), P), fp))
+            d = K.page_digests(np.asarray(toks[: n * P], dtype=np.int64), P)
+            for f in fingerprints:
+                out.update(K.pool_keys(d, K.LayoutFingerprint(**f)))
     return out
 
 
-def audit(url: str, reference_url: str, fingerprint: dict, sequences) -> dict:
-    """Every object of the pool at ``url`` against the cold reference pool."""
+def audit(url: str, reference_url: str, fingerprints: list, sequences) -> dict:
+    """Every object of the pool at ``url`` against the cold reference pool (no key listing: the
+    keys of every page sent are read, and their number must be the pool's object count)."""
     from kvdirect.stores import open_store
 
     pool, ref = open_store(url), open_store(reference_url)
     try:
         found, wrong, unknown = 0, [], []
-        for k in sorted(page_keys(fingerprint, sequences)):
+        for k in sorted(page_keys(fingerprints, sequences)):
             got = pool.get_bytes(k)
             if got is None:
                 continue
@@ -92,7 +95,7 @@ def test_faulty_store_never_poisons_the_pool(model):
                                    **COMMON)})["F"]
         cold = first["R"]
         assert cold["metrics"]["vllm:external_prefix_cache_hits"] == 0  # R computed every page
-        assert f["fingerprint"] == cold["fingerprint"]
+        assert f["fingerprints"] == cold["fingerprints"] == [f["fingerprint"]]
 
         # the faults happened, and the run still loaded pages from the pool
         inj = f["injected"]
@@ -110,7 +113,7 @@ def test_faulty_store_never_poisons_the_pool(model):
             assert ph_f.get("samples") == ph_r.get("samples")
 
         # every object in the pool is the page a cold engine computes for its tokens
-        a = audit(urls["served"], urls["cold"], f["fingerprint"], sequences)
+        a = audit(urls["served"], urls["cold"], f["fingerprints"], sequences)
         assert a["wrong"] == [] and a["no_reference"] == [], a
         assert a["found"] == a["objects"] > len(docs) * (320 // P), a
 

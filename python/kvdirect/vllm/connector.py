@@ -220,7 +220,8 @@ class KVDirectConnector(KVConnectorBase_V1):
         if self.worker is not None:
             self.worker.start_load(plan)
         else:  # this worker serves without the pool (allow_no_store): its loads fail
-            self._no_store_errors.update(int(b) for r in plan.loads for b in r.block_ids)
+            if plan.loads:
+                self._no_store_errors.update(np.concatenate([r.block_ids for r in plan.loads]).tolist())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self.worker is not None:

@@ -265,7 +265,7 @@ class WorkerSide:
             self.stats["loaded_bytes"] += k * self.layout.page_bytes
             if k < n:
                 # this page and the request's later loaded pages are recomputed by vLLM
-                self._load_errors.update(int(b) for b in r.block_ids[k:])
+                self._load_errors.update(r.block_ids[k:].tolist())
                 unsafe.append(r.block_ids[k:])
                 self._report.load_failures.append((r.req_id, r.first_page + k))
                 self.stats["load_failed_pages"] += n - k
