@@ -501,6 +501,11 @@ def test_a_late_get_past_the_bound_holds_its_blocks(pool):
         plan, errors, _ = run_step(s, w, so, forward=computed([23, 24]))
         assert errors == [{20, 21, 22}] and late.injected["timeout"]
         assert not late.quiesce(0)  # the get is still running
+        # vLLM recomputes (a step without loads): nothing is saved from the quarantined blocks
+        plan, _, _ = run_step(s, w, sched_output(cached=[(end, 0, len(toks))], blocks={end: [20, 21, 22, 23, 24]}),
+                              forward=computed(range(20, 25), 5.0))
+        assert [(r.first_page, len(r)) for r in plan.saves] == [(0, 4)] and not late.quiesce(0)
+        assert pool_has(pool, keys_of(fp, toks, [3])) == [False]
         if end == "finish":
             assert s.request_finished(req)  # held: vLLM keeps the blocks
             t0 = time.monotonic()

@@ -201,7 +201,7 @@ class WorkerSide:
         self.check_plan(plan)
         self.transfer.release()  # staging buffers retired by a timed-out call, once the store is quiet
         self._release_late()
-        self._step, self._unsafe = None, np.zeros(0, dtype=np.int64)
+        self._step, self._unsafe = None, self._late_blocks()  # steps without loads too
         runs = [r for r in plan.loads if len(r)]
         if not runs:
             return
@@ -298,6 +298,11 @@ class WorkerSide:
             return False
         q = getattr(self.store, "quiesce", None)
         return q is not None and not q(0)
+
+    def _late_blocks(self) -> np.ndarray:
+        if not self._late:
+            return np.zeros(0, dtype=np.int64)
+        return np.unique(np.concatenate(list(self._late.values())))
 
     def _release_late(self) -> None:
         if self._late and self.transfer.quarantine.quiesced():
