@@ -11,7 +11,7 @@ objects directly. Job keys (all optional but ``model`` and ``phases``):
   ``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``
 * ``kv``: null, ``{"connector": "kvdirect", "extra": {...}, "role": "kv_both"}``,
   ``{"connector": "example", "path": DIR}`` or ``{"connector": "lmcache", "port": P}``
-* ``fault``: wrap the kvdirect store in the project's FlakyStore
+* ``fault``: wrap the kvdirect store in the project's FlakyStore (tests/vllm/faulty_kvdirect.py)
   (``{"fail_rate": .., "ops": ["get"], "seed": .., "mode": "error" | "timeout" | "evict",
   "delay_s": .., "delay_rate": .., "deadline_s": .., "seed_per_rank": bool}``), or a list of such
   (nested, the first innermost)
@@ -42,7 +42,9 @@ def _kv_config(job):
 
     c = kv["connector"]
     if c == "kvdirect":
-        return KVTransferConfig(kv_connector="KVDirectConnector", kv_connector_module_path="kvdirect.vllm",
+        # with faults: the same connector, from a test-only module that wraps its store (faulty_kvdirect)
+        module = "faulty_kvdirect" if job.get("fault") else "kvdirect.vllm"
+        return KVTransferConfig(kv_connector="KVDirectConnector", kv_connector_module_path=module,
                                 kv_role=kv.get("role", "kv_both"), kv_connector_extra_config=kv.get("extra", {}))
     if c == "example":
         return KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both",
@@ -56,30 +58,10 @@ def _kv_config(job):
 
 
 def _install_fault(faults):
-    from kvdirect.stores._testing import FlakyStore
-    from kvdirect.vllm import settings
-
-    real = settings.open_pool
-
-    def flaky_open(cfg):
-        store = real(cfg)
-        rank = 0
-        try:  # "seed_per_rank": each TP rank fails other pages (a worker process knows its rank here)
-            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
-            rank = get_tensor_model_parallel_rank()
-        except Exception:  # noqa: BLE001 - the scheduler process has no TP group
-            pass
-        for f in faults if isinstance(faults, list) else [faults]:
-            seed = f.get("seed", 0) + (1000 * rank if f.get("seed_per_rank") else 0)
-            store = FlakyStore(store, fail_rate=f.get("fail_rate", 0.3), seed=seed,
-                               fail_ops=tuple(f.get("ops", ("get",))), mode=f.get("mode", "error"),
-                               delay_s=f.get("delay_s", 0.0), delay_rate=f.get("delay_rate", 1.0),
-                               delay_ops=tuple(f.get("delay_ops", f.get("ops", ("get",)))),
-                               deadline_s=f.get("deadline_s", 0.0))
-        return store
-
-    settings.open_pool = flaky_open
+    """The job's faults reach every process that loads the connector (TP workers the executor
+    spawns too): through the environment, read by the test-only module faulty_kvdirect."""
+    os.environ["KVDIRECT_TEST_FAULTS"] = json.dumps(faults)
+    import faulty_kvdirect  # noqa: F401 - this process (in-process engine) wraps its stores now
 
 
 def _injected(store) -> dict:

@@ -301,7 +301,7 @@ class SchedulerSide:
                 before = st.indexed
                 self._index_upto(st, run)
                 self.stats["saved_pages_acked"] += max(0, st.indexed - before)
-            for rid, page in report.load_failures:
+            for rid, page in sorted(set(report.load_failures)):  # TP ranks agree: one report each
                 self.stats["load_failed_requests"] += 1
                 st = self._reqs.get(rid)
                 if st is None:
@@ -312,7 +312,7 @@ class SchedulerSide:
                 if st.indexed > page:
                     self.index.mark_not_in_pool(st.tokens, page, st.indexed - page, namespace=st.namespace)
                     st.indexed = page
-            for rid, page in report.withheld:
+            for rid, page in set(report.withheld):
                 st = self._reqs.get(rid)
                 if st is not None:  # planned again once vLLM has recomputed the pages
                     st.save_next = min(st.save_next, page)
