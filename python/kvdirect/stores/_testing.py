@@ -29,7 +29,8 @@ Used by reliability tests (never by production code)::
 
 Failures follow the store contract (kvdirect.stores.base): an exists that fails raises
 StoreError for the whole call (a pool that cannot answer), never "absent".
-``injected`` counts injected failures per operation (keys for put / get, calls for exists).
+``injected`` counts injected failures per operation (keys for put / get, calls for exists;
+with ``deadline_s``, ``timeout``: calls that passed the deadline).
 """
 from __future__ import annotations
 
@@ -61,12 +62,13 @@ class FlakyStore(Store):
         self.delay_ops = self.fail_ops if delay_ops is None else frozenset(delay_ops)
         self.garbage, self.put_lands = garbage, put_lands
         self.down = False
-        self.injected = {"put": 0, "get": 0, "exists": 0, "timeout": 0}
+        self.injected = {"put": 0, "get": 0, "exists": 0}
         self._runner = None
         if deadline_s > 0:
             from kvdirect.stores._remote import DeadlineRunner
 
             self._runner = DeadlineRunner(deadline_s, name="kvd-flaky")
+            self.injected["timeout"] = 0  # calls that passed the deadline
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self.scheme = inner.scheme
