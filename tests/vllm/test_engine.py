@@ -108,7 +108,11 @@ def check_b(a, b, prompts, shared, want, P):
     # the connector's own figures (vLLM KV connector stats -> Prometheus) say the same
     assert m["vllm:kvdirect_hit_tokens"] == sum(hits) and m["vllm:kvdirect_hit_requests"] == sum(map(bool, hits)), m
     assert m["vllm:kvdirect_loaded_pages"] == sum(-(-h // P) for h in hits), m
-    assert m["vllm:kvdirect_load_failures"] == 0 and m["vllm:kvdirect_pending_save_pages"] == 0, m
+    assert m["vllm:kvdirect_load_failures"] == 0, m
+    # a gauge sampled at B's last scheduler step: its own saves may still be in flight then
+    # (Mooncake puts are slower than shm's); that they all finished is asserted by
+    # assert_no_leaks on the worker's state at shutdown
+    assert 0 <= m["vllm:kvdirect_pending_save_pages"] <= sum(len(p) // P for p in prompts), m
     if want is not None:
         assert out["outputs"] == want, "greedy outputs with pool hits differ from the run without a connector"
     assert_pages_match(a, b, sum(-(-h // P) for h in hits))  # a hit ending inside a page loads it whole
