@@ -83,11 +83,7 @@ class Farm:
         if wait:
             s.start()
         else:
-            s._log = open(s.log_path, "wb")
-            import subprocess
-
-            s.proc = subprocess.Popen(s.cmd, stdout=s._log, stderr=subprocess.STDOUT, env=s.env,
-                                      start_new_session=True, stdin=subprocess.DEVNULL)
+            s.launch()
         return s
 
     def start_all(self, specs: list[dict]):
@@ -98,6 +94,7 @@ class Farm:
         return servers
 
     def stop_all(self):
+        """Stop every server; each removes the /dev/shm files its own processes made."""
         errors = []
         for s in self.servers:
             try:
