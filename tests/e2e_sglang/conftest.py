@@ -203,6 +203,19 @@ def wait_pool_objects(url: str, n: int, timeout: float = 60) -> int:
 
 
 @pytest.fixture(scope="session")
+def clean_pool(model_dir, workdir, standin_calls):
+    """Reference pages for pool audits (audit.CleanPool): a server per page size, started on
+    first use, without faults or memory pressure, writing to its own pool."""
+    from audit import CleanPool
+
+    f, p = Farm(model_dir, workdir, standin_calls), Pools()
+    yield CleanPool(f, p)
+    f.stop_all()
+    p.destroy()
+    f.check_standin()
+
+
+@pytest.fixture(scope="session")
 def references(model_dir, workdir, standin_calls):
     """Greedy outputs of every workload sequence from a server with SGLang's own radix
     cache and from one with ``--disable-radix-cache``; they must agree with each other."""
