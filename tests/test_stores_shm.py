@@ -630,3 +630,33 @@ def test_checksums_of_objects_copied_in_parts_equal_whole_object_checksums(pool_
         assert not s.get(keys, ScatterList(dst.ctypes.data + offs, sizes)).any()
         np.testing.assert_array_equal(dst, src)
         assert s.get_bytes("parts-3") == src[3 * size:4 * size].tobytes()  # one-object path agrees
+
+
+def test_faulty_scheme_is_test_only(monkeypatch):
+    """``faulty+URL`` (fault injection for tests that start real engines) needs its options in
+    KVDIRECT_TEST_STORE_FAULTS: without the variable it is refused, with it every get fails."""
+    import numpy as np
+
+    from kvdirect.errors import ConfigError
+    from kvdirect.stores import ScatterList
+    from kvdirect.stores.base import OK
+
+    name = f"faulty-{uuid.uuid4().hex[:8]}"
+    monkeypatch.delenv("KVDIRECT_TEST_STORE_FAULTS", raising=False)
+    with pytest.raises(ConfigError, match="tests only"):
+        open_store(f"faulty+shm://{name}?size=1MiB&block=4KiB")
+    assert not os.path.exists(f"/dev/shm/kvdirect-{name}")  # refused before anything was opened
+    monkeypatch.setenv("KVDIRECT_TEST_STORE_FAULTS", '{"fail_rate": 1.0, "fail_ops": ["get"]}')
+    s = open_store(f"faulty+shm://{name}?size=1MiB&block=4KiB")
+    try:
+        buf = np.arange(64, dtype=np.uint8)
+        sl = ScatterList(np.array([buf.ctypes.data], np.uint64), np.array([64], np.uint64))
+        assert list(s.put(["k"], sl)) == [OK] and s.exists(["k"]).all()
+        assert list(s.get(["k"], sl)) != [OK] and s.stats()["injected"]["get"] == 1
+    finally:
+        s.close()
+        destroy_pool(name, missing_ok=True)
+    monkeypatch.setenv("KVDIRECT_TEST_STORE_FAULTS", '{"fail_rat": 1.0}')
+    with pytest.raises(ConfigError, match="fail_rat"):
+        open_store(f"faulty+shm://{name}?size=1MiB&block=4KiB")
+    destroy_pool(name, missing_ok=True)

@@ -83,11 +83,7 @@ class Farm:
         if wait:
             s.start()
         else:
-            s._log = open(s.log_path, "wb")
-            import subprocess
-
-            s.proc = subprocess.Popen(s.cmd, stdout=s._log, stderr=subprocess.STDOUT, env=s.env,
-                                      start_new_session=True, stdin=subprocess.DEVNULL)
+            s.launch()
         return s
 
     def start_all(self, specs: list[dict]):
@@ -98,6 +94,7 @@ class Farm:
         return servers
 
     def stop_all(self):
+        """Stop every server; each removes the /dev/shm files its own processes made."""
         errors = []
         for s in self.servers:
             try:
@@ -203,6 +200,19 @@ def wait_pool_objects(url: str, n: int, timeout: float = 60) -> int:
             time.sleep(0.2)
     finally:
         store.close()
+
+
+@pytest.fixture(scope="session")
+def clean_pool(model_dir, workdir, standin_calls):
+    """Reference pages for pool audits (audit.CleanPool): a server per page size, started on
+    first use, without faults or memory pressure, writing to its own pool."""
+    from audit import CleanPool
+
+    f, p = Farm(model_dir, workdir, standin_calls), Pools()
+    yield CleanPool(f, p)
+    f.stop_all()
+    p.destroy()
+    f.check_standin()
 
 
 @pytest.fixture(scope="session")

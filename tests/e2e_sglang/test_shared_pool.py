@@ -43,7 +43,7 @@ def check_prompts(server, wl: Workload, references, page_size: int, *, pool: boo
 
 
 @pytest.mark.parametrize("page_size", [1, 16, 64])
-def test_second_server_hits_first_servers_pages(farm, pools, references, page_size, other_model_dir):
+def test_second_server_hits_first_servers_pages(farm, pools, references, page_size, other_model_dir, request):
     wl = Workload()
     url = pools.new()
     # at page size 64, server B loads layer by layer (SGLang's KV pool waits per layer)
@@ -66,13 +66,20 @@ def test_second_server_hits_first_servers_pages(farm, pools, references, page_si
     # The pool outlives both servers: a server started afterwards hits on its first request,
     # and a server of another model (same shapes, other weights) never reads these pages.
     farm.stop_all()
-    c, other = farm.start_all([dict(page_size=16, kvdirect_config=kv_config(url), name="C-restart"),
+    c, other = farm.start_all([dict(page_size=16, kvdirect_config=kv_config(url), name="C-restart",
+                                    args=["--log-level", "info"]),
                                dict(page_size=16, kvdirect_config=kv_config(url), name="other-model",
                                     model=other_model_dir)])
     doc = wl.docs[-1]
     r = c.generate(doc, OUTPUT_LEN)
     assert cached_tokens(r["meta_info"])["pool"] == expected_hit(wl.prompt_len, wl.prompt_len, 16)
     assert r["output_ids"] == references[doc.tobytes()]
+    # the pool after two servers were stopped and one restarted on it: every page is a clean one
+    from audit import assert_pool_clean
+
+    reqs = [(d, OUTPUT_LEN) for d in wl.docs] + [(p[2], OUTPUT_LEN) for p in wl.prompts]
+    assert_pool_clean(url, request.getfixturevalue("clean_pool"), c, reqs,
+                      [references[ids.tobytes()] for ids, _ in reqs], 16)
     r = other.generate(doc, OUTPUT_LEN)
     assert cached_tokens(r["meta_info"])["total"] == 0, "another model's server read this model's pages"
     assert r["output_ids"] != references[doc.tobytes()], "the other model should compute other tokens"

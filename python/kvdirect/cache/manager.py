@@ -244,7 +244,10 @@ class KVDirectCache:
             return
         self._closed = True
         try:
-            self.flush(timeout=60)
+            if self._wb.tp:  # no collective at shutdown (another rank may be gone): only let writes end
+                self._wb.wait_idle(timeout=60)
+            else:
+                self.flush(timeout=60)
         finally:
             self._wb.shutdown()
             if self.store is not None:

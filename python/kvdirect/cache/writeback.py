@@ -151,8 +151,9 @@ class WriteBack:
             return 0
         if not self.tp:
             done = [j for j in self.jobs if j.done]
-            if done:
-                self.jobs = collections.deque(j for j in self.jobs if not j.done)
+            if done:  # a writer may finish another job meanwhile: remove exactly these
+                taken = set(map(id, done))
+                self.jobs = collections.deque(j for j in self.jobs if id(j) not in taken)
             for job in done:
                 self._apply(job, failed_elsewhere=False)
             return len(done)

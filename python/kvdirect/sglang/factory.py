@@ -113,9 +113,9 @@ def build_cache(ctx, *, config: CacheConfig | None = None, store=None):
             raise ConfigError("kvdirect \"layerwise\": true is not supported with tensor parallelism yet "
                               "(ranks would have to agree on every layer); drop it or use --tp-size 1")
         cache.enable_layerwise(kvcache)
-    log.info("kvdirect prefix cache: %r, store=%s, model=%s, tp=%d/%d, layerwise=%s%s", layout,
+    log.info("kvdirect prefix cache: %r, store=%s, model=%s, keys=%s, tp=%d/%d, layerwise=%s%s", layout,
              cache.kv.store.scheme if cache.kv.store is not None else None, config.model,
-             ctx.tp_rank, ctx.tp_size, config.layerwise,
+             cache.kv.fingerprint.key_prefix, ctx.tp_rank, ctx.tp_size, config.layerwise,
              ", PD decode node: offload only (writes pages back, reports no pool hits)"
              if cache.offload_only else "")
     return cache

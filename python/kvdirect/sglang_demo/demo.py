@@ -145,9 +145,7 @@ class _Servers:
             kw = dict(kw)
             s = Server(self.python, self.model, page_size=self.page_size, pythonpath=self.pythonpath + list(
                 kw.pop("more_path", [])), log_dir=self.logdir, name=name, **kw)
-            s._log = open(s.log_path, "wb")
-            s.proc = subprocess.Popen(s.cmd, stdout=s._log, stderr=subprocess.STDOUT, env=s.env,
-                                      start_new_session=True, stdin=subprocess.DEVNULL)
+            s.launch()
             self.all.append(s)
             servers[name] = s
         _say(self.progress, f"starting {', '.join(servers)} (SGLang start-up: 15-60 s each on 2 cores)")

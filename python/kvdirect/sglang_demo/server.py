@@ -8,9 +8,10 @@ CPU: ``--device cpu --attention-backend torch_native --skip-server-warmup
 reads only this variable to pick its CPU code paths) and ``pythonpath`` must
 provide an ``sgl_kernel`` module (the tests' import-only stand-in).
 
-``stop()`` ends the whole process group and removes what SGLang left in
-/dev/shm for this server (the files its processes had mapped or open), also
-when the server crashed. Used by tests/e2e_sglang/ and ``kvdirect demo --engine sglang``.
+``stop()`` ends the whole process group and removes what it left in /dev/shm
+(:mod:`kvdirect.shm_leftovers`: only files this server's processes made, found by
+ownership while they ran, never by name), also after a SIGKILL or a crash. Used by
+tests/e2e_sglang/ and ``kvdirect demo --engine sglang``.
 """
 from __future__ import annotations
 
@@ -23,9 +24,7 @@ import time
 from pathlib import Path
 
 from kvdirect.sglang_demo import client
-
-# what SGLang 0.5.23 leaves in /dev/shm (load snapshots, its own shm segments, semaphores)
-SGLANG_SHM_PREFIXES = ("sglang_loads_", "sgl_shm_", "sem.mp-", "multi_tokenizer_args_")
+from kvdirect.shm_leftovers import ShmLeftovers, Watcher
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -73,18 +72,25 @@ class Server:
         self.env = e
         self.log_path = Path(tempfile.mkstemp(prefix=f"sglang-{name}-", suffix=".log", dir=log_dir)[1])
         self.proc: subprocess.Popen | None = None
-        self._shm_seen: set[str] = set()
+        self.leftovers: ShmLeftovers | None = None
+        self._watch: Watcher | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host if not self.netns else '127.0.0.1'}:{self.port}"
 
     # ---- life cycle ------------------------------------------------------------
-    def start(self, timeout: float | None = None) -> "Server":
+    def launch(self) -> "Server":
+        """Start the process group without waiting for it to be ready (``wait_ready``)."""
         self._log = open(self.log_path, "wb")
+        self.leftovers = ShmLeftovers()  # before the first process: what exists now is not this server's
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True, stdin=subprocess.DEVNULL)
-        return self.wait_ready(timeout)
+        self._watch = Watcher(self.leftovers, self._pids)
+        return self
+
+    def start(self, timeout: float | None = None) -> "Server":
+        return self.launch().wait_ready(timeout)
 
     def wait_ready(self, timeout: float | None = None) -> "Server":
         # start-up is 12-20 s on an idle 2-core machine, minutes on a busy one
@@ -103,7 +109,6 @@ class Server:
                     pass
             elif self._netns_health():
                 return self
-            self._note_shm()
             time.sleep(0.5)
         raise ServerError(f"SGLang server {self.name} not ready within {timeout:.0f}s:\n{self.log_tail()}")
 
@@ -137,19 +142,8 @@ class Server:
         return pids
 
     def _note_shm(self) -> None:
-        """Remember the /dev/shm files this server's processes map or hold open."""
-        for pid in self._pids():
-            try:
-                for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-                    i = line.find("/dev/shm/")
-                    if i >= 0:
-                        self._shm_seen.add(line[i:].split(" (deleted)")[0])
-                for fd in Path(f"/proc/{pid}/fd").iterdir():
-                    t = os.readlink(fd)
-                    if t.startswith("/dev/shm/"):
-                        self._shm_seen.add(t)
-            except OSError:
-                pass
+        if self.leftovers is not None:
+            self.leftovers.note(self._pids())
 
     def kill(self, sig=signal.SIGKILL) -> None:
         """Kill the server abruptly (a host going away); ``stop`` still cleans up."""
@@ -157,9 +151,13 @@ class Server:
         if self.alive():
             os.killpg(self.proc.pid, sig)
 
-    def stop(self, timeout: float = 8) -> None:
+    def stop(self, timeout: float = 8) -> list[str]:
+        """End the process group; returns the /dev/shm files it left that were removed."""
         if self.proc is None:
-            return
+            return []
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         self._note_shm()
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -173,15 +171,10 @@ class Server:
         except ProcessLookupError:
             pass
         self.proc.wait()
-        for path in self._shm_seen:
-            if Path(path).name.startswith(SGLANG_SHM_PREFIXES):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        self._shm_seen.clear()
+        removed = self.leftovers.remove() if self.leftovers is not None else []
         if not self._log.closed:
             self._log.close()
+        return removed
 
     def log_tail(self, n: int = 60) -> str:
         try:
@@ -197,7 +190,6 @@ class Server:
     def generate(self, input_ids, max_new_tokens: int = 4, timeout: float = 300) -> dict:
         if self.netns:
             return self.generate_many([input_ids], max_new_tokens, timeout)[0]
-        self._note_shm()
         return client.generate(self.url, input_ids, max_new_tokens, timeout)
 
     def generate_many(self, prompts, max_new_tokens: int = 4, timeout: float = 600) -> list[dict]:
