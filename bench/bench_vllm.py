@@ -57,19 +57,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def shm_files(pgid: int):
-    """kvdirect.procshm.ShmFiles for the engine's process group (from the checkout if kvdirect is
-    not installed in this Python)."""
+def shm_leftovers():
+    """kvdirect.shm_leftovers (from the checkout if kvdirect is not installed in this Python)."""
     try:
-        from kvdirect.procshm import ShmFiles
+        from kvdirect import shm_leftovers as mod
     except ImportError:
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("kvd_procshm", ROOT / "python/kvdirect/procshm.py")
+        spec = importlib.util.spec_from_file_location("kvd_shm_leftovers", ROOT / "python/kvdirect/shm_leftovers.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        ShmFiles = mod.ShmFiles
-    return ShmFiles(pgid)
+    return mod
 
 
 def engine(py: Path, job: dict, timeout: int, label: str) -> dict:
@@ -80,23 +78,24 @@ def engine(py: Path, job: dict, timeout: int, label: str) -> dict:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         t0 = time.perf_counter()
         errf = Path(d) / "stderr"
+        leftovers = shm_leftovers()
+        files = leftovers.ShmLeftovers()  # before the engine starts: what exists now is not its
         with open(errf, "w") as err:
             p = subprocess.Popen([str(py), str(ROOT / "tests/vllm/driver.py"), str(jf), str(of)],
                                  stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=d, start_new_session=True)
-            files = shm_files(p.pid)  # vLLM's psm_* queues this engine's processes map
             rc = None
             try:
                 while (rc := p.poll()) is None and time.perf_counter() - t0 < timeout:
-                    files.note()
+                    files.note(leftovers.group_pids(p.pid))
                     time.sleep(0.5)
             finally:
-                files.note()
+                files.note(leftovers.group_pids(p.pid))
                 try:  # the engine's own processes (engine core, workers) end with the driver
                     os.killpg(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 p.wait()
-                while files.pids() and time.perf_counter() - t0 < timeout + 10:
+                while leftovers.group_pids(p.pid) and time.perf_counter() - t0 < timeout + 10:
                     time.sleep(0.05)
                 files.remove()  # only this engine's files: never a prefix sweep (others' engines)
         if rc != 0 or not of.exists():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kvdirect.shm_leftovers import ShmLeftovers, creator_pid
+from kvdirect.shm_leftovers import ShmLeftovers, creator_pid, group_pids
 
 SHM = Path("/dev/shm")
 pytestmark = pytest.mark.skipif(not SHM.is_dir(), reason="needs /dev/shm (Linux)")
@@ -32,18 +32,6 @@ pool = open(sys.argv[1], "ab")                   # a kvdirect pool this tree use
 print("sem." + lock._semlock.name.lstrip("/"), os.path.basename(stamped), os.path.basename(held.name), flush=True)
 time.sleep(600)
 """
-
-
-def group(pgid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if os.getpgid(int(d)) == pgid:
-                    out.append(int(d))
-            except OSError:
-                pass
-    return out
 
 
 def test_creator_pid_of_sglang_names():
@@ -76,12 +64,12 @@ def test_killed_tree_leaves_nothing_and_others_files_stay(tmp_path):
         stamped = SHM / f"sgl_shm_test_{os.getpid()}_{tag}"
         stamped.write_bytes(b"x")
         others = [pre, orphan, stamped, SHM / live]
-        leftovers.note(group(tree.pid))
+        leftovers.note(group_pids(tree.pid))
         assert set(made) <= set(leftovers.owned())
         os.killpg(tree.pid, signal.SIGKILL)        # no clean-up code of the tree runs
         tree.wait(30)
         deadline = time.monotonic() + 30
-        while group(tree.pid) and time.monotonic() < deadline:  # its resource tracker, too
+        while group_pids(tree.pid) and time.monotonic() < deadline:  # its resource tracker, too
             time.sleep(0.05)
         assert all((SHM / n).exists() for n in made), "the tree's files should be left behind by SIGKILL"
         removed = leftovers.remove()

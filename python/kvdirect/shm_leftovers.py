@@ -99,6 +99,19 @@ def all_pids() -> list[int]:
     return [int(d) for d in os.listdir("/proc") if d.isdigit()]
 
 
+def group_pids(pgid: int) -> list[int]:
+    """Live pids of process group ``pgid`` (a tree started with ``start_new_session=True``:
+    its group id is the first process's pid, and the group outlives that process)."""
+    out = []
+    for pid in all_pids():
+        try:
+            if os.getpgid(pid) == pgid:
+                out.append(pid)
+        except OSError:  # gone meanwhile
+            pass
+    return out
+
+
 class ShmLeftovers:
     """The /dev/shm files of one process tree (see the module docstring). Create it
     before the tree starts; call ``note(pids)`` while it runs and ``remove()`` after."""

@@ -49,11 +49,13 @@ def _env():
 
 def _kill_group(p, files=None) -> dict:
     """End an engine and anything it started (its own session), whether or not it exited, then
-    remove the /dev/shm files its processes made (vLLM's ``psm_*`` message queues): only those,
-    never by prefix (another user's engine would lose its queues). Returns the files seen and
-    those removed."""
+    remove the /dev/shm files its processes made (vLLM's ``psm_*`` message queues), found by
+    ownership (kvdirect.shm_leftovers), never by prefix: another user's engine would lose its
+    queues. Returns the files that were the engine's and those removed."""
+    from kvdirect.shm_leftovers import group_pids
+
     if files is not None:
-        files.note()
+        files.note(group_pids(p.pid))
     try:
         os.killpg(p.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -62,16 +64,16 @@ def _kill_group(p, files=None) -> dict:
     if files is None:
         return {}
     deadline = time.monotonic() + 10
-    while files.pids() and time.monotonic() < deadline:  # killed processes may take a moment to go
+    while group_pids(p.pid) and time.monotonic() < deadline:  # killed processes may take a moment to go
         time.sleep(0.05)
-    seen = sorted(f for f in files.seen if Path(f).name.startswith(files.prefixes))
-    return {"seen": seen, "removed": files.remove()}
+    seen = ["/dev/shm/" + n for n in files.owned()]
+    return {"seen": seen, "removed": ["/dev/shm/" + n for n in files.remove()]}
 
 
 def run_engines(jobs: dict, *, timeout: int = ENGINE_TIMEOUT_S, expect_fail: bool = False) -> dict:
     """Run independent engine processes (name -> job, see driver.py), at most MAX_PARALLEL at
     once; returns name -> result dict (or, expect_fail, name -> EngineFailed with its stderr)."""
-    from kvdirect.procshm import ShmFiles
+    from kvdirect.shm_leftovers import ShmLeftovers, group_pids
 
     pending, running, results = list(jobs.items()), {}, {}
     with tempfile.TemporaryDirectory(prefix="kvd-vllm-") as d:
@@ -83,14 +85,15 @@ def run_engines(jobs: dict, *, timeout: int = ENGINE_TIMEOUT_S, expect_fail: boo
                     wd.mkdir()
                     (wd / "job.json").write_text(json.dumps(job))
                     err = open(wd / "stderr", "w")
+                    files = ShmLeftovers()  # before the engine starts: what exists now is not its
                     p = subprocess.Popen([sys.executable, str(HERE / "driver.py"), str(wd / "job.json"),
                                           str(wd / "out.json")], stdout=subprocess.DEVNULL, stderr=err,
                                          env=_env(), cwd=wd, start_new_session=True)
-                    running[name] = (p, wd, err, time.monotonic(), ShmFiles(p.pid))
+                    running[name] = (p, wd, err, time.monotonic(), files)
                 for name, (p, wd, err, t0, files) in list(running.items()):
                     rc = p.poll()
                     if rc is None and time.monotonic() - t0 < timeout:
-                        files.note()
+                        files.note(group_pids(p.pid))
                         continue
                     removed = _kill_group(p, files)
                     err.close()

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from kvdirect.sglang_demo import client
-from kvdirect.shm_leftovers import ShmLeftovers, Watcher
+from kvdirect.shm_leftovers import ShmLeftovers, Watcher, group_pids
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -129,17 +129,7 @@ class Server:
         return self.proc is not None and self.proc.poll() is None
 
     def _pids(self) -> list[int]:
-        if self.proc is None:
-            return []
-        pids = []
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    if os.getpgid(int(d.name)) == self.proc.pid:
-                        pids.append(int(d.name))
-                except OSError:
-                    pass
-        return pids
+        return [] if self.proc is None else group_pids(self.proc.pid)
 
     def _note_shm(self) -> None:
         if self.leftovers is not None:
