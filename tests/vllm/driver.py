@@ -18,6 +18,10 @@ objects directly. Job keys (all optional but ``model`` and ``phases``):
   | "abort" (abort ``abort`` of the requests after ``abort_after_steps`` steps)}``
 * ``dump_pages``: hash the KV bytes of the blocks kvdirect saved / loaded and of
   the pool objects under the same keys.
+* ``cpu_report``: after the phases, the CPU binding of this process and its
+  descendants (engine core, workers) as ``processes``: per process its name, the
+  OpenMP / vLLM CPU variables it started with and its threads grouped by the CPUs
+  they may run on (``/proc``; Linux only).
 """
 from __future__ import annotations
 
@@ -49,6 +53,9 @@ def _kv_config(job):
                                 kv_connector_extra_config={"lmcache.mp.host": "tcp://127.0.0.1",
                                                            "lmcache.mp.port": int(kv["port"]),
                                                            "lmcache.mp.mq_timeout": 30})
+    if c == "mooncake_store":  # vLLM's own MooncakeStoreConnector; MOONCAKE_CONFIG_PATH names its store
+        return KVTransferConfig(kv_connector="MooncakeStoreConnector", kv_role="kv_both",
+                                kv_connector_extra_config=kv.get("extra", {}))
     raise ValueError(f"unknown connector {c!r}")
 
 
@@ -111,6 +118,52 @@ def _dump_pages(worker_conn, url) -> dict:
             out[kind] = rows
     finally:
         store.close()
+    return out
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+CPU_VARS = ("OMP_NUM_THREADS", "OMP_PLACES", "OMP_PROC_BIND", "GOMP_CPU_AFFINITY", "KMP_AFFINITY",
+            "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+
+
+def process_cpus(root: int) -> list[dict]:
+    """``root`` and its descendants: name, CPU variables from its environment, threads by allowed CPUs."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            stat = _read(f"/proc/{d}/stat")
+            if stat:
+                parent[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        tree.append(pid)
+        todo += sorted(c for c, p in parent.items() if p == pid)
+    out = []
+    for pid in tree:
+        env = dict(kv.split("=", 1) for kv in _read(f"/proc/{pid}/environ").split("\0") if "=" in kv)
+        groups: dict = {}
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            st = _read(f"/proc/{pid}/task/{tid}/status")
+            cpus = next((ln.split(":", 1)[1].strip() for ln in st.splitlines() if ln.startswith("Cpus_allowed_list")),
+                        "?")
+            g = groups.setdefault(cpus, {"cpus": cpus, "threads": 0, "names": set()})
+            g["threads"] += 1
+            g["names"].add(_read(f"/proc/{pid}/task/{tid}/comm").strip())
+        out.append({"pid": pid, "name": _read(f"/proc/{pid}/comm").strip(),
+                    "env": {k: env[k] for k in CPU_VARS if k in env},
+                    "threads": [dict(g, names=sorted(g["names"])[:12]) for g in groups.values()]})
     return out
 
 
@@ -187,6 +240,8 @@ def run(job: dict) -> dict:
             core.step() if hasattr(core, "step") else None
             time.sleep(0.01)
     result["metrics"] = _metrics(llm)
+    if job.get("cpu_report"):
+        result["processes"] = process_cpus(os.getpid())
     if sched is not None:
         bp = sched.kv_cache_manager.block_pool
         result["blocks"] = {"free": bp.get_num_free_blocks(), "total": bp.num_gpu_blocks,
