@@ -14,10 +14,13 @@ objects directly. Job keys (all optional but ``model`` and ``phases``):
 * ``fault``: wrap the kvdirect store in the project's FlakyStore
   (``{"fail_rate": .., "ops": ["get"], "seed": .., "mode": "error"}``)
 * ``phases``: list of ``{"prompts": [[ids]], "max_tokens": n, "mode": "batch" |
-  "sequential" (one request at a time, wall time per request = TTFT with max_tokens 1)
+  "sequential" (one request at a time, wall time per request = TTFT with max_tokens 1;
+  ``settle_s``: idle seconds before each request)
   | "abort" (abort ``abort`` of the requests after ``abort_after_steps`` steps)}``
 * ``dump_pages``: hash the KV bytes of the blocks kvdirect saved / loaded and of
   the pool objects under the same keys.
+* ``drain_saves``: after the phases, wait until the connector wrote what it accepted
+  (in-process engines; ``drain`` in the result says how)
 * ``cpu_report``: after the phases, the CPU binding of this process and its
   descendants (engine core, workers) as ``processes``: per process its name, the
   OpenMP / vLLM CPU variables it started with and its threads grouped by the CPUs
@@ -167,6 +170,33 @@ def process_cpus(root: int) -> list[dict]:
     return out
 
 
+def drain_saves(timeout_s: float = 900) -> dict:
+    """Wait until the in-process worker connector has written every save it accepted, so that a
+    process that only stores (bench_vllm's instance A) does not exit with writes in flight. kvdirect:
+    ``flush()``; vLLM's MooncakeStoreConnector: its sending thread's queue is empty. Other connectors
+    (ExampleConnector writes synchronously; LMCache runs multiprocess and finishes at shutdown) are
+    named as not drained here."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    t0 = time.perf_counter()
+    if not has_kv_transfer_group():
+        return {"connector": None, "waited_s": 0.0}
+    c = get_kv_transfer_group()
+    name = type(c).__name__
+    if getattr(c, "worker", None) is not None and hasattr(c.worker, "flush"):
+        c.worker.flush()
+        how = "flush()"
+    elif getattr(getattr(c, "connector_worker", None), "kv_send_thread", None) is not None:
+        q = c.connector_worker.kv_send_thread.request_queue
+        deadline = time.monotonic() + timeout_s
+        while q.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        how = f"sending queue empty ({q.unfinished_tasks} left)"
+    else:
+        how = "not drained here"
+    return {"connector": name, "how": how, "waited_s": round(time.perf_counter() - t0, 3)}
+
+
 _LLM: dict = {}
 
 
@@ -206,6 +236,7 @@ def run(job: dict) -> dict:
             res["cached_tokens"] = [o.num_cached_tokens for o in outs]
         elif mode == "sequential":
             for p in prompts:
+                time.sleep(ph.get("settle_s", 0))  # untimed: lets background writes of the previous request finish
                 t = time.perf_counter()
                 o = llm.generate([p], sp, use_tqdm=False)[0]
                 res["wall_ms"].append((time.perf_counter() - t) * 1e3)
@@ -230,6 +261,8 @@ def run(job: dict) -> dict:
         else:
             raise ValueError(f"unknown mode {mode!r}")
         result["phases"].append(res)
+    if job.get("drain_saves"):
+        result["drain"] = drain_saves()
     # let held requests drain: a few empty steps deliver pending save completions
     core, sched = _engine_parts(llm)
     if core is not None:
