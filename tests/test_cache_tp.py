@@ -81,3 +81,90 @@ def test_tp_ranks_agree_on_hits_and_loads(tmp_path):
     # both saw 6 pages at match time; rank 0 then failed page 2: both load 2 pages
     assert pool2_0 == pool2_1 == 6 * P and load2_0 == load2_1 == 2 * P
     assert ok0 and ok1  # each rank got its own rank's bytes (fingerprint carries tp_rank)
+
+
+def _rank_writes(rank, world, init, url, q):
+    """Both ranks write back the same requests; rank 1's puts are held at a gate, then one
+    of its writes fails. What SGLang's admission reads (evictable size, what an eviction
+    frees) and the pool states must be the same on both ranks after every poll."""
+    import threading
+
+    import torch.distributed as dist
+
+    from kvdirect import KVLayout
+    from kvdirect.cache import KVDirectCache, torch_dist_min
+    from kvdirect.config import CacheConfig
+    from kvdirect.stores import open_store
+    from kvdirect.stores._testing import FlakyStore
+
+    class GatedStore(FlakyStore):
+        """Rank 1's pool client: puts wait at a gate (a slow write); failing on demand."""
+
+        def __init__(self, inner):
+            super().__init__(inner, fail_ops=("put",))
+            self.gate = threading.Event()
+
+        def put(self, keys, scatter):
+            self.gate.wait(60)
+            return super().put(keys, scatter)
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        k = [np.zeros((SLOTS, 2, 8), np.float32) for _ in range(LAYERS)]
+        v = [x.copy() for x in k]
+        store = GatedStore(open_store(url)) if rank == 1 else open_store(url)
+        cache = KVDirectCache(KVLayout.from_mha(k, v, page_size=P), store,
+                              config=CacheConfig(store=None, model="tp-writes"), tp_rank=rank, tp_size=world,
+                              tp_reduce_min=torch_dist_min(), free_slots=lambda s: None)
+        seen = []
+
+        def state(tag, toks):
+            r = cache.index.match(toks, None)
+            states = cache.index.path_states(r.node)[0][: len(toks) // P].tolist() if r.device_len else []
+            seen.append((tag, cache.evictable_size, states))
+
+        doc = np.random.default_rng(7).integers(0, 9999, 8 * P).astype(np.int32)
+        cache.write_back(doc, np.arange(8 * P))
+        if rank == 0:
+            cache._wb.wait_idle(30)  # rank 0's write is done; rank 1's waits at its gate
+        dist.barrier()
+        cache.poll()
+        state("rank 1 still writing", doc)
+        seen.append(("evicted while rank 1 writes", cache.evict(8 * P), []))
+        dist.barrier()
+        if rank == 1:
+            store.gate.set()
+        cache.flush(30)
+        state("both written", doc)
+        # a write that fails on rank 1 only: no rank may count those pages as in the pool
+        if rank == 1:
+            store.fail_rate = 1.0
+        doc2 = np.random.default_rng(8).integers(0, 9999, 4 * P).astype(np.int32)
+        cache.write_back(doc2, np.arange(100, 100 + 4 * P))
+        cache.flush(30)
+        state("failed on rank 1", doc2)
+        q.put((rank, seen))
+        cache.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tp_ranks_apply_the_same_write_completions(tmp_path):
+    url = f"shm://kvd-tpw-{uuid.uuid4().hex[:8]}?size=32MiB"
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_rank_writes, args=(r, 2, f"file://{tmp_path}/pg", url, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    from kvdirect.stores.shm import destroy_pool
+    destroy_pool(url.split("//")[1].split("?")[0], missing_ok=True)
+    assert [p.exitcode for p in procs] == [0, 0]
+    (_, seen0), (_, seen1) = sorted(q.get(timeout=5) for _ in range(2))
+    for a, b in zip(seen0, seen1):
+        assert a == b, f"TP ranks disagree ({a[0]}): rank 0 {a[1:]}, rank 1 {b[1:]}"
+    # and what they agree on is right: nothing unpinned while rank 1 was writing, all of it after
+    assert seen0[0][1] == 0 and seen0[1][1] == 0
+    assert seen0[2][1] == 8 * P and seen0[2][2] == [1] * 8   # IN_POOL everywhere
+    assert seen0[3][2] == [0] * 4                              # UNKNOWN everywhere (failed on rank 1)

@@ -59,10 +59,10 @@ def kv_blocks(seed=None):
             else torch.zeros(NUM_BLOCKS, HEADS, P, 2 * HEAD) for _ in range(LAYERS)]
 
 
-def worker(url, tensors, cfg=None, store=None):
+def worker(url, tensors, cfg=None, store=None, layout=None):
     cfg = cfg or CacheConfig(model="m", store=url)
-    layout = KVLayout.from_blocks(tensors, num_blocks=NUM_BLOCKS, page_size=P, object_format="test/blocks",
-                                  kv_heads=HEADS, head_dim=HEAD)
+    layout = layout or KVLayout.from_blocks(tensors, num_blocks=NUM_BLOCKS, page_size=P,
+                                            object_format="test/blocks", kv_heads=HEADS, head_dim=HEAD)
     from kvdirect import keys as K
 
     fp = K.LayoutFingerprint.from_layout(layout, model=cfg.model)
@@ -89,12 +89,12 @@ def sched_output(new=(), cached=(), blocks=None):
         preempted_req_ids=set())
 
 
-def save_doc(url, toks, blocks, seed=1):
+def save_doc(url, toks, blocks, seed=1, *, src=None, layout=None, cfg=None, **req_kw):
     """Instance A: prefill of a document, its pages saved and acknowledged."""
-    src = kv_blocks(seed)
-    w, fp = worker(url, src)
+    src = kv_blocks(seed) if src is None else src
+    w, fp = worker(url, src, cfg=cfg, layout=layout)
     s = scheduler(url, fp)
-    req = request("a", toks)
+    req = request("a", toks, **req_kw)
     assert s.num_new_matched_tokens(req, 0) == 0
     s.after_alloc(req, [], 0)
     plan = s.build_step(sched_output(new=[("a", 0, len(toks))], blocks={"a": blocks}))
@@ -271,3 +271,121 @@ def test_layout_from_blocks_planes():
         KVLayout.from_blocks([t.transpose(2, 3) for t in ts], num_blocks=10, page_size=16, object_format="x",
                              kv_heads=2, head_dim=8, block_dim=1)
     assert StepPlan().loads == []
+
+
+# ---- identity: what changes the KV bytes must change the keys -------------------------------------
+SPEC = types.SimpleNamespace(num_kv_heads=HEADS, head_size=HEAD)
+
+
+def fp8_instance(url, cache_dtype, fmt="vllm/TRITON_ATTN/None/fp8/2x16x16", seed=0):
+    """uint8 blocks (vLLM's fp8 storage) and the layout the connector builds for them."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = [torch.randint(0, 256, (NUM_BLOCKS, HEADS, P, 2 * HEAD), dtype=torch.uint8, generator=g)
+              for _ in range(LAYERS)]
+    vc = types.SimpleNamespace(cache_config=types.SimpleNamespace(cache_dtype=cache_dtype))
+    layout = settings.blocks_layout(vc, SPEC, blocks, num_blocks=NUM_BLOCKS, block_size=P, object_format=fmt,
+                                    block_dim=0)
+    return blocks, layout
+
+
+def _fake_platform(monkeypatch, fp8):
+    plat = types.ModuleType("vllm.platforms")
+    plat.current_platform = types.SimpleNamespace(fp8_dtype=lambda: fp8)
+    monkeypatch.setitem(__import__("sys").modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(__import__("sys").modules, "vllm.platforms", plat)
+
+
+def test_fp8_formats_never_share_pages(pool):
+    toks = np.arange(300, 300 + 3 * P).tolist()
+    src, lay = fp8_instance(pool, "fp8_e4m3")
+    assert lay.dtype == "float8_e4m3fn"
+    _, fp = save_doc(pool, toks, [0, 1, 2], src=src, layout=lay)
+    _, lay5 = fp8_instance(pool, "fp8_e5m2")
+    w5, fp5 = worker(pool, None, layout=lay5)
+    assert lay5.dtype == "float8_e5m2" and fp5.key_prefix != fp.key_prefix
+    assert scheduler(pool, fp5).num_new_matched_tokens(request("x", toks), 0) == 0
+    assert scheduler(pool, fp).num_new_matched_tokens(request("y", toks), 0) == 2 * P  # control
+    w5.close()
+    assert settings.kv_dtype(types.SimpleNamespace(cache_config=types.SimpleNamespace(cache_dtype="auto"))) is None
+
+
+def test_fp8_means_the_platforms_e4m3_variant(pool, monkeypatch):
+    """`fp8` is e4m3fn on CUDA and e4m3fnuz on some ROCm GPUs: same cache_dtype name and object format,
+    different bytes -- the pages must not be shared."""
+    toks = np.arange(400, 400 + 3 * P).tolist()
+    _fake_platform(monkeypatch, torch.float8_e4m3fn)
+    src, lay = fp8_instance(pool, "fp8")
+    _, fp = save_doc(pool, toks, [0, 1, 2], src=src, layout=lay)
+    _fake_platform(monkeypatch, torch.float8_e4m3fnuz)
+    _, lay_nuz = fp8_instance(pool, "fp8")
+    assert (lay.dtype, lay_nuz.dtype) == ("float8_e4m3fn", "float8_e4m3fnuz")
+    assert lay.object_format == lay_nuz.object_format
+    w, fp_nuz = worker(pool, None, layout=lay_nuz)
+    assert scheduler(pool, fp_nuz).num_new_matched_tokens(request("x", toks), 0) == 0
+    w.close()
+
+
+def test_hf_overrides_enter_the_model_identity(pool, tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 8}')
+
+    def model(overrides):
+        vc = fake_vllm_config({"store": pool}, str(tmp_path))
+        vc.model_config.hf_overrides = overrides
+        return settings.cache_config(vc).model
+
+    plain, none = model({}), model(None)
+    rope, rope2 = model({"rope_theta": 20000.0}), model({"rope_theta": 20000.0})
+    assert plain == none and "overrides=" not in plain
+    assert rope == rope2 and rope != plain and model({"rope_theta": 10000.0}) != rope
+    with pytest.raises(ConfigError, match=r"hf_overrides: .*function|hf_overrides: .*must be a dict") as e:
+        model(lambda cfg: cfg)
+    assert "\n" not in str(e.value) and '"model"' in str(e.value)
+    # two engines differing only in the override share no page
+    toks = np.arange(500, 500 + 3 * P).tolist()
+    _, fp_rope = save_doc(pool, toks, [0, 1, 2], cfg=CacheConfig(model=rope, store=pool))
+    w, fp_plain = worker(pool, kv_blocks(), cfg=CacheConfig(model=plain, store=pool))
+    assert fp_plain.key_prefix != fp_rope.key_prefix
+    assert scheduler(pool, fp_plain).num_new_matched_tokens(request("x", toks), 0) == 0
+    assert scheduler(pool, fp_rope).num_new_matched_tokens(request("y", toks), 0) == 2 * P
+    w.close()
+
+
+def lora(path, name="sql", int_id=1):
+    return types.SimpleNamespace(lora_name=name, lora_int_id=int_id, lora_path=str(path))
+
+
+def adapter(folder, weights: bytes):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}')
+    (folder / "adapter_model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_lora_namespace_is_what_defines_the_adapter(pool, tmp_path):
+    """Two different adapters under one name and int id share no page; one adapter under two names shares."""
+    from kvdirect.vllm.scheduler import request_namespace
+
+    a = adapter(tmp_path / "host1" / "sql", b"weights-A" * 100)
+    b = adapter(tmp_path / "host2" / "sql", b"weights-B" * 100)
+    a_copy = adapter(tmp_path / "copy-of-a", b"weights-A" * 100)
+    toks = np.arange(600, 600 + 3 * P).tolist()
+    _, fp = save_doc(pool, toks, [0, 1, 2], lora=lora(a))
+    s = scheduler(pool, fp)
+    assert s.num_new_matched_tokens(request("b", toks, lora=lora(b)), 0) == 0      # same name and id
+    assert s.num_new_matched_tokens(request("n", toks), 0) == 0                    # the base model
+    assert s.num_new_matched_tokens(request("c", toks, lora=lora(a_copy, "other", 7)), 0) == 2 * P
+    ns_a = request_namespace(request("q", toks, lora=lora(a)))
+    # replaced in place (same path, new weights): a new identity
+    (a / "adapter_model.safetensors").write_bytes(b"weights-A2" * 100)
+    assert request_namespace(request("q", toks, lora=lora(a)))[0] != ns_a[0]
+
+
+def test_lora_that_cannot_be_identified_is_neither_loaded_nor_saved(pool, tmp_path):
+    toks = np.arange(700, 700 + 3 * P).tolist()
+    _, fp = save_doc(pool, toks, [0, 1, 2])
+    s = scheduler(pool, fp)
+    req = request("u", toks, lora=lora(tmp_path / "no-such-adapter"))
+    assert s.num_new_matched_tokens(req, 0) == 0
+    s.after_alloc(req, [], 0)
+    plan = s.build_step(sched_output(new=[("u", 0, len(toks))], blocks={"u": [3, 4, 5]}))
+    assert not plan.saves and not plan.loads

@@ -38,7 +38,8 @@ def _exists_prefix(p: CacheParts, digests: np.ndarray) -> int:
         return 0
 
 
-def match(p: CacheParts, tokens, namespace: str | None, exclude_last: bool = False) -> CacheMatch:
+def match(p: CacheParts, tokens, namespace: str | None, exclude_last: bool = False,
+          pool: bool = True) -> CacheMatch:
     t = as_tokens(tokens)
     n_all = len(t)
     if exclude_last and n_all:
@@ -48,9 +49,9 @@ def match(p: CacheParts, tokens, namespace: str | None, exclude_last: bool = Fal
     dev_pages, idx_pool_pages = r.device_len // P, r.pool_len // P
     known = dev_pages + idx_pool_pages
     full = len(t) // P
-    if not p.health.available():
-        idx_pool_pages = 0  # the pool is unreachable: its pages are misses for now
-    query = (p.health.available() and full - known >= max(p.config.min_query_pages, 1))
+    if not (pool and p.health.available()):
+        idx_pool_pages = 0  # device only, or the pool is unreachable: its pages are misses for now
+    query = pool and p.health.available() and full - known >= max(p.config.min_query_pages, 1)
     upto = min(full, known + p.config.max_query_pages) if query else known
     digests = None
     found = 0

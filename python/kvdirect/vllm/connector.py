@@ -27,7 +27,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvdirect import keys as _keys
 from kvdirect.errors import ConfigError
-from kvdirect.layout import KVLayout
 from kvdirect.vllm import settings
 from kvdirect.vllm.plan import StepPlan, WorkerReport
 from kvdirect.vllm.scheduler import SchedulerSide
@@ -137,11 +136,9 @@ class KVDirectConnector(KVConnectorBase_V1):
             names.append(name)
             tensors.append(t)
         fmt = self._object_format(names[0], tensors[0])
-        layout = KVLayout.from_blocks(tensors, num_blocks=int(tensors[0].shape[self._block_dim(tensors[0])]),
-                                      page_size=self.block_size, object_format=fmt,
-                                      kv_heads=int(spec.num_kv_heads), head_dim=int(spec.head_size),
-                                      v_head_dim=int(getattr(spec, "head_size_v", spec.head_size)),
-                                      block_dim=self._block_dim(tensors[0]))
+        block_dim = self._block_dim(tensors[0])
+        layout = settings.blocks_layout(self._vllm_config, spec, tensors, num_blocks=int(tensors[0].shape[block_dim]),
+                                        block_size=self.block_size, object_format=fmt, block_dim=block_dim)
         rank, size = _tp()
         fp = _keys.LayoutFingerprint.from_layout(layout, model=self.config.model, tp_rank=rank, tp_size=size)
         # layer names map to their position; shared layers to the layer that owns the tensor

@@ -32,6 +32,7 @@ from kvdirect.cache.stats import CacheStats
 from kvdirect.config import CacheConfig
 from kvdirect.errors import ConfigError, KVDirectError
 from kvdirect.index import PrefixIndex
+from kvdirect.vllm.lora import adapter_identity
 from kvdirect.vllm.plan import PageRun, StepPlan, WorkerReport
 
 log = logging.getLogger("kvdirect.vllm")
@@ -41,14 +42,20 @@ _EMPTY_DIGESTS = np.zeros((0, 32), dtype=np.uint8)
 
 def request_namespace(request) -> tuple[str | None, bytes | None] | None:
     """(index namespace, key seed) for a request, or None when its KV is not a function
-    of its token ids alone (multimodal inputs, prompt embeddings): such requests are
-    neither loaded nor saved."""
+    of its token ids alone (multimodal inputs, prompt embeddings) or of what can be
+    identified (a LoRA adapter without its files): such requests are neither loaded
+    nor saved."""
     if getattr(request, "prompt_token_ids", None) is None or getattr(request, "mm_features", None):
         return None
     if getattr(request, "prompt_embeds", None) is not None:
         return None
     lora = getattr(request, "lora_request", None)
-    lora_name = None if lora is None else f"lora:{getattr(lora, 'lora_name', None)}:{getattr(lora, 'lora_int_id', '')}"
+    lora_name = None
+    if lora is not None:  # the adapter's files, not vLLM's name and id (kvdirect.vllm.lora)
+        ident = adapter_identity(lora)
+        if ident is None:
+            return None
+        lora_name = f"lora:{ident}"
     salt = getattr(request, "cache_salt", None) or None
     if lora_name is None and salt is None:
         return None, None

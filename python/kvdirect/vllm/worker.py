@@ -48,7 +48,7 @@ class PageTransfer:
     given by their first slot (``block_id * page_size``). Host memory only for now."""
 
     def __init__(self, store, layout, config: CacheConfig | None = None):
-        if layout.device != "cpu":
+        if layout.device != "cpu" and not layout.device.startswith("sim:"):  # sim: the CPU suite's ordering tests
             raise ConfigError(f"kvdirect vLLM connector: KV cache on {layout.device}; only vLLM CPU is supported "
                               "(device engines need ordered device transfers, not wired for vLLM yet)")
         self.store, self.layout = store, layout
@@ -58,11 +58,16 @@ class PageTransfer:
         self.quarantine = Quarantine(store, lambda slots: None)
         self._t = Transfer(store, layout, config or CacheConfig(model="-", store=None), ops, self.quarantine)
 
-    def get(self, keys: list, page_slots: np.ndarray) -> np.ndarray:
-        return self._t.get(keys, page_slots)
+    def compute_event(self):
+        """The forward's compute event: recorded on the forward thread (start_load,
+        wait_for_save), never on a writer thread, whose current stream is not the forward's."""
+        return self._t.compute_event()
 
-    def put(self, keys: list, page_slots: np.ndarray) -> np.ndarray:
-        return self._t.put(keys, page_slots, self._t.compute_event())
+    def get(self, keys: list, page_slots: np.ndarray) -> np.ndarray:
+        return self._t.get(keys, page_slots, self._t.compute_event())  # on the forward thread
+
+    def put(self, keys: list, page_slots: np.ndarray, event) -> np.ndarray:
+        return self._t.put(keys, page_slots, event)
 
     def release(self) -> None:
         self.quarantine.release()
@@ -214,6 +219,7 @@ class WorkerSide:
 
     # ---- saves ----------------------------------------------------------------------------
     def submit_saves(self, plan: StepPlan) -> None:
+        event = self.transfer.compute_event() if plan.saves else None  # forward thread: the KV is queued
         for r in plan.saves:
             if not len(r):
                 continue
@@ -224,7 +230,7 @@ class WorkerSide:
             with self._cv:
                 self._inflight[r.req_id] += 1
             keys = self._keys(r.digests)
-            self._writer.submit(self._run_save, r, keys, self._slots(r.block_ids))
+            self._writer.submit(self._run_save, r, keys, self._slots(r.block_ids), event)
 
     def _reserve(self, n: int) -> bool:
         limit = self.config.max_inflight_pages
@@ -236,7 +242,7 @@ class WorkerSide:
             self._inflight_pages += n
             return True
 
-    def _run_save(self, run: PageRun, keys: list, page_slots: np.ndarray) -> None:
+    def _run_save(self, run: PageRun, keys: list, page_slots: np.ndarray, event) -> None:
         t0 = time.perf_counter()
         status = np.full(len(keys), UNAVAILABLE, dtype=np.int32)
         existed = 0
@@ -247,7 +253,7 @@ class WorkerSide:
             todo = np.flatnonzero(~have)
             if todo.size:
                 sub = [keys[i] for i in todo] if todo.size != len(keys) else keys
-                status[todo] = self.transfer.put(sub, page_slots[todo])
+                status[todo] = self.transfer.put(sub, page_slots[todo], event)
             late = np.flatnonzero(status == TIMEOUT)
             if late.size:
                 self._settle_late_puts([keys[i] for i in late])
