@@ -337,10 +337,16 @@ def venv_python() -> Path:
     return Path(venv) / "bin" / "python"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (all sockets held until every port is picked)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class Aux:
@@ -490,7 +496,7 @@ class Stores:
         """One mooncake_master and one memory holder per round, shared by both Mooncake systems."""
         if self.master is None:
             vbin = self.b.py.parent
-            rpc, http, metrics, hold = (free_port() for _ in range(4))
+            rpc, http, metrics, hold = free_ports(4)
             self.master = self.b.aux("mooncake_master", [
                 str(vbin / "mooncake_master"), f"--rpc_port={rpc}", "--rpc_address=127.0.0.1",
                 "--enable_http_metadata_server=true", "--http_metadata_server_host=127.0.0.1",
@@ -538,7 +544,7 @@ class Stores:
             self.cleanup.append(lambda: cfg.unlink(missing_ok=True))
             return {"connector": "mooncake_store", "extra": {}}, {"MOONCAKE_CONFIG_PATH": str(cfg)}, True
         if system == "lmcache":
-            port = free_port()
+            port, = free_ports(1)
             srv = self.b.aux("lmcache_server", [
                 str(self.b.py.parent / "lmcache"), "server", "--host", "127.0.0.1", "--port", str(port),
                 "--l1-size-gb", f"{max(1.0, self.need / 2**30):.2f}", "--eviction-policy", "LRU", "--chunk-size",

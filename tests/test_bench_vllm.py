@@ -138,3 +138,10 @@ def test_binding_summary_reads_worker_threads():
     assert bv.binding_summary([rec("0"), rec("0"), rec("0-1", "store")], "0", "1")["uniform"]
     b = bv.binding_summary([rec("0"), rec("0-1")], "0", "1")
     assert not b["uniform"] and b["worker_cpus"] == ["0", "0-1"]
+
+
+def test_free_ports_are_distinct():
+    """mooncake_master's RPC and metadata ports were once the same port (two free_port() calls)."""
+    for _ in range(20):
+        ports = bv.free_ports(4)
+        assert len(set(ports)) == 4
