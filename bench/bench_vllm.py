@@ -497,16 +497,22 @@ class Stores:
         if self.master is None:
             vbin = self.b.py.parent
             rpc, http, metrics, hold = free_ports(4)
-            self.master = self.b.aux("mooncake_master", [
+            master = self.b.aux("mooncake_master", [
                 str(vbin / "mooncake_master"), f"--rpc_port={rpc}", "--rpc_address=127.0.0.1",
                 "--enable_http_metadata_server=true", "--http_metadata_server_host=127.0.0.1",
                 f"--http_metadata_server_port={http}", "--metrics_host=127.0.0.1", f"--metrics_port={metrics}",
                 "--enable_metric_reporting=false"], [rpc, http])
-            self.meta, self.rpc = f"http://127.0.0.1:{http}/metadata", f"127.0.0.1:{rpc}"
+            meta, addr = f"http://127.0.0.1:{http}/metadata", f"127.0.0.1:{rpc}"
             seg_mb = math.ceil(2 * self.need / 2**20)  # both Mooncake systems' pages
-            self.holder = self.b.aux("mooncake_client", [
-                str(vbin / "mooncake_client"), f"--global_segment_size={seg_mb}MB", f"--master_server_address={self.rpc}",
-                f"--metadata_server={self.meta}", "--protocol=tcp", "--host=127.0.0.1", f"--port={hold}"], [hold])
+            try:
+                self.holder = self.b.aux("mooncake_client", [
+                    str(vbin / "mooncake_client"), f"--global_segment_size={seg_mb}MB",
+                    f"--master_server_address={addr}", f"--metadata_server={meta}", "--protocol=tcp",
+                    "--host=127.0.0.1", f"--port={hold}"], [hold])
+            except EngineFailed:
+                master.stop()
+                raise
+            self.master, self.meta, self.rpc = master, meta, addr
         return self.meta, self.rpc
 
     def close(self):
@@ -561,6 +567,33 @@ class Stores:
         raise ValueError(system)
 
 
+def run_system(bench: Bench, system: str, stores: Stores, common: dict, docs, prompts, warm, idx, order,
+               label: str, meta: dict) -> list[tuple]:
+    """Instance A (systems that load) then the measuring process; (wall ms, hit tokens, output) per order entry."""
+    settle = bench.args.settle
+    kv, extra_env, a_inproc = stores.kv(system)
+    if system in LOADERS:
+        bench.engine(dict(common, kv=kv, multiprocess=not a_inproc, drain_saves=True, phases=[
+            {"prompts": [docs[lvl][i] for i in idx for lvl in LEVELS if lvl > 0], "max_tokens": 1, "mode": "batch"}]),
+            f"{label} A (stores)", dict(meta, role="store"), extra_env)
+    warm_ph = {"prompts": warm, "max_tokens": 1, "mode": "sequential"}
+    if system == "ideal":
+        phases = [warm_ph]
+        for lvl, i in order:
+            phases += [{"prompts": [docs[lvl][i]], "max_tokens": 1, "mode": "batch"},
+                       {"prompts": [prompts[lvl][i]], "max_tokens": 1, "mode": "sequential", "settle_s": settle}]
+        res = bench.engine(dict(common, kv=kv, multiprocess=True, phases=phases), label, dict(meta, role="measure"),
+                           extra_env)
+        timed = [res["phases"][2 + 2 * j] for j in range(len(order))]
+        return [(ph["wall_ms"][0], ph["cached_tokens"][0], ph["outputs"][0]) for ph in timed]
+    res = bench.engine(dict(common, kv=kv, multiprocess=True, phases=[
+        warm_ph, {"prompts": [prompts[lvl][i] for lvl, i in order], "max_tokens": 1, "mode": "sequential",
+                  "settle_s": settle}]),
+        label + (" B (loads)" if system in LOADERS else ""), dict(meta, role="measure"), extra_env)
+    ph = res["phases"][1]
+    return list(zip(ph["wall_ms"], ph["cached_tokens"], ph["outputs"]))
+
+
 def run_shape(bench: Bench, name: str, k0: int, systems: list[str], out: dict, save) -> int:
     """Every round of one shape; returns the number of rounds run (for the run-wide order)."""
     args = bench.args
@@ -589,46 +622,31 @@ def run_shape(bench: Bench, name: str, k0: int, systems: list[str], out: dict, s
                 if system in shape["failed"]:
                     continue
                 meta = {"shape": name, "system": system, "round": r}
-                try:
-                    kv, extra_env, a_inproc = stores.kv(system)
-                    if system in LOADERS:
-                        bench.engine(dict(common, kv=kv, multiprocess=not a_inproc, drain_saves=True, phases=[
-                            {"prompts": [docs[lvl][i] for i in idx for lvl in LEVELS if lvl > 0],
-                             "max_tokens": 1, "mode": "batch"}]),
-                            f"{name} r{r} {system} A (stores)", dict(meta, role="store"), extra_env)
-                    warm_ph = {"prompts": warm, "max_tokens": 1, "mode": "sequential"}
-                    if system == "ideal":
-                        phases = [warm_ph]
-                        for lvl, i in order:
-                            phases += [{"prompts": [docs[lvl][i]], "max_tokens": 1, "mode": "batch"},
-                                       {"prompts": [prompts[lvl][i]], "max_tokens": 1, "mode": "sequential",
-                                        "settle_s": args.settle}]
-                        res = bench.engine(dict(common, kv=kv, multiprocess=True, phases=phases),
-                                           f"{name} r{r} {system}", dict(meta, role="measure"), extra_env)
-                        timed = [res["phases"][2 + 2 * j] for j in range(len(order))]
-                        got = [(ph["wall_ms"][0], ph["cached_tokens"][0], ph["outputs"][0]) for ph in timed]
-                    else:
-                        res = bench.engine(dict(common, kv=kv, multiprocess=True, phases=[
-                            warm_ph, {"prompts": [prompts[lvl][i] for lvl, i in order], "max_tokens": 1,
-                                      "mode": "sequential", "settle_s": args.settle}]),
-                            f"{name} r{r} {system}{' B (loads)' if system in LOADERS else ''}",
-                            dict(meta, role="measure"), extra_env)
-                        ph = res["phases"][1]
-                        got = list(zip(ph["wall_ms"], ph["cached_tokens"], ph["outputs"]))
+                for attempt in range(args.retries + 1):
+                    try:
+                        got = run_system(bench, system, stores, common, docs, prompts, warm, idx, order,
+                                         f"{name} r{r} {system}" + (f" (try {attempt + 1})" if attempt else ""),
+                                         dict(meta, attempt=attempt))
+                    except EngineFailed as e:
+                        lines = str(e).strip().splitlines()
+                        why = next((ln for ln in reversed(lines) if re.search(r"error|failed", ln, re.I)), lines[0])
+                        out.setdefault("failures", []).append(dict(meta, attempt=attempt, error=str(e)[-4000:]))
+                        last = attempt == args.retries
+                        print(f"[bench_vllm] {system} FAILED ({'recorded, continuing' if last else 'retrying'}): "
+                              f"{why[:300]}", flush=True)
+                        if last:
+                            shape["failed"][system] = why[:300]
+                        else:
+                            time.sleep(30)  # a shared machine: memory may come back
+                        continue
+                    finally:
+                        for f in reversed(stores.cleanup):
+                            f()
+                        stores.cleanup.clear()
                     for (lvl, i), (w, h, o) in zip(order, got):
                         cell = samples[system][level_key(lvl)]
                         cell["wall_ms"][i], cell["hits"][i], cell["outputs"][i] = w, h, o
-                except EngineFailed as e:
-                    first = str(e).strip().splitlines()
-                    shape["failed"][system] = next((ln for ln in reversed(first) if "Error" in ln), first[0])[:300]
-                    out.setdefault("failures", []).append({"shape": name, "system": system, "round": r,
-                                                           "error": str(e)[-4000:]})
-                    print(f"[bench_vllm] {system} FAILED (recorded, continuing): {shape['failed'][system]}",
-                          flush=True)
-                finally:
-                    for f in reversed(stores.cleanup):
-                        f()
-                    stores.cleanup.clear()
+                    break
                 ok = {s: v for s, v in samples.items() if s not in shape["failed"]}
                 shape["runs"] = summarize_runs(ok, n)
                 shape["control"] = control_check(ok)
@@ -670,6 +688,8 @@ def main(argv=None) -> int:
     ap.add_argument("--readme", help="replace the generated block in this Markdown file")
     ap.add_argument("--logs", help="keep every process's log in this folder (default: a temporary one)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per engine process")
+    ap.add_argument("--retries", type=int, default=1, help="reruns of a system whose engine failed (each failure "
+                                                          "is recorded in the JSON; default 1)")
     args = ap.parse_args(argv)
     systems = [s for s in SYSTEMS if s in args.systems.split(",")]
     shapes = [s for s in args.shapes.split(",") if s]
@@ -679,6 +699,8 @@ def main(argv=None) -> int:
     if args.readme and not Path(args.readme).read_text().count(BEGIN):
         ap.error(f"{args.readme} has no {BEGIN} marker")
 
+    # SIGTERM unwinds like Ctrl-C, so that engines, store servers and pools are cleaned up
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     t_start = time.perf_counter()
     env_args = ["--lmcache"] if "lmcache" in systems else []
     print("[bench_vllm] preparing the vLLM environment (scripts/vllm-env.sh; ~4 GB and ~6 min on first use)",
