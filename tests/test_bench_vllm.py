@@ -145,3 +145,16 @@ def test_free_ports_are_distinct():
     for _ in range(20):
         ports = bv.free_ports(4)
         assert len(set(ports)) == 4
+
+
+def test_from_json_rewrites_the_readme_block(tmp_path):
+    out = {"machine": {"description": "M", "vllm": "0.32.0", "lmcache": "0.5.6", "torch": "2.13", "cores": 2},
+           "setup": {"command": "x", "date": "2026-01-01", "wall_s": 60, "prompts_per_level": 2, "rounds": 1},
+           "binding": {"omp_bind": "0", "aux_cpus": "1", "uniform": True, "worker_cpus": ["0"]},
+           "shapes": {"compute": shape_of(SAMPLES)}}
+    js, md = tmp_path / "b.json", tmp_path / "R.md"
+    js.write_text(__import__("json").dumps(out))
+    md.write_text(f"# t\n{bv.BEGIN}\nOLD-BLOCK\n{bv.END}\nrest\n")
+    assert bv.main(["--from-json", str(js), "--readme", str(md)]) == 0
+    text = md.read_text()
+    assert "OLD-BLOCK" not in text and "**compute shape**" in text and text.endswith("rest\n")
