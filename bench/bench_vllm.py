@@ -327,6 +327,21 @@ class EngineFailed(RuntimeError):
     pass
 
 
+def shm_files(pgid: int):
+    """kvdirect.procshm.ShmFiles for the engine's process group (from the checkout if kvdirect is
+    not installed in this Python)."""
+    try:
+        from kvdirect.procshm import ShmFiles
+    except ImportError:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("kvd_procshm", ROOT / "python/kvdirect/procshm.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        ShmFiles = mod.ShmFiles
+    return ShmFiles(pgid)
+
+
 def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, text=True, **kw)
 
@@ -437,16 +452,23 @@ class Bench:
             with open(errf, "w") as err:
                 p = subprocess.Popen([str(self.py), str(ROOT / "tests/vllm/driver.py"), str(jf), str(of)],
                                      stdout=err, stderr=subprocess.STDOUT, env=env, cwd=d, start_new_session=True)
+                files = shm_files(p.pid)  # vLLM's psm_* queues this engine's processes map
+                rc = None
                 try:
-                    rc = p.wait(self.args.timeout)
-                except subprocess.TimeoutExpired:
-                    rc = None
+                    while (rc := p.poll()) is None and time.perf_counter() - t0 < self.args.timeout:
+                        files.note()
+                        time.sleep(0.5)
                 finally:
+                    files.note()
                     try:  # the engine's own processes (engine core, workers) end with the driver
                         os.killpg(p.pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
                     p.wait()
+                    deadline = time.perf_counter() + 10
+                    while files.pids() and time.perf_counter() < deadline:
+                        time.sleep(0.05)
+                    files.remove()  # only this engine's files: never a prefix sweep (others' engines)
             log = errf.read_text(errors="replace")
             wall = time.perf_counter() - t0
             if rc != 0 or not of.exists():

@@ -98,8 +98,8 @@ def finish_load(p: CacheParts, m: CacheMatch, slots: np.ndarray, n_pages: int, s
                                          in_pool_first=dev_pages)
         if already > m.device_len:  # another request inserted meanwhile: keep its slots
             p.free_slots(all_slots[m.device_len:already])
-        p.locks.move(m.node, r.node)
-        m.node, m.device_len, m.device_slots = r.node, r.device_len, r.device_slots
+        m.node = p.locks.move(m.node, r.node)  # one handle object: the request's locks follow it
+        m.device_len, m.device_slots = r.device_len, r.device_slots
         p.stats.add(loaded_pages=n_ok, loaded_bytes=n_ok * p.layout.page_bytes)
     if n_pages:
         with p.stats.lock:

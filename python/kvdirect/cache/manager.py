@@ -128,9 +128,11 @@ class KVDirectCache:
         return match(self._p, tokens, namespace, exclude_last, pool)
 
     def lock(self, node) -> None:
+        """Pin the matched path; pass ``m.node`` (its locks follow ``m`` through ``load``)."""
         self._p.locks.lock(node)
 
     def unlock(self, node) -> None:
+        """Undo one ``lock``; after a load, of ``m.node`` as the load left it."""
         self._p.locks.unlock(node)
 
     def load(self, m: CacheMatch, slots) -> int:
@@ -142,7 +144,9 @@ class KVDirectCache:
         Returns the tokens loaded (page aligned). Stops at the first page that
         failed; every slot not holding a loaded page is given back through
         ``free_slots``. Loaded pages join the index as device-resident; ``m`` is
-        updated (device_len, device_slots, node — the lock moves with it)."""
+        updated (device_len, device_slots, node — the locks taken with
+        ``lock(m.node)`` move with it, and only those: other requests' locks on the same
+        node stay where they are)."""
         return _load.load(self._p, m, slots)
 
     def load_layerwise(self, m: CacheMatch, slots) -> _load.LayerwiseLoad:
