@@ -75,6 +75,8 @@ def test_killed_tree_leaves_nothing_and_others_files_stay(tmp_path):
         removed = leftovers.remove()
         assert sorted(removed) == sorted(made)
         assert not [n for n in made if (SHM / n).exists()]
+        assert {made[0], made[2]} <= set(leftovers.seen())  # what it mapped or held stays on record
+        assert not set(leftovers.seen()) & {p.name for p in others}
         assert all(p.exists() for p in others), [str(p) for p in others if not p.exists()]
         assert pool.exists(), "a kvdirect pool outlives the processes that use it"
         del live_lock

@@ -136,6 +136,11 @@ class ShmLeftovers:
                 if ino in inodes and (name, ino) not in self._before:
                     self._seen.add((name, ino))
 
+    def seen(self) -> list[str]:
+        """Names of every file the tree was seen mapping or holding open (existing now or not)."""
+        with self._lock:
+            return sorted({name for name, _ in self._seen})
+
     def owned(self) -> list[str]:
         """Names of the files that exist now and are the tree's (used or not)."""
         with self._lock:

@@ -66,7 +66,7 @@ def _kill_group(p, files=None) -> dict:
     deadline = time.monotonic() + 10
     while group_pids(p.pid) and time.monotonic() < deadline:  # killed processes may take a moment to go
         time.sleep(0.05)
-    seen = ["/dev/shm/" + n for n in files.owned()]
+    seen = ["/dev/shm/" + n for n in files.seen()]
     return {"seen": seen, "removed": ["/dev/shm/" + n for n in files.remove()]}
 
 

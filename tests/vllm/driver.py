@@ -17,10 +17,17 @@ objects directly. Job keys (all optional but ``model`` and ``phases``):
   (nested, the first innermost)
 * ``phases``: list of ``{"prompts": [[ids]], "max_tokens": n, "n": samples per prompt (top-1
   sampling: greedy tokens), "mode": "batch" |
-  "sequential" (one request at a time, wall time per request = TTFT with max_tokens 1)
+  "sequential" (one request at a time, wall time per request = TTFT with max_tokens 1;
+  ``settle_s``: idle seconds before each request)
   | "abort" (abort ``abort`` of the requests after ``abort_after_steps`` steps)}``
 * ``dump_pages``: hash the KV bytes of the blocks kvdirect saved / loaded and of
   the pool objects under the same keys.
+* ``drain_saves``: after the phases, wait until the connector wrote what it accepted
+  (in-process engines; ``drain`` in the result says how)
+* ``cpu_report``: after the phases, the CPU binding of this process and its
+  descendants (engine core, workers) as ``processes``: per process its name, the
+  OpenMP / vLLM CPU variables it started with and its threads grouped by the CPUs
+  they may run on (``/proc``; Linux only).
 """
 from __future__ import annotations
 
@@ -54,6 +61,9 @@ def _kv_config(job):
                                 kv_connector_extra_config={"lmcache.mp.host": "tcp://127.0.0.1",
                                                            "lmcache.mp.port": int(kv["port"]),
                                                            "lmcache.mp.mq_timeout": 30})
+    if c == "mooncake_store":  # vLLM's own MooncakeStoreConnector; MOONCAKE_CONFIG_PATH names its store
+        return KVTransferConfig(kv_connector="MooncakeStoreConnector", kv_role="kv_both",
+                                kv_connector_extra_config=kv.get("extra", {}))
     raise ValueError(f"unknown connector {c!r}")
 
 
@@ -123,6 +133,79 @@ def _dump_pages(worker_conn, url) -> dict:
     return out
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+CPU_VARS = ("OMP_NUM_THREADS", "OMP_PLACES", "OMP_PROC_BIND", "GOMP_CPU_AFFINITY", "KMP_AFFINITY",
+            "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+
+
+def process_cpus(root: int) -> list[dict]:
+    """``root`` and its descendants: name, CPU variables from its environment, threads by allowed CPUs."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            stat = _read(f"/proc/{d}/stat")
+            if stat:
+                parent[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        tree.append(pid)
+        todo += sorted(c for c, p in parent.items() if p == pid)
+    out = []
+    for pid in tree:
+        env = dict(kv.split("=", 1) for kv in _read(f"/proc/{pid}/environ").split("\0") if "=" in kv)
+        groups: dict = {}
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            st = _read(f"/proc/{pid}/task/{tid}/status")
+            cpus = next((ln.split(":", 1)[1].strip() for ln in st.splitlines() if ln.startswith("Cpus_allowed_list")),
+                        "?")
+            g = groups.setdefault(cpus, {"cpus": cpus, "threads": 0, "names": set()})
+            g["threads"] += 1
+            g["names"].add(_read(f"/proc/{pid}/task/{tid}/comm").strip())
+        out.append({"pid": pid, "name": _read(f"/proc/{pid}/comm").strip(),
+                    "env": {k: env[k] for k in CPU_VARS if k in env},
+                    "threads": [dict(g, names=sorted(g["names"])[:12]) for g in groups.values()]})
+    return out
+
+
+def drain_saves(timeout_s: float = 900) -> dict:
+    """Wait until the in-process worker connector has written every save it accepted, so that a
+    process that only stores (bench_vllm's instance A) does not exit with writes in flight. kvdirect:
+    ``flush()``; vLLM's MooncakeStoreConnector: its sending thread's queue is empty. Other connectors
+    (ExampleConnector writes synchronously; LMCache runs multiprocess and finishes at shutdown) are
+    named as not drained here."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    t0 = time.perf_counter()
+    if not has_kv_transfer_group():
+        return {"connector": None, "waited_s": 0.0}
+    c = get_kv_transfer_group()
+    name = type(c).__name__
+    if getattr(c, "worker", None) is not None and hasattr(c.worker, "flush"):
+        c.worker.flush()
+        how = "flush()"
+    elif getattr(getattr(c, "connector_worker", None), "kv_send_thread", None) is not None:
+        q = c.connector_worker.kv_send_thread.request_queue
+        deadline = time.monotonic() + timeout_s
+        while q.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        how = f"sending queue empty ({q.unfinished_tasks} left)"
+    else:
+        how = "not drained here"
+    return {"connector": name, "how": how, "waited_s": round(time.perf_counter() - t0, 3)}
+
+
 _LLM: dict = {}
 
 
@@ -168,6 +251,7 @@ def run(job: dict) -> dict:
             res["cached_tokens"] = [o.num_cached_tokens for o in outs]
         elif mode == "sequential":
             for p in prompts:
+                time.sleep(ph.get("settle_s", 0))  # untimed: lets background writes of the previous request finish
                 t = time.perf_counter()
                 o = llm.generate([p], sp, use_tqdm=False)[0]
                 res["wall_ms"].append((time.perf_counter() - t) * 1e3)
@@ -192,6 +276,9 @@ def run(job: dict) -> dict:
         else:
             raise ValueError(f"unknown mode {mode!r}")
         result["phases"].append(res)
+    if job.get("drain_saves"):
+        result["drain"] = drain_saves() if not job.get("multiprocess") else {
+            "connector": "in the engine's worker process", "how": "not drained here (ends with the engine)"}
     # let held requests drain: empty steps deliver pending save completions (and the release of
     # blocks a timed-out get was still writing)
     core, sched = _engine_parts(llm)
@@ -201,6 +288,8 @@ def run(job: dict) -> dict:
             core.step() if hasattr(core, "step") else None
             time.sleep(0.01)
     result["metrics"] = _metrics(llm)
+    if job.get("cpu_report"):
+        result["processes"] = process_cpus(os.getpid())
     if sched is not None:
         bp = sched.kv_cache_manager.block_pool
         result["blocks"] = {"free": bp.get_num_free_blocks(), "total": bp.num_gpu_blocks,

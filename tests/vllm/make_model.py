@@ -20,12 +20,16 @@ import sys
 from pathlib import Path
 
 # name -> LlamaConfig fields. "tiny": the engine tests (fast prefill, 2 layers).
-# "bench": the benchmark, >= 2000-token prompts in about a second of cold prefill on 2 cores.
+# "bench": the benchmark's compute-bound shape, >= 2000-token prompts in about a second of cold prefill.
+# "transfer": the benchmark's transfer-bound shape: KV large relative to compute (32 layers x 16 KV heads x
+# head 128 over a 256-wide hidden state): 512 KiB of fp32 KV per token, 0.5 GiB per 1024-token prompt.
 RECIPES = {
     "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=512, vocab_size=2048, max_position_embeddings=8192),
     "bench": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                   intermediate_size=2048, vocab_size=8192, max_position_embeddings=8192),
+    "transfer": dict(hidden_size=256, num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=16,
+                     head_dim=128, intermediate_size=512, vocab_size=2048, max_position_embeddings=4096),
 }
 SEED = 0
 FORMAT = 1  # bump when the way a model is written changes
