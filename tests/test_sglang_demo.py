@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kvdirect.errors import ConfigError
-from kvdirect.sglang_demo.demo import MODES, SGLangDemoConfig, render_table, summarise, workload
+from kvdirect.demo.sglang import MODES, SGLangDemoConfig, render_table, summarise, workload
 
 
 def test_config_validation():

@@ -1,18 +1,19 @@
-"""`kvdirect demo`: two serving instances share one KV pool; TTFT with and without kvdirect."""
+"""`kvdirect demo`: two serving instances share one KV pool; TTFT with and without kvdirect.
+
+The command line only: the experiments live in ``kvdirect.demo`` (``own``: the
+reference engine, ``sglang``: real SGLang servers; ``report``: their outputs).
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from kvdirect.cli import _args as A
+from kvdirect.demo import OWN_MODES as MODES
+from kvdirect.demo import SGLANG_MODES, SMALL_MODEL
 
-MODES = ("baseline", "ideal", "kvdirect")
-# modes of `--engine sglang` only (kvdirect.sglang_demo.demo.MODES)
-SGLANG_ONLY_MODES = ("kvdirect_layerwise", "hicache", "hicache_file")
-#: ``--model-size small``: a tiny model for quick checks (either engine)
-SMALL_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   intermediate_size=128, vocab_size=512)
+# modes of `--engine sglang` only
+SGLANG_ONLY_MODES = tuple(m for m in SGLANG_MODES if m not in MODES)
 
 
 def reuse_levels(text: str) -> tuple:
@@ -47,9 +48,7 @@ def run(args) -> int:
 
     from kvdirect.errors import ConfigError
 
-    if args.engine == "sglang":  # real SGLang servers: kvdirect/sglang_demo
-        from kvdirect.sglang_demo.cli import run as run_sglang
-
+    if args.engine == "sglang":
         return run_sglang(args)
     args.modes = args.modes or MODES
     own_only = [m for m in args.modes if m not in MODES]
@@ -61,7 +60,7 @@ def run(args) -> int:
         A.open_user_store(store).close()  # a bad or unreachable store fails here, before the model is built
         store = A.existing_pool_url(store)
     try:
-        from kvdirect.demo import DemoConfig, plot, render_table, run_demo
+        from kvdirect.demo.own import DemoConfig, plot, render_table, run_demo
         from kvdirect.engine.model import ModelSpec
     except ImportError as e:
         raise ConfigError(f"kvdirect demo needs torch and transformers ({e}); install them with "
@@ -92,15 +91,40 @@ def run(args) -> int:
     return write_result(args, result, plot, "cached outputs differ from the uncached ones")
 
 
+def run_sglang(args) -> int:
+    """``--engine sglang``: real SGLang servers (``kvdirect.demo.sglang``)."""
+    from kvdirect.demo.sglang import SGLangDemoConfig, plot, render_table, run_demo
+    from kvdirect.errors import ConfigError
+
+    if args.device != "cpu":
+        raise ConfigError("--engine sglang runs SGLang on the CPU only (--device cpu)")
+    if args.store:
+        raise ConfigError("--engine sglang makes its own pools (shm, and a Mooncake master for HiCache); "
+                          "drop --store")
+    spec = dict(SMALL_MODEL) if args.model_size == "small" else {}
+    try:
+        cfg = SGLangDemoConfig(prompts=args.prompts, prompt_len=args.prompt_len, reuse=tuple(args.reuse),
+                               output_len=args.output_len, page_size=args.page_size,
+                               modes=tuple(args.modes or SGLANG_MODES), seed=args.seed,
+                               spec=spec, sglang_env=getattr(args, "sglang_env", None))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    result = run_demo(cfg, progress=not args.quiet)
+    m = result["machine"]
+    print(f"\nmachine: {m.get('cpu')}, {m['cores']} cores; SGLang 0.5.23, --attention-backend torch_native, "
+          f"page {cfg.page_size}")
+    print(f"workload: {cfg.prompts} prompts x {cfg.prompt_len} tokens per reuse level, output {cfg.output_len}; "
+          f"TTFT of the second server's first request (p50)\n")
+    print(render_table(result))
+    return write_result(args, result, plot, "outputs differ between modes")
+
+
 def write_result(args, result: dict, plot, differ: str) -> int:
     """``--json`` / ``--plot`` outputs of either engine's demo; exit 1 when outputs differ."""
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
+    from kvdirect.demo.report import write_outputs
+
+    for path in write_outputs(result, json_path=args.json, plot_path=args.plot, plot=plot):
+        print(f"wrote {path}")
     if not result["outputs_identical"]:
         print(f"{args.prog}: error: {differ}", file=sys.stderr)
         return 1

@@ -42,9 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kvdirect.demo import SGLANG_MODES as MODES
+from kvdirect.demo.report import bar_plot, change, machine_info, render, ttft_stats
 from kvdirect.errors import ConfigError
 
-MODES = ("baseline", "ideal", "kvdirect", "kvdirect_layerwise", "hicache", "hicache_file")
 LABELS = {"baseline": "SGLang cache, prefix not resident", "ideal": "SGLang cache, prefix on device",
           "kvdirect": "kvdirect (shm pool)", "kvdirect_layerwise": "kvdirect, layer-wise",
           "hicache": "SGLang HiCache L3 Mooncake (+CPU patch)", "hicache_file": "SGLang HiCache L3 file (+CPU patch)"}
@@ -138,7 +139,7 @@ class _Servers:
         self.all = []
 
     def start(self, specs: dict) -> dict:
-        from kvdirect.sglang_demo.server import Server
+        from kvdirect.demo.sglang_cpu.server import Server
 
         servers = {}
         for name, kw in specs.items():
@@ -203,13 +204,13 @@ def _files(path: Path) -> int:
 
 def _gen(server, ids, n):
     r = server.generate(ids, n)
-    from kvdirect.sglang_demo.client import cached_tokens
+    from kvdirect.demo.sglang_cpu.client import cached_tokens
 
     return {"ttft_ms": r["ttft_s"] * 1e3, "out": r["output_ids"], "hit": cached_tokens(r["meta_info"])}
 
 
 def _flush(server) -> None:
-    from kvdirect.sglang_demo import client
+    from kvdirect.demo.sglang_cpu import client
 
     _wait(lambda: client.post(server.url, "/flush_cache")[0] == 200, 30, f"{server.name} /flush_cache")
 
@@ -233,7 +234,7 @@ def run_demo(cfg: SGLangDemoConfig, *, progress: bool = True) -> dict:
     standin = repo / "tests" / "e2e_sglang" / "standin"
     patch = repo / "bench" / "sglang_hicache_cpu"
     _say(progress, f"writing the model (seeded random weights) to {work / 'model'}")
-    r = subprocess.run([str(python), "-W", "ignore", "-m", "kvdirect.sglang_demo.model", str(work / "model"),
+    r = subprocess.run([str(python), "-W", "ignore", "-m", "kvdirect.demo.sglang_cpu.model", str(work / "model"),
                         "--seed", str(cfg.seed), "--spec", json.dumps(spec)],
                        capture_output=True, text=True, cwd="/")
     if r.returncode:
@@ -338,22 +339,14 @@ def run_demo(cfg: SGLangDemoConfig, *, progress: bool = True) -> dict:
     return summarise(cfg, levels, recs, time.monotonic() - t_start)
 
 
-def _stats(ms: list[float], mode: str) -> dict:
-    a = np.asarray(ms)
-    return {f"ttft_mean_ms_{mode}": float(a.mean()), f"ttft_p50_ms_{mode}": float(np.percentile(a, 50)),
-            f"ttft_p99_ms_{mode}": float(np.percentile(a, 99))}
-
-
 def summarise(cfg: SGLangDemoConfig, levels, recs, wall_s: float) -> dict:
-    from kvdirect.demo import machine_info
-
     runs = []
     for li, (shared, pairs) in enumerate(levels):
         run = {"reuse": cfg.reuse[li], "prompts": len(pairs), "shared_tokens": shared}
         identical = True
         for mode in cfg.modes:
             rs = recs[mode][li]
-            run.update(_stats([r["ttft_ms"] for r in rs], mode))
+            run.update(ttft_stats([r["ttft_ms"] for r in rs], mode))
             identical &= all(r["out"] == b["out"] for r, b in zip(rs, recs["baseline"][li]))
         kv = recs["kvdirect"][li]
         run["hit_tokens_kvdirect"] = float(np.mean([r["hit"]["pool"] for r in kv]))
@@ -380,10 +373,6 @@ def summarise(cfg: SGLangDemoConfig, levels, recs, wall_s: float) -> dict:
             "outputs_identical": all(r["outputs_identical"] for r in runs), "wall_s": wall_s}
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:+.1f}%"
-
-
 def render_table(result: dict) -> str:
     modes = result["config"]["modes"]
     head = ["reuse"] + [f"{m} p50 ms" for m in modes] + ["TTFT change (kvdirect)", "kvdirect vs ideal"]
@@ -392,35 +381,18 @@ def render_table(result: dict) -> str:
     rows = []
     for r in result["runs"]:
         row = [f"{100 * r['reuse']:.0f}%"] + [f"{r[f'ttft_p50_ms_{m}']:.0f}" for m in modes]
-        row += [_pct(r.get("ttft_change_kvdirect")), _pct(r.get("kvdirect_vs_ideal"))]
-        row += [_pct(r.get(f"{m}_vs_ideal")) for m in modes if m.startswith("hicache") or m == "kvdirect_layerwise"]
+        row += [change(r.get("ttft_change_kvdirect")), change(r.get("kvdirect_vs_ideal"))]
+        row += [change(r.get(f"{m}_vs_ideal")) for m in modes if m.startswith("hicache") or m == "kvdirect_layerwise"]
         row += [f"{r['hit_tokens_kvdirect']:.0f}", "yes" if r["outputs_identical"] else "NO"]
         rows.append(row)
-    widths = [max(len(h), *(len(x[i]) for x in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(head), *(line(r) for r in rows), "", "TTFT change: negative = faster than baseline; "
+    return "\n".join([render(head, rows), "", "TTFT change: negative = faster than baseline; "
                       "vs ideal: over the prefix-on-device time.", result["note"]])
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs, modes = result["runs"], result["config"]["modes"]
-    x = np.arange(len(runs))
-    w = 0.8 / len(modes)
-    fig, ax = plt.subplots(figsize=(10, 4.8))
-    for k, m in enumerate(modes):
-        ax.bar(x + (k - (len(modes) - 1) / 2) * w, [r[f"ttft_p50_ms_{m}"] for r in runs], w,
-               label=result["labels"][m])
-    ax.set_xticks(x, [f"{100 * r['reuse']:.0f}%" for r in runs])
-    ax.set_xlabel("prefix reuse")
-    ax.set_ylabel("TTFT p50 (ms), second server's first request")
-    ax.set_title("SGLang 0.5.23 on CPU: kvdirect vs SGLang's cache and HiCache")
-    ax.legend(fontsize=8)
-    fig.text(0.01, 0.01, "torch_native attention on CPU bounds every cache's gain (ideal)", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    bar_plot(path, [f"{100 * r['reuse']:.0f}%" for r in runs],
+             {result["labels"][m]: [r[f"ttft_p50_ms_{m}"] for r in runs] for m in modes},
+             xlabel="prefix reuse", ylabel="TTFT p50 (ms), second server's first request",
+             title="SGLang 0.5.23 on CPU: kvdirect vs SGLang's cache and HiCache", figsize=(10, 4.8),
+             footnote="torch_native attention on CPU bounds every cache's gain (ideal)")

@@ -6,7 +6,7 @@ to the first token is measured by the client.
 
 Run as a script it reads ``{"url": ..., "requests": [[ids...], ...], "max_new_tokens": n}``
 on stdin and prints the results as JSON: the tests use that to talk to a server
-inside a network namespace (``ip netns exec NS python -m kvdirect.sglang_demo.client``).
+inside a network namespace (``ip netns exec NS python -m kvdirect.demo.sglang_cpu.client``).
 """
 from __future__ import annotations
 

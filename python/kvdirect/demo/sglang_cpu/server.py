@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvdirect.sglang_demo import client
+from kvdirect.demo.sglang_cpu import client
 
 # what SGLang 0.5.23 leaves in /dev/shm (load snapshots, its own shm segments, semaphores)
 SGLANG_SHM_PREFIXES = ("sglang_loads_", "sgl_shm_", "sem.mp-", "multi_tokenizer_args_")
@@ -208,7 +208,7 @@ class Server:
 
         job = json.dumps({"url": self.url, "max_new_tokens": max_new_tokens,
                           "requests": [[int(t) for t in p] for p in prompts]})
-        r = subprocess.run(["ip", "netns", "exec", self.netns, self.python, "-m", "kvdirect.sglang_demo.client"],
+        r = subprocess.run(["ip", "netns", "exec", self.netns, self.python, "-m", "kvdirect.demo.sglang_cpu.client"],
                            input=job, capture_output=True, text=True, timeout=timeout, cwd="/")
         if r.returncode:
             raise ServerError(f"client in netns {self.netns} failed: {r.stderr[-2000:]}")
