@@ -23,6 +23,14 @@ simulated device):
 * a buffer whose store call timed out is retired (the abandoned call may still
   read or write it) until the store is quiet.
 
+Layer by layer (:meth:`Transfer.get_layerwise`, the one layer-wise load of every
+front door): with a store that reads objects piecewise (``open_read``: shm,
+Mooncake's ranged reads in a get session) layer ``l`` of every page is read,
+scattered (staged) and reported while later layers are still in the pool, so the
+time a hit adds before the first layer can be used is that layer's, not the
+whole prompt's. Stores without piecewise reads deliver whole objects and every
+layer completes when they are in.
+
 Test-only switch: ``KVDIRECT_SIM_SKIP_SYNC=1`` makes this code skip its waits on
 the simulated device (``kvdirect.device.sim``), which must make the simdevice
 tests fail: proof that they see a missing synchronisation.
@@ -110,6 +118,74 @@ class Transfer:
         """Staged load with per-layer completion: ``on_layer(l, pages)`` once layer ``l``
         of the first ``pages`` pages is on the device (for the final chunk of pages)."""
         return self._get_staged(keys, page_slots, on_layer)
+
+    def get_layerwise(self, keys: list, page_slots: np.ndarray, on_layer) -> np.ndarray:
+        """Load whole page objects layer by layer: ``on_layer(l, pages)`` once layer ``l`` of
+        the first ``pages`` pages is in device memory (``pages`` never grows from one layer
+        to the next); per-key status, OK only for a page delivered whole (and verified, where
+        the store checks objects at the end). Every layer is reported, also after a failure
+        (with the pages still good), so a waiting forward pass never hangs; the caller
+        decides from the status, not from the layer reports, whether a page may be used."""
+        n, layers = len(keys), self.layout.num_layers
+        reader = getattr(self.store, "open_read", None)
+        if n == 0:
+            for layer in range(layers):
+                on_layer(layer, 0)
+            return np.zeros(0, dtype=np.int32)
+        if reader is None:  # whole objects: every layer completes once they are in
+            if self.stage:
+                return self.get_layers(keys, page_slots, on_layer)
+            st = self.get(keys, page_slots)
+            for layer in range(layers):
+                on_layer(layer, first_failure(st))
+            return st
+        if self.stage:
+            if self.pool.nbytes < n * self.layout.page_bytes:  # the pages do not fit one buffer
+                return self.get_layers(keys, page_slots, on_layer)
+            return self._get_staged_piecewise(keys, page_slots, on_layer, reader)
+        self.before_direct_write()
+        sizes = np.full(n, self.layout.page_bytes, dtype=np.uint64)
+        with reader(keys, sizes) as rd:
+            for layer in range(layers):  # layer l is the next bytes of every page object
+                alive = first_failure(rd.status)
+                if alive:
+                    rd.read(self.layout.plan_layer(page_slots[:alive], layer, per_token=False))
+                on_layer(layer, first_failure(rd.status))
+        return _status(rd.end())
+
+    def _get_staged_piecewise(self, keys, page_slots, on_layer, reader) -> np.ndarray:
+        """Staged and piecewise: layer ``l`` of every page is read into its place in the
+        staging buffer, then scattered on the load stream; while that scatter runs the
+        next layer is read, and layer ``l`` is reported once its scatter has completed."""
+        n, lay = len(keys), self.layout
+        offs = lay.layer_offsets()
+        s = self._load_stream
+        self._wait(s, self.ops.compute_event())  # earlier work may still use the slots being refilled
+        status = np.full(n, UNAVAILABLE, dtype=np.int32)
+        pending = None  # (layer, event, pages) scattered but not yet reported
+        with _Lease(self, s) as lease:
+            base = np.uint64(lease.buf.addr) + np.arange(n, dtype=np.uint64) * np.uint64(lay.page_bytes)
+            with reader(keys, np.full(n, lay.page_bytes, dtype=np.uint64)) as rd:
+                for layer in range(lay.num_layers):
+                    alive = first_failure(rd.status)
+                    if alive:
+                        size = np.uint64(int(offs[layer + 1] - offs[layer]))
+                        rd.read(ScatterList(base[:alive] + np.uint64(int(offs[layer])), np.full(alive, size)))
+                        alive = first_failure(rd.status)
+                    if alive:
+                        self.ops.to_device(page_slots[:alive], lease.buf, s, layer=layer)
+                    ev = self.ops.record(s)
+                    if pending is not None:
+                        self._sync(pending[1])
+                        on_layer(pending[0], pending[2])
+                    pending = (layer, ev, alive)
+                status[:] = _status(rd.end())
+            if (status == TIMEOUT).any():  # an abandoned read may still write the buffer
+                self._sync(pending[1])
+                lease.retire()
+        self._sync(pending[1])
+        on_layer(pending[0], min(pending[2], first_failure(status)))
+        return status
 
     def _get_staged(self, keys, page_slots, on_layer) -> np.ndarray:
         n, layers = len(keys), self.layout.num_layers

@@ -40,6 +40,16 @@ If the package is installed but a system library it links is not (libibverbs,
 librdmacm, libnuma: ``apt-get install -y libibverbs1 librdmacm1 libnuma1``),
 opening raises StoreError naming the library and that command.
 
+Piecewise reads (``open_read``, used by layer-by-layer loads): a get session
+(``batch_get_session_start``: the master is asked for the replicas once) and then one
+``batch_get_into_multi_buffer_ranges`` call per piece (a layer of every page), each
+key's range starting where its previous piece ended; ``batch_get_session_end`` at the
+end. A key counts as delivered only when every piece delivered exactly its bytes and
+the pieces cover its whole object; a range past the end of a smaller object fails
+(INVALID_ARGUMENT). An object larger than expected under the same key is not
+detected by ranged reads (keys carry the layout fingerprint, so only a fingerprint
+collision could produce one).
+
 Memory registration: ``register(addr, length)`` calls ``register_buffer`` once
 per region (a repeat is a no-op). With ``protocol=tcp`` Mooncake copies through
 sockets and reads/writes any address of this process, so segments outside
@@ -251,6 +261,10 @@ class MooncakeStore(RemoteStore):
             if int(addr) in self._regions.overlapping(addr, 1):
                 self._unregister_locked(int(addr))
 
+    def open_read(self, keys, object_sizes) -> "MooncakeRead":
+        """A get session over ``keys``, read piece by piece (see the module docstring)."""
+        return MooncakeRead(self, base.check_keys(keys), object_sizes)
+
     def _too_large(self, size: int) -> bool:
         # the client copies through its transfer buffer: larger objects fail (-600); TOO_LARGE for
         # this client (raise buffer= to store it)
@@ -265,6 +279,76 @@ class MooncakeStore(RemoteStore):
 
     def stats(self) -> dict:
         return dict(super().stats(), master=self.master, protocol=self.protocol)
+
+
+class MooncakeRead:
+    """Piecewise reads in one Mooncake get session (the interface of ``ShmStore.open_read``).
+
+    ``status`` holds each key's state so far (OK until a start or a piece failed);
+    ``read(scatter)`` reads the next bytes of the first ``len(scatter)`` keys (one batched
+    ranged call); ``end()`` ends the session and returns the final status: OK only for
+    keys whose pieces all arrived whole and cover the object. Always call ``end()`` (or
+    use it as a context manager).
+    """
+
+    def __init__(self, store: MooncakeStore, keys: list[str], object_sizes):
+        self._store, self.keys = store, keys
+        n = len(keys)
+        self._sizes = np.ascontiguousarray(object_sizes, dtype=np.uint64)
+        if self._sizes.shape != (n,):
+            raise ConfigError(f"open_read: {n} keys but {self._sizes.size} object sizes")
+        self._done = np.zeros(n, dtype=np.uint64)  # bytes of each object read so far
+        self._final = None
+        self._started = False
+        self.status = self._start()
+
+    def _start(self) -> np.ndarray:
+        if not self.keys:
+            return np.zeros(0, np.int32)
+        st = self._store._batch_statuses(len(self.keys), lambda: map_codes(
+            self._store._call("batch_get_session_start", self.keys), _GET_CODES, base.IO_ERROR), "get session")
+        # a call that answered opened a session for these keys (also for keys it found absent)
+        self._started = not np.isin(st, (base.TIMEOUT, base.UNAVAILABLE)).all()
+        return st
+
+    def read(self, scatter: ScatterList) -> None:
+        m = len(scatter)
+        if m == 0:
+            return
+        if m > len(self.keys) or (self.status[:m] != base.OK).any():
+            raise ConfigError("open_read: read() covers keys that failed or do not exist")
+        want = scatter.object_sizes
+        usable = self._store._usable(scatter)
+        offsets = self._done[:m, None] + (np.cumsum(scatter.sizes, axis=1, dtype=np.uint64) - scatter.sizes)
+        idx = np.flatnonzero(usable)
+        st = np.full(m, base.INVALID_ARGUMENT, np.int32)
+        if idx.size:
+            sub = scatter if idx.size == m else scatter.take(idx)
+            keys = self.keys[:m] if idx.size == m else [self.keys[i] for i in idx]
+            st[idx] = self._store._batch_statuses(idx.size, lambda: get_status(self._store._call(
+                "batch_get_into_multi_buffer_ranges", keys, sub.addrs.tolist(), sub.sizes.tolist(),
+                offsets[idx].tolist()), sub.object_sizes), "ranged get")
+        self.status[:m] = st
+        self._done[:m] += np.where(st == base.OK, want, np.uint64(0))
+
+    def end(self) -> np.ndarray:
+        if self._final is None:
+            if self._started:
+                try:
+                    self._store._call("batch_get_session_end", self.keys)
+                except (CallTimeout, CallUnavailable, RuntimeError) as e:  # the reads are over either way
+                    log.warning("mooncake batch_get_session_end: %s", e)
+            final = self.status.copy()
+            final[(final == base.OK) & (self._done != self._sizes)] = base.IO_ERROR  # not read whole
+            self._store._count("get", final, self._sizes)
+            self._final = final
+        return self._final
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.end()
 
 
 def open_url(u: StoreURL) -> MooncakeStore:
