@@ -77,7 +77,8 @@ class Farm:
 
         env = dict(kw.pop("env", {}) or {})
         env["KVDIRECT_SGL_KERNEL_CALLS"] = str(self.calls)
-        s = Server(sys.executable, model or self.model, pythonpath=[STANDIN], env=env,
+        path = [*kw.pop("more_path", []), STANDIN]  # e.g. a test-only sitecustomize folder
+        s = Server(sys.executable, model or self.model, pythonpath=path, env=env,
                    log_dir=str(self.workdir), **kw)
         self.servers.append(s)
         if wait:

@@ -135,6 +135,8 @@ class LayerwiseLoad:
                 e.set()
             return
         self._keys, self._page_slots = load_pages(parts, m, self.slots, self.n_pages)
+        # recorded here, on the caller's (compute) stream: the reader thread has its own stream
+        self._after = parts.transfer.compute_event()
         self._thread = threading.Thread(target=self._run, name="kvdirect-layerwise", daemon=True)
         self._thread.start()
 
@@ -145,7 +147,7 @@ class LayerwiseLoad:
     def _run(self):
         p = self.parts
         try:
-            self.status[:] = p.transfer.get_layerwise(self._keys, self._page_slots, self._layer_done)
+            self.status[:] = p.transfer.get_layerwise(self._keys, self._page_slots, self._layer_done, self._after)
         except STORE_FAILURES as e:
             p.health.failed("get", e)
             self.status[:] = UNAVAILABLE

@@ -108,24 +108,27 @@ class Transfer:
             return _status(self.store.get(keys, self.layout.plan(page_slots, per_token=False)))
         return self._get_staged(keys, page_slots, None)
 
-    def before_direct_write(self) -> None:
+    def before_direct_write(self, after=None) -> None:
         """The store is about to write device slots itself: wait for the work queued on the
-        compute stream so far (it may still read or write those slots)."""
+        compute stream so far (it may still read or write those slots), or for ``after``, an
+        event the caller recorded on that stream earlier (a load run on another thread)."""
         if self.ops.asynchronous:
-            self._sync(self.ops.compute_event())
+            self._sync(after if after is not None else self.ops.compute_event())
 
-    def get_layers(self, keys: list, page_slots: np.ndarray, on_layer) -> np.ndarray:
+    def get_layers(self, keys: list, page_slots: np.ndarray, on_layer, after=None) -> np.ndarray:
         """Staged load with per-layer completion: ``on_layer(l, pages)`` once layer ``l``
         of the first ``pages`` pages is on the device (for the final chunk of pages)."""
-        return self._get_staged(keys, page_slots, on_layer)
+        return self._get_staged(keys, page_slots, on_layer, after)
 
-    def get_layerwise(self, keys: list, page_slots: np.ndarray, on_layer) -> np.ndarray:
+    def get_layerwise(self, keys: list, page_slots: np.ndarray, on_layer, after=None) -> np.ndarray:
         """Load whole page objects layer by layer: ``on_layer(l, pages)`` once layer ``l`` of
         the first ``pages`` pages is in device memory (``pages`` never grows from one layer
         to the next); per-key status, OK only for a page delivered whole (and verified, where
         the store checks objects at the end). Every layer is reported, also after a failure
         (with the pages still good), so a waiting forward pass never hangs; the caller
-        decides from the status, not from the layer reports, whether a page may be used."""
+        decides from the status, not from the layer reports, whether a page may be used.
+        ``after``: an event recorded on the compute stream when the load was started, for a
+        load run on another thread (default: the compute stream's work queued so far)."""
         n, layers = len(keys), self.layout.num_layers
         reader = getattr(self.store, "open_read", None)
         if n == 0:
@@ -134,16 +137,17 @@ class Transfer:
             return np.zeros(0, dtype=np.int32)
         if reader is None:  # whole objects: every layer completes once they are in
             if self.stage:
-                return self.get_layers(keys, page_slots, on_layer)
-            st = self.get(keys, page_slots)
+                return self.get_layers(keys, page_slots, on_layer, after)
+            self.before_direct_write(after)
+            st = _status(self.store.get(keys, self.layout.plan(page_slots, per_token=False)))
             for layer in range(layers):
                 on_layer(layer, first_failure(st))
             return st
         if self.stage:
             if self.pool.nbytes < n * self.layout.page_bytes:  # the pages do not fit one buffer
-                return self.get_layers(keys, page_slots, on_layer)
-            return self._get_staged_piecewise(keys, page_slots, on_layer, reader)
-        self.before_direct_write()
+                return self.get_layers(keys, page_slots, on_layer, after)
+            return self._get_staged_piecewise(keys, page_slots, on_layer, reader, after)
+        self.before_direct_write(after)
         sizes = np.full(n, self.layout.page_bytes, dtype=np.uint64)
         with reader(keys, sizes) as rd:
             for layer in range(layers):  # layer l is the next bytes of every page object
@@ -153,14 +157,15 @@ class Transfer:
                 on_layer(layer, first_failure(rd.status))
         return _status(rd.end())
 
-    def _get_staged_piecewise(self, keys, page_slots, on_layer, reader) -> np.ndarray:
+    def _get_staged_piecewise(self, keys, page_slots, on_layer, reader, after) -> np.ndarray:
         """Staged and piecewise: layer ``l`` of every page is read into its place in the
         staging buffer, then scattered on the load stream; while that scatter runs the
         next layer is read, and layer ``l`` is reported once its scatter has completed."""
         n, lay = len(keys), self.layout
         offs = lay.layer_offsets()
         s = self._load_stream
-        self._wait(s, self.ops.compute_event())  # earlier work may still use the slots being refilled
+        # earlier work may still use the slots being refilled
+        self._wait(s, after if after is not None else self.ops.compute_event())
         status = np.full(n, UNAVAILABLE, dtype=np.int32)
         pending = None  # (layer, event, pages) scattered but not yet reported
         with _Lease(self, s) as lease:
@@ -187,11 +192,11 @@ class Transfer:
         on_layer(pending[0], min(pending[2], first_failure(status)))
         return status
 
-    def _get_staged(self, keys, page_slots, on_layer) -> np.ndarray:
+    def _get_staged(self, keys, page_slots, on_layer, after=None) -> np.ndarray:
         n, layers = len(keys), self.layout.num_layers
         status = np.full(n, UNAVAILABLE, dtype=np.int32)
         s = self._load_stream
-        self._wait(s, self.ops.compute_event())
+        self._wait(s, after if after is not None else self.ops.compute_event())
         done = 0
         with _Lease(self, s) as lease:
             for lo, hi, host in self._chunks(lease.buf, n):
