@@ -31,8 +31,8 @@ kvdirect brings the rest, shared with its other front doors:
 * timed-out store calls: a load whose direct get timed out reports its batch only
   once the store is quiet (SGLang frees the slots next); an offload whose put timed
   out keeps its node locked until then, removes the possibly torn objects and
-  reports failure; an object a load finds unusable (CORRUPT: another size; shm drops
-  objects that fail their checksum itself) is removed, so a retry recomputes it.
+  reports failure; an object a load finds of another size than this layout's page is
+  removed (shm drops objects that fail their checksum itself), so a retry recomputes it.
 
 Calls (all on the scheduler thread, except ``wait_until`` on the forward):
 
@@ -78,7 +78,7 @@ from kvdirect.config import CacheConfig
 from kvdirect.device import device_ops
 from kvdirect.errors import ConfigError, KVDirectError
 from kvdirect.stores import open_store
-from kvdirect.stores.base import CORRUPT, OK, TIMEOUT
+from kvdirect.stores.base import CORRUPT, INVALID_ARGUMENT, OK, TIMEOUT
 
 log = logging.getLogger("kvdirect.sglang")
 
@@ -279,12 +279,7 @@ class KVDirectLinker(UnifiedCacheLinker):
                            load_failed_pages=len(keys) - n_ok)
             if not ok:
                 self.stats.failure(f"get_status_{int(status[status != OK][0])}")
-            bad = [k for k, st in zip(keys, status) if st == CORRUPT]
-            if bad:  # an object this layout can never use (wrong size): every reader would fail on it
-                try:
-                    self.store.remove(bad)
-                except STORE_FAILURES as e:
-                    log.warning("kvdirect linker: could not remove %d unusable objects: %s", len(bad), e)
+            self._drop_unusable([k for k, st in zip(keys, status) if st in (CORRUPT, INVALID_ARGUMENT)])
             if (status == TIMEOUT).any() and not self.transfer.stage:
                 # a timed-out direct get may still write the slots, which SGLang frees once this
                 # batch is reported: report it only when the store is quiet
@@ -306,6 +301,20 @@ class KVDirectLinker(UnifiedCacheLinker):
             with self.stats.lock:
                 self.stats.load_ms.append((time.perf_counter() - t0) * 1e3)
             verdict.set_result(ok)
+
+    def _drop_unusable(self, suspects: list, most: int = 16) -> None:
+        """Remove objects whose size this layout can never use (every reader would fail on
+        them, so a retry could never recompute the page). Failure path only: each suspect's
+        size is checked first, so a good object is never removed for another failure."""
+        for key in suspects[:most]:
+            try:
+                data = self.store.get_bytes(key)
+                if data is not None and len(data) != self.layout.page_bytes:
+                    self.store.remove([key])
+                    self.stats.failure("removed_unusable_object")
+            except STORE_FAILURES as e:
+                log.warning("kvdirect linker: could not check or remove an unusable object: %s", e)
+                return
 
     # ---- offload (scheduler thread -> writer thread) ----------------------------------
     def offload(self, transfers, session_id=None) -> bool:
