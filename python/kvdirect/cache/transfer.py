@@ -25,10 +25,11 @@ simulated device):
 
 Layer by layer (:meth:`Transfer.get_layerwise`, the one layer-wise load of every
 front door): with a store that reads objects piecewise (``open_read``: shm,
-Mooncake's ranged reads in a get session) layer ``l`` of every page is read,
-scattered (staged) and reported while later layers are still in the pool, so the
-time a hit adds before the first layer can be used is that layer's, not the
-whole prompt's. Stores without piecewise reads deliver whole objects and every
+Mooncake's ranged reads in a get session) layer 0 of every page is read alone,
+then groups of later layers (``layer_groups``: one store call per group), each
+layer scattered (staged) and reported while later layers are still in the pool,
+so the time a hit adds before the first layer can be used is that layer's, not
+the whole prompt's, and the whole load costs a few store calls, not one per layer. Stores without piecewise reads deliver whole objects and every
 layer completes when they are in.
 
 Test-only switch: ``KVDIRECT_SIM_SKIP_SYNC=1`` makes this code skip its waits on
@@ -59,6 +60,24 @@ def first_failure(status: np.ndarray) -> int:
 
 def _status(st) -> np.ndarray:
     return np.asarray(st, dtype=np.int32)
+
+
+#: layers per piecewise read after the first: one store call per group, so the first layer
+#: arrives after one layer's read and the whole load costs a few calls, not one per layer
+MAX_LAYER_GROUP = 8
+
+
+def layer_groups(num_layers: int) -> list[tuple[int, int]]:
+    """[lo, hi) layer ranges read one call each: layer 0 alone, then groups doubling in size
+    up to MAX_LAYER_GROUP (32 layers: 1, 1, 2, 4, 8, 8, 8)."""
+    out, lo, size = [], 0, 1
+    while lo < num_layers:
+        hi = min(num_layers, lo + size)
+        out.append((lo, hi))
+        if lo:
+            size = min(2 * size, MAX_LAYER_GROUP)
+        lo = hi
+    return out
 
 
 class Transfer:
@@ -149,12 +168,21 @@ class Transfer:
             return self._get_staged_piecewise(keys, page_slots, on_layer, reader, after)
         self.before_direct_write(after)
         sizes = np.full(n, self.layout.page_bytes, dtype=np.uint64)
+        plan = self.layout.plan(page_slots, per_token=False)
+        per_layer = plan.addrs.shape[1] // layers if plan.addrs.shape[1] % layers == 0 else 0
         with reader(keys, sizes) as rd:
-            for layer in range(layers):  # layer l is the next bytes of every page object
+            for lo, hi in layer_groups(layers):  # layers lo..hi-1 are the next bytes of every page object
                 alive = first_failure(rd.status)
                 if alive:
-                    rd.read(self.layout.plan_layer(page_slots[:alive], layer, per_token=False))
-                on_layer(layer, first_failure(rd.status))
+                    if per_layer:  # the object-order plan, its segments of these layers
+                        rd.read(ScatterList(plan.addrs[:alive, lo * per_layer:hi * per_layer],
+                                            plan.sizes[:alive, lo * per_layer:hi * per_layer]))
+                    else:
+                        for layer in range(lo, hi):
+                            rd.read(self.layout.plan_layer(page_slots[:alive], layer, per_token=False))
+                ok = first_failure(rd.status)
+                for layer in range(lo, hi):
+                    on_layer(layer, ok)
         return _status(rd.end())
 
     def _get_staged_piecewise(self, keys, page_slots, on_layer, reader, after) -> np.ndarray:
@@ -171,19 +199,20 @@ class Transfer:
         with _Lease(self, s) as lease:
             base = np.uint64(lease.buf.addr) + np.arange(n, dtype=np.uint64) * np.uint64(lay.page_bytes)
             with reader(keys, np.full(n, lay.page_bytes, dtype=np.uint64)) as rd:
-                for layer in range(lay.num_layers):
+                for lo, hi in layer_groups(lay.num_layers):
                     alive = first_failure(rd.status)
-                    if alive:
-                        size = np.uint64(int(offs[layer + 1] - offs[layer]))
-                        rd.read(ScatterList(base[:alive] + np.uint64(int(offs[layer])), np.full(alive, size)))
+                    if alive:  # layers lo..hi-1 of each page: one range, into its place in the buffer
+                        size = np.uint64(int(offs[hi] - offs[lo]))
+                        rd.read(ScatterList(base[:alive] + np.uint64(int(offs[lo])), np.full(alive, size)))
                         alive = first_failure(rd.status)
-                    if alive:
-                        self.ops.to_device(page_slots[:alive], lease.buf, s, layer=layer)
-                    ev = self.ops.record(s)
-                    if pending is not None:
-                        self._sync(pending[1])
-                        on_layer(pending[0], pending[2])
-                    pending = (layer, ev, alive)
+                    for layer in range(lo, hi):
+                        if alive:
+                            self.ops.to_device(page_slots[:alive], lease.buf, s, layer=layer)
+                        ev = self.ops.record(s)
+                        if pending is not None:
+                            self._sync(pending[1])
+                            on_layer(pending[0], pending[2])
+                        pending = (layer, ev, alive)
                 status[:] = _status(rd.end())
             if (status == TIMEOUT).any():  # an abandoned read may still write the buffer
                 self._sync(pending[1])

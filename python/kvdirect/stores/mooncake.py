@@ -111,6 +111,11 @@ _CODES = {
     -1700: base.NO_SPACE,         # TENANT_QUOTA_EXCEEDED
 }
 _PUT_CODES = {**_CODES, MC_OBJECT_ALREADY_EXISTS: base.OK}
+#: segments ("slices") per batch call: over TCP, one batch get of 56 keys x 64 segments of
+#: 128 KiB (3584 slices, 448 MiB) from another client's segment stalled until Mooncake's own
+#: 60 s transfer timeout on a 2-core machine, while 1024-slice batches of the same data took
+#: under a second; larger transfers are split into calls of at most this many slices
+MAX_SLICES_PER_CALL = 1024
 _GET_CODES = {**_CODES, MC_OBJECT_ALREADY_EXISTS: base.IO_ERROR}
 
 
@@ -230,7 +235,11 @@ class MooncakeStore(RemoteStore):
             return st
         sub = scatter if idx.size == n else scatter.take(idx)
         sub_keys = keys if idx.size == n else [keys[i] for i in idx]
-        st[idx] = self._batch_statuses(idx.size, lambda: self._move(op, sub_keys, sub), op)
+        res = np.empty(idx.size, np.int32)
+        for lo, hi in _slices(idx.size, sub.addrs.shape[1]):
+            part = sub if (lo, hi) == (0, idx.size) else sub.take(slice(lo, hi))
+            res[lo:hi] = self._batch_statuses(hi - lo, lambda: self._move(op, sub_keys[lo:hi], part), op)
+        st[idx] = res
         self._count(op, st, scatter.object_sizes)
         return st
 
@@ -281,6 +290,12 @@ class MooncakeStore(RemoteStore):
         return dict(super().stats(), master=self.master, protocol=self.protocol)
 
 
+def _slices(n: int, segments: int):
+    """(lo, hi) key ranges of batch calls carrying at most MAX_SLICES_PER_CALL segments."""
+    step = max(1, MAX_SLICES_PER_CALL // max(1, segments))
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
 class MooncakeRead:
     """Piecewise reads in one Mooncake get session (the interface of ``ShmStore.open_read``).
 
@@ -322,12 +337,13 @@ class MooncakeRead:
         offsets = self._done[:m, None] + (np.cumsum(scatter.sizes, axis=1, dtype=np.uint64) - scatter.sizes)
         idx = np.flatnonzero(usable)
         st = np.full(m, base.INVALID_ARGUMENT, np.int32)
-        if idx.size:
-            sub = scatter if idx.size == m else scatter.take(idx)
-            keys = self.keys[:m] if idx.size == m else [self.keys[i] for i in idx]
-            st[idx] = self._store._batch_statuses(idx.size, lambda: get_status(self._store._call(
+        for lo, hi in _slices(idx.size, scatter.addrs.shape[1]):
+            rows = idx[lo:hi]
+            sub = scatter.take(rows)
+            keys = [self.keys[i] for i in rows]
+            st[rows] = self._store._batch_statuses(hi - lo, lambda: get_status(self._store._call(
                 "batch_get_into_multi_buffer_ranges", keys, sub.addrs.tolist(), sub.sizes.tolist(),
-                offsets[idx].tolist()), sub.object_sizes), "ranged get")
+                offsets[rows].tolist()), sub.object_sizes), "ranged get")
         self.status[:m] = st
         self._done[:m] += np.where(st == base.OK, want, np.uint64(0))
 
