@@ -10,7 +10,10 @@ import sys
 
 from kvdirect.cli import _args as A
 from kvdirect.demo import OWN_MODES as MODES
-from kvdirect.demo import SGLANG_MODES, SMALL_MODEL
+from kvdirect.demo import SGLANG_MODES, SMALL_MODEL, TRANSFER_MODEL, TRANSFER_PROMPT_LEN
+
+#: ``--model-size``: ModelSpec fields over the default shape
+MODEL_SIZES = {"default": {}, "small": SMALL_MODEL, "transfer": TRANSFER_MODEL}
 
 # modes of `--engine sglang` only
 SGLANG_ONLY_MODES = tuple(m for m in SGLANG_MODES if m not in MODES)
@@ -43,6 +46,13 @@ def modes(text: str) -> tuple:
     return ms
 
 
+def prompt_len(args) -> int:
+    """--prompt-len, or the model size's own default (3584; 1024 for the transfer-bound shape)."""
+    if args.prompt_len is not None:
+        return args.prompt_len
+    return TRANSFER_PROMPT_LEN if args.model_size == "transfer" else 3584
+
+
 def run(args) -> int:
     import importlib.util
 
@@ -67,8 +77,8 @@ def run(args) -> int:
                           "`pip install 'kvdirect[demo]'`") from None
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("--plot needs matplotlib: pip install 'kvdirect[demo]'")
-    spec_kw = SMALL_MODEL if args.model_size == "small" else {}
-    cfg = DemoConfig(prompts=args.prompts, prompt_len=args.prompt_len, reuse=args.reuse,
+    spec_kw = MODEL_SIZES[args.model_size]
+    cfg = DemoConfig(prompts=args.prompts, prompt_len=prompt_len(args), reuse=args.reuse,
                      output_len=args.output_len, page_size=args.page_size, store_url=store,
                      device=args.device, modes=args.modes, seed=args.seed, spec=ModelSpec(**spec_kw))
     if cfg.device == "cuda":
@@ -99,11 +109,11 @@ def run_sglang(args) -> int:
     if args.device != "cpu":
         raise ConfigError("--engine sglang runs SGLang on the CPU only (--device cpu)")
     if args.store:
-        raise ConfigError("--engine sglang makes its own pools (shm, and a Mooncake master for HiCache); "
-                          "drop --store")
-    spec = dict(SMALL_MODEL) if args.model_size == "small" else {}
+        raise ConfigError("--engine sglang makes its own pools (shm, and one Mooncake master for every "
+                          "Mooncake mode); drop --store")
+    spec = dict(MODEL_SIZES[args.model_size])
     try:
-        cfg = SGLangDemoConfig(prompts=args.prompts, prompt_len=args.prompt_len, reuse=tuple(args.reuse),
+        cfg = SGLangDemoConfig(prompts=args.prompts, prompt_len=prompt_len(args), reuse=tuple(args.reuse),
                                output_len=args.output_len, page_size=args.page_size,
                                modes=tuple(args.modes or SGLANG_MODES), seed=args.seed,
                                spec=spec, sglang_env=getattr(args, "sglang_env", None))
@@ -136,11 +146,12 @@ def register(sub) -> None:
                        description=__doc__)
     p.add_argument("--engine", default="own", choices=["own", "sglang"],
                    help="own: kvdirect's small reference engine (default); sglang: real SGLang 0.5.23 servers "
-                        "on CPU vs SGLang's cache and HiCache (run from a clone; builds the ~6 GB SGLang "
-                        "environment with scripts/sglang-env.sh on first use)")
+                        "on CPU: kvdirect's radix backend and linker vs SGLang's cache, its Mooncake linker and "
+                        "HiCache, in one phase (run from a clone; builds the ~6 GB SGLang environment with "
+                        "scripts/sglang-env.sh on first use)")
     p.add_argument("--prompts", type=A.positive_int, default=12, help="prompts per reuse level (default 12)")
-    p.add_argument("--prompt-len", type=A.positive_int, default=3584,
-                   help="tokens per prompt, at least two pages (default 3584)")
+    p.add_argument("--prompt-len", type=A.positive_int, default=None,
+                   help="tokens per prompt, at least two pages (default 3584; 1024 with --model-size transfer)")
     p.add_argument("--reuse", type=reuse_levels, default=(0.0, 0.5, 1.0),
                    help="prefix reuse levels, fractions or percents (default 0,0.5,1)")
     p.add_argument("--output-len", type=A.positive_int, default=4, help="greedy tokens per request (default 4)")
@@ -152,8 +163,9 @@ def register(sub) -> None:
     p.add_argument("--modes", type=modes, default=None,
                    help="comma list of baseline, ideal, kvdirect (default: all three); --engine sglang "
                         f"also {', '.join(SGLANG_ONLY_MODES)} (default: all)")
-    p.add_argument("--model-size", default="default", choices=["default", "small"],
-                   help="'small' is a tiny model for quick checks")
+    p.add_argument("--model-size", default="default", choices=sorted(MODEL_SIZES),
+                   help="'small': a tiny model for quick checks; 'transfer': KV large relative to compute "
+                        "(32 layers, 32 KV heads of 128, hidden 256: 0.5 GiB of KV per 1024-token prompt)")
     p.add_argument("--seed", type=A.non_negative_int, default=0)
     p.add_argument("--json", type=A.output_file, metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", type=A.output_file, metavar="PATH", help="write a PNG chart")
