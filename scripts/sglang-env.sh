@@ -26,6 +26,8 @@
 #   (tests/e2e_sglang/standin/), not this environment.
 # - mooncake-transfer-engine-non-cuda: kvdirect's mooncake:// store and SGLang
 #   HiCache's L3 Mooncake backend (the demo's baseline).
+# - datasets: imported by SGLang's load generator (`python -m sglang.bench_serving`,
+#   bench/bench_sglang_serving.py), whatever the dataset.
 # - kvdirect is installed non-editable (a wheel built from the checkout), so no
 #   editable import hook shadows another kvdirect put on PYTHONPATH.
 set -euo pipefail
@@ -47,6 +49,7 @@ recipe=(
    sentencepiece compressed-tensors==0.18.0 gguf openai==2.8.0 partial_json_parser"
   "fastapi uvicorn uvloop python-multipart jsonschema xgrammar==0.2.7 soundfile==0.13.1 einops python-dateutil<3"
   "mooncake-transfer-engine-non-cuda==0.3.13.post1"
+  "datasets==5.2.0"
   "pytest scikit-build-core>=0.10 pybind11>=2.12 cmake ninja"
 )
 recipe_digest=$(printf '%s\n' "$python" "${recipe[@]}" | sha256sum | cut -c1-16)

@@ -1,4 +1,4 @@
-"""kvdirect.demo and `kvdirect demo` on a small model."""
+"""kvdirect.demo.own and `kvdirect demo` on a small model."""
 import json
 import os
 
@@ -10,8 +10,8 @@ from kvd_testutil import run_cli
 pytest.importorskip("torch", reason="the demo needs the [demo] extra (torch)")
 pytest.importorskip("transformers", reason="the demo needs the [demo] extra (transformers)")
 
-from kvdirect.demo import (DemoConfig, documents, ideal_prefix_len, prompts_b, render_table,  # noqa: E402
-                           run_demo, shared_len)
+from kvdirect.demo.own import (DemoConfig, documents, ideal_prefix_len, prompts_b, render_table,  # noqa: E402
+                               run_demo, shared_len)
 from kvdirect.engine import ModelSpec  # noqa: E402
 from kvdirect.errors import ConfigError  # noqa: E402
 
@@ -74,17 +74,17 @@ def test_cli_writes_json_and_png(tmp_path):
 
 
 def test_cli_exits_nonzero_when_outputs_differ(monkeypatch, capsys):
-    import kvdirect.demo
+    import kvdirect.demo.own
     from kvdirect.cli import main
 
-    real = kvdirect.demo.run_demo
+    real = kvdirect.demo.own.run_demo
 
     def differing(cfg, **kw):
         res = real(cfg, **kw)
         res["runs"][0]["outputs_identical"] = res["outputs_identical"] = False
         return res
 
-    monkeypatch.setattr(kvdirect.demo, "run_demo", differing)
+    monkeypatch.setattr(kvdirect.demo.own, "run_demo", differing)
     assert main(["demo", *SMALL_ARGS, "--reuse", "0", "--modes", "baseline"]) == 1
     assert "NO" in capsys.readouterr().out
 
@@ -105,7 +105,7 @@ def test_instance_a_then_b_through_the_cache_protocol():
     store-backed cache standing in for KVDirectCache (two engines, one store)."""
     from test_engine import StoreBackedCache
 
-    from kvdirect.demo import serve_documents, serve_levels
+    from kvdirect.demo.own import serve_documents, serve_levels
     from kvdirect.engine import Engine
 
     cfg = small_cfg(prompts=3)
@@ -159,7 +159,7 @@ def test_readme_table_is_the_demo_table_of_docs_demo_json():
     result = json.loads((ROOT / "docs" / "demo.json").read_text())
     assert render_table(result, markdown=True) in (ROOT / "README.md").read_text(), (
         "README's demo table differs from docs/demo.json; paste the output of: python -c \"import json; "
-        "from kvdirect.demo import render_table; print(render_table(json.load(open('docs/demo.json')), "
+        "from kvdirect.demo.own import render_table; print(render_table(json.load(open('docs/demo.json')), "
         "markdown=True))\"")
     for r in result["runs"]:
         assert r["ttft_change"] == pytest.approx(r["ttft_mean_ms_kvdirect"] / r["ttft_mean_ms_baseline"] - 1)

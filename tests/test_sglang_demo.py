@@ -1,13 +1,15 @@
-"""`kvdirect demo --engine sglang` without servers: arguments, workload, result fields.
-(The experiment itself runs real SGLang servers; tests/e2e_sglang covers those.)"""
+"""`kvdirect demo --engine sglang` without servers: arguments, workload, server plan, result fields.
+(The experiment itself runs real SGLang servers; tests/e2e_sglang covers the pieces it starts.)"""
+import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from kvdirect.demo.sglang import (MODES, WRITERS, SGLangDemoConfig, Timers, render_table, server_specs, summarise,
+                                  workload)
 from kvdirect.errors import ConfigError
-from kvdirect.sglang_demo.demo import MODES, SGLangDemoConfig, render_table, summarise, workload
 
 
 def test_config_validation():
@@ -48,25 +50,56 @@ def test_workload_shares_exactly_the_reuse_fraction():
     assert len(firsts) == 3 * 3 + 3  # every document, and every prompt that shares nothing, starts differently
 
 
+def test_one_phase_plan_writers_per_key_family_and_benchmark_patches():
+    cfg = SGLangDemoConfig(modes=MODES)
+    specs = server_specs(cfg, "shm://p?size=1", "mooncake://m", {"MOONCAKE_MASTER": "m"}, 4096)
+    # one writer per key family (kvdirect's radix backend and linker share keys), one reader per mode
+    assert set(specs) == {"W-shm", "W-mooncake", "W-sglang-linker", "W-hicache", "sglang", *MODES} - {"baseline",
+                                                                                                     "ideal"}
+    assert {WRITERS[m] for m in MODES if m in WRITERS} <= set(specs)
+    for m in ("kvdirect", "kvdirect_mooncake"):  # readers only load, layer by layer
+        assert specs[m]["kvdirect_config"]["write_back"] is False and specs[m]["kvdirect_config"]["layerwise"]
+    linker_cfg = json.loads(specs["linker"]["args"][specs["linker"]["args"].index(
+        "--unified-cache-external-linker-config") + 1])
+    assert linker_cfg["linker_module_path"] == "kvdirect.sglang.linker" and "patches" not in specs["linker"]
+    assert specs["sglang_linker"]["patches"] == ["dense_linker"] and specs["hicache"]["patches"] == ["hicache_cpu"]
+    assert "MOONCAKE_MASTER" in specs["sglang_linker"]["env"]
+    few = server_specs(SGLangDemoConfig(modes=("baseline", "ideal", "linker")), "shm://p", None, {}, 4096)
+    assert set(few) == {"W-shm", "sglang", "linker"}
+
+
+def test_timers_sum_each_request_since_its_mark(tmp_path):
+    t = Timers(tmp_path / "t")
+    f = tmp_path / "t" / "123.jsonl"
+    f.write_text(json.dumps({"w": "match", "ms": 1.5, "p": 0}) + "\n")
+    mark = t.mark()
+    with open(f, "a") as fh:
+        fh.write(json.dumps({"w": "load_back", "ms": 2.0, "p": 0}) + "\n")
+        fh.write(json.dumps({"w": "put", "ms": 3.0, "p": 4}) + "\n")
+        fh.write(json.dumps({"w": "put", "ms": 1.0, "p": 2}) + "\n" + '{"w": "par')  # a line being written
+    assert t.since(mark) == {"load_back": (2.0, 0), "put": (4.0, 6)}
+
+
 def test_result_fields():
     cfg = SGLangDemoConfig(prompts=2, prompt_len=128, reuse=(0, 1), modes=MODES)
     levels = workload(cfg)
-    rec = lambda ms, pool=0, storage=0, out=(1, 2): {"ttft_ms": ms, "out": list(out),
-                                                      "hit": {"pool": pool, "device": 0, "storage": storage}}
+    rec = lambda ms, hit=0, out=(1, 2), load=0.0: {"ttft_ms": ms, "out": list(out), "load_ms": load,  # noqa
+                                                    "writeback_ms": 5.0,
+                                                    "hit": {"total": hit, "device": 0, "pool": hit, "storage": 0}}
     recs = {m: [[rec(100.0 + k) for k in range(2)] for _ in levels] for m in MODES}
-    recs["kvdirect"][1] = [rec(40.0, pool=64), rec(42.0, pool=64)]
-    recs["hicache"][1] = [rec(60.0, storage=64), rec(61.0, storage=64)]
+    recs["kvdirect_mooncake"][1] = [rec(40.0, 64, load=2.0), rec(42.0, 64, load=4.0)]
+    recs["sglang_linker"][1] = [rec(45.0, 64, load=10.0), rec(47.0, 64, load=10.0)]
     recs["ideal"][1] = [rec(38.0), rec(40.0)]
     result = summarise(cfg, levels, recs, 1.0)
     assert result["engine"] == "sglang" and result["outputs_identical"] is True
     run = result["runs"][1]
-    for f in ("ttft_mean_ms_kvdirect", "ttft_p50_ms_kvdirect", "ttft_p50_ms_baseline", "ttft_p50_ms_hicache",
-              "ttft_p50_ms_hicache_file", "ttft_p50_ms_kvdirect_layerwise", "hit_tokens_kvdirect",
-              "hit_tokens_hicache", "outputs_identical"):
+    for f in ("ttft_mean_ms_kvdirect", "ttft_p50_ms_baseline", "ttft_p50_ms_hicache", "hit_tokens_kvdirect_mooncake",
+              "load_ms_p50_linker", "writeback_ms_p50_sglang_linker", "hit_rate", "outputs_identical"):
         assert f in run, f
-    assert run["reuse"] == 1.0 and run["hit_tokens_kvdirect"] == 64 and run["hit_tokens_hicache"] == 64
-    assert run["ttft_change_kvdirect"] == pytest.approx(41 / 100.5 - 1)      # negative = faster
-    assert run["kvdirect_vs_ideal"] == pytest.approx(41 / 39 - 1)
-    assert "torch_native" in result["note"] and "torch_native" in render_table(result)
-    recs["kvdirect"][0][1] = rec(100.0, out=(9, 9))
+    assert run["hit_tokens_kvdirect_mooncake"] == 64 and run["load_ms_p50_kvdirect_mooncake"] == 3.0
+    assert run["load_ratio_kvdirect_mooncake_vs_sglang_linker"] == pytest.approx(0.3)
+    assert run["ttft_change_kvdirect_mooncake"] == pytest.approx(41 / 100.5 - 1)      # negative = faster
+    assert run["kvdirect_mooncake_vs_ideal"] == pytest.approx(41 / 39 - 1)
+    assert "torch_native" in result["note"] and "load ms" in render_table(result)
+    recs["linker"][0][1] = rec(100.0, out=(9, 9))
     assert summarise(cfg, levels, recs, 1.0)["outputs_identical"] is False

@@ -175,7 +175,10 @@ def tokens_of(n, seed):
     return np.random.default_rng(seed).integers(0, 50000, n).astype(np.int32)
 
 
-PATHS = {"staged": dict(stage=True, staging_bytes=2), "direct": dict(stage=False)}  # staging: 2 pages
+# staging in pages: "staged" chunks loads through a 2-page buffer; "staged_whole" fits a whole load in one
+# buffer, so a store with piecewise reads loads it layer by layer through that buffer
+PATHS = {"staged": dict(stage=True, staging_bytes=2), "staged_whole": dict(stage=True, staging_bytes=64),
+         "direct": dict(stage=False)}
 
 
 def path_cfg(kv, path):
@@ -331,7 +334,7 @@ def test_load_waits_for_work_still_using_the_slots(sim, stores, path):
     w.close()
 
 
-@pytest.mark.parametrize("path", ["staged", "direct"])
+@pytest.mark.parametrize("path", ["staged", "staged_whole", "direct"])
 def test_layerwise_load_layer_holds_every_byte_when_reported(sim, stores, path):
     d = tokens_of(10 * P, 300)
     w = _fill_pool(stores, [d])

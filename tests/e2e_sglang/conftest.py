@@ -47,7 +47,7 @@ def standin_calls(workdir) -> Path:
 
 def _write_model(path: Path, seed: int) -> str:
     from kvdirect.engine.model import ModelSpec
-    from kvdirect.sglang_demo.model import TEST_SPEC, write_model
+    from kvdirect.demo.sglang_cpu.model import TEST_SPEC, write_model
 
     write_model(path, ModelSpec(**TEST_SPEC, seed=seed))
     return str(path)
@@ -73,11 +73,12 @@ class Farm:
         self.servers = []
 
     def start(self, *, wait: bool = True, model: str | None = None, **kw):
-        from kvdirect.sglang_demo.server import Server
+        from kvdirect.demo.sglang_cpu.server import Server
 
         env = dict(kw.pop("env", {}) or {})
         env["KVDIRECT_SGL_KERNEL_CALLS"] = str(self.calls)
-        s = Server(sys.executable, model or self.model, pythonpath=[STANDIN], env=env,
+        path = [*kw.pop("more_path", []), STANDIN]  # e.g. a test-only sitecustomize folder
+        s = Server(sys.executable, model or self.model, pythonpath=path, env=env,
                    log_dir=str(self.workdir), **kw)
         self.servers.append(s)
         if wait:

@@ -13,7 +13,7 @@ import json
 
 from audit import assert_pool_clean, audit, key_prefix, page_keys, sequences
 from kvdirect.stores import open_store
-from kvdirect.sglang_demo.client import cached_tokens
+from kvdirect.demo.sglang_cpu.client import cached_tokens
 from test_shared_pool import kv_config
 from workload import OUTPUT_LEN, Workload
 

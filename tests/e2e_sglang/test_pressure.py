@@ -11,8 +11,8 @@ import numpy as np
 
 from audit import assert_pool_clean
 from conftest import expected_hit, wait_pool_objects
-from kvdirect.sglang_demo import client
-from kvdirect.sglang_demo.client import cached_tokens
+from kvdirect.demo.sglang_cpu import client
+from kvdirect.demo.sglang_cpu.client import cached_tokens
 from test_shared_pool import kv_config
 from workload import OUTPUT_LEN, Workload
 

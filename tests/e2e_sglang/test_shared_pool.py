@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import expected_hit, wait_pool_objects
-from kvdirect.sglang_demo.client import cached_tokens
+from kvdirect.demo.sglang_cpu.client import cached_tokens
 from workload import OUTPUT_LEN, Workload
 
 

@@ -113,9 +113,9 @@ def finish_load(p: CacheParts, m: CacheMatch, slots: np.ndarray, n_pages: int, s
 class LayerwiseLoad:
     """A layer-by-layer load in progress (see ``KVDirectCache.load_layerwise``).
 
-    Layer completions come from the store (ranged reads of each page object,
-    direct path), from one device event per layer (staged path: the scatter of
-    layer ``l`` has completed), or all at once (stores that only get whole objects).
+    Layer completions come from :meth:`Transfer.get_layerwise`: per layer while later
+    layers are still being read (stores with piecewise reads; staged: once the layer's
+    scatter has completed), or all at once (stores that only get whole objects).
 
     The reader runs on its own thread, but the compute event it orders after is
     recorded here, on the engine's thread that starts the load (see
@@ -149,22 +149,8 @@ class LayerwiseLoad:
 
     def _run(self):
         p = self.parts
-        piecewise = getattr(p.store, "open_read", None) if not p.transfer.stage else None
         try:
-            if p.transfer.stage:
-                self.status[:] = p.transfer.get_layers(self._keys, self._page_slots, self._layer_done, self._ready)
-            elif piecewise is None:  # whole objects: every layer completes at once
-                self.status[:] = p.transfer.get(self._keys, self._page_slots, self._ready)
-            else:
-                obj = np.full(self.n_pages, p.layout.page_bytes, dtype=np.uint64)
-                p.transfer.before_direct_write(self._ready)
-                with piecewise(self._keys, obj) as rd:
-                    alive = first_failure(rd.status)
-                    for layer in range(len(self._events)):  # layer l is the next bytes of every page object
-                        if alive:
-                            rd.read(p.layout.plan_layer(self._page_slots[:alive], layer, per_token=False))
-                        self._layer_done(layer, alive)
-                self.status[:] = rd.end()
+            self.status[:] = p.transfer.get_layerwise(self._keys, self._page_slots, self._layer_done, self._ready)
         except STORE_FAILURES as e:
             p.health.failed("get", e)
             self.status[:] = UNAVAILABLE

@@ -3,12 +3,13 @@
 *Compute events.* Every transfer is ordered after a *compute event*
 (:meth:`Transfer.compute_event`): recorded on the engine's thread at the moment
 the engine hands the work over (``load``, ``load_layerwise``, ``write_back``;
-the vLLM worker's ``wait_for_save``), on that thread's current stream (CUDA and
-the simulated device keep one current stream per host thread) and on the
-engine's forward stream when it gave one (SGLang's overlap scheduler forwards
-on a stream that is not current where the cache is called). A background thread
-(layer-wise reader, writer threads) never records one itself: its current
-stream is not the engine's, and an event there orders nothing.
+the vLLM worker's ``wait_for_save``; the SGLang linker's ``load`` and
+``offload``), on that thread's current stream (CUDA and the simulated device
+keep one current stream per host thread) and on the engine's forward stream
+when it gave one (SGLang's overlap scheduler forwards on a stream that is not
+current where the cache is called). A background thread (layer-wise reader,
+writer threads) never records one itself: its current stream is not the
+engine's, and an event there orders nothing.
 
 *Direct*: the store reads and writes the device pages itself (``Store.get`` /
 ``put`` on the layout's scatter list). Before a put reads the pages, the host
@@ -32,6 +33,16 @@ simulated device):
   ``l`` is reported loaded once its event has completed;
 * a buffer whose store call timed out is retired (the abandoned call may still
   read or write it) until the store is quiet.
+
+Layer by layer (:meth:`Transfer.get_layerwise`, the one layer-wise load of every
+front door): with a store that reads objects piecewise (``open_read``: shm,
+Mooncake's ranged reads in a get session) layer 0 of every page is read alone,
+then groups of later layers (``layer_groups``: one store call per group), each
+layer scattered (staged) and reported while later layers are still in the pool,
+so the time a hit adds before the first layer can be used is that layer's, not
+the whole prompt's, and the whole load costs a few store calls, not one per
+layer. Stores without piecewise reads deliver whole objects and every layer
+completes when they are in.
 
 Test-only switch: ``KVDIRECT_SIM_SKIP_SYNC=1`` makes this code skip its waits on
 the simulated device (``kvdirect.device.sim``), which must make the simdevice
@@ -61,6 +72,24 @@ def first_failure(status: np.ndarray) -> int:
 
 def _status(st) -> np.ndarray:
     return np.asarray(st, dtype=np.int32)
+
+
+#: layers per piecewise read after the first: one store call per group, so the first layer
+#: arrives after one layer's read and the whole load costs a few calls, not one per layer
+MAX_LAYER_GROUP = 8
+
+
+def layer_groups(num_layers: int) -> list[tuple[int, int]]:
+    """[lo, hi) layer ranges read one call each: layer 0 alone, then groups doubling in size
+    up to MAX_LAYER_GROUP (32 layers: 1, 1, 2, 4, 8, 8, 8)."""
+    out, lo, size = [], 0, 1
+    while lo < num_layers:
+        hi = min(num_layers, lo + size)
+        out.append((lo, hi))
+        if lo:
+            size = min(2 * size, MAX_LAYER_GROUP)
+        lo = hi
+    return out
 
 
 class Transfer:
@@ -127,6 +156,88 @@ class Transfer:
         """Staged load with per-layer completion: ``on_layer(l, pages)`` once layer ``l``
         of the first ``pages`` pages is on the device (for the final chunk of pages)."""
         return self._get_staged(keys, page_slots, on_layer, ready)
+
+    def get_layerwise(self, keys: list, page_slots: np.ndarray, on_layer, ready) -> np.ndarray:
+        """Load whole page objects layer by layer: ``on_layer(l, pages)`` once layer ``l`` of
+        the first ``pages`` pages is in device memory (``pages`` never grows from one layer
+        to the next); per-key status, OK only for a page delivered whole (and verified, where
+        the store checks objects at the end). Every layer is reported, also after a failure
+        (with the pages still good), so a waiting forward pass never hangs; the caller
+        decides from the status, not from the layer reports, whether a page may be used.
+        ``ready``: the compute event recorded on the engine's thread when the load was
+        handed over (this may run on another thread)."""
+        n, layers = len(keys), self.layout.num_layers
+        reader = getattr(self.store, "open_read", None)
+        if n == 0:
+            for layer in range(layers):
+                on_layer(layer, 0)
+            return np.zeros(0, dtype=np.int32)
+        if reader is None:  # whole objects: every layer completes once they are in
+            if self.stage:
+                return self.get_layers(keys, page_slots, on_layer, ready)
+            self.before_direct_write(ready)
+            st = _status(self.store.get(keys, self.layout.plan(page_slots, per_token=False)))
+            for layer in range(layers):
+                on_layer(layer, first_failure(st))
+            return st
+        if self.stage:
+            if self.pool.nbytes < n * self.layout.page_bytes:  # the pages do not fit one buffer
+                return self.get_layers(keys, page_slots, on_layer, ready)
+            return self._get_staged_piecewise(keys, page_slots, on_layer, reader, ready)
+        self.before_direct_write(ready)
+        sizes = np.full(n, self.layout.page_bytes, dtype=np.uint64)
+        plan = self.layout.plan(page_slots, per_token=False)
+        per_layer = plan.addrs.shape[1] // layers if plan.addrs.shape[1] % layers == 0 else 0
+        with reader(keys, sizes) as rd:
+            for lo, hi in layer_groups(layers):  # layers lo..hi-1 are the next bytes of every page object
+                alive = first_failure(rd.status)
+                if alive:
+                    if per_layer:  # the object-order plan, its segments of these layers
+                        rd.read(ScatterList(plan.addrs[:alive, lo * per_layer:hi * per_layer],
+                                            plan.sizes[:alive, lo * per_layer:hi * per_layer]))
+                    else:
+                        for layer in range(lo, hi):
+                            rd.read(self.layout.plan_layer(page_slots[:alive], layer, per_token=False))
+                ok = first_failure(rd.status)
+                for layer in range(lo, hi):
+                    on_layer(layer, ok)
+        return _status(rd.end())
+
+    def _get_staged_piecewise(self, keys, page_slots, on_layer, reader, ready) -> np.ndarray:
+        """Staged and piecewise: layer ``l`` of every page is read into its place in the
+        staging buffer, then scattered on the load stream; while that scatter runs the
+        next layer is read, and layer ``l`` is reported once its scatter has completed."""
+        n, lay = len(keys), self.layout
+        offs = lay.layer_offsets()
+        s = self._load_stream
+        # earlier work may still use the slots being refilled
+        self._wait(s, ready)
+        status = np.full(n, UNAVAILABLE, dtype=np.int32)
+        pending = None  # (layer, event, pages) scattered but not yet reported
+        with _Lease(self, s) as lease:
+            base = np.uint64(lease.buf.addr) + np.arange(n, dtype=np.uint64) * np.uint64(lay.page_bytes)
+            with reader(keys, np.full(n, lay.page_bytes, dtype=np.uint64)) as rd:
+                for lo, hi in layer_groups(lay.num_layers):
+                    alive = first_failure(rd.status)
+                    if alive:  # layers lo..hi-1 of each page: one range, into its place in the buffer
+                        size = np.uint64(int(offs[hi] - offs[lo]))
+                        rd.read(ScatterList(base[:alive] + np.uint64(int(offs[lo])), np.full(alive, size)))
+                        alive = first_failure(rd.status)
+                    for layer in range(lo, hi):
+                        if alive:
+                            self.ops.to_device(page_slots[:alive], lease.buf, s, layer=layer)
+                        ev = self.ops.record(s)
+                        if pending is not None:
+                            self._sync(pending[1])
+                            on_layer(pending[0], pending[2])
+                        pending = (layer, ev, alive)
+                status[:] = _status(rd.end())
+            if (status == TIMEOUT).any():  # an abandoned read may still write the buffer
+                self._sync(pending[1])
+                lease.retire()
+        self._sync(pending[1])
+        on_layer(pending[0], min(pending[2], first_failure(status)))
+        return status
 
     def _get_staged(self, keys, page_slots, on_layer, ready) -> np.ndarray:
         n, layers = len(keys), self.layout.num_layers

@@ -1,18 +1,22 @@
-"""`kvdirect demo`: two serving instances share one KV pool; TTFT with and without kvdirect."""
+"""`kvdirect demo`: two serving instances share one KV pool; TTFT with and without kvdirect.
+
+The command line only: the experiments live in ``kvdirect.demo`` (``own``: the
+reference engine, ``sglang``: real SGLang servers; ``report``: their outputs).
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from kvdirect.cli import _args as A
+from kvdirect.demo import OWN_MODES as MODES
+from kvdirect.demo import SGLANG_MODES, SMALL_MODEL, TRANSFER_MODEL, TRANSFER_PROMPT_LEN
 
-MODES = ("baseline", "ideal", "kvdirect")
-# modes of `--engine sglang` only (kvdirect.sglang_demo.demo.MODES)
-SGLANG_ONLY_MODES = ("kvdirect_layerwise", "hicache", "hicache_file")
-#: ``--model-size small``: a tiny model for quick checks (either engine)
-SMALL_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   intermediate_size=128, vocab_size=512)
+#: ``--model-size``: ModelSpec fields over the default shape
+MODEL_SIZES = {"default": {}, "small": SMALL_MODEL, "transfer": TRANSFER_MODEL}
+
+# modes of `--engine sglang` only
+SGLANG_ONLY_MODES = tuple(m for m in SGLANG_MODES if m not in MODES)
 
 
 def reuse_levels(text: str) -> tuple:
@@ -42,14 +46,19 @@ def modes(text: str) -> tuple:
     return ms
 
 
+def prompt_len(args) -> int:
+    """--prompt-len, or the model size's own default (3584; 1024 for the transfer-bound shape)."""
+    if args.prompt_len is not None:
+        return args.prompt_len
+    return TRANSFER_PROMPT_LEN if args.model_size == "transfer" else 3584
+
+
 def run(args) -> int:
     import importlib.util
 
     from kvdirect.errors import ConfigError
 
-    if args.engine == "sglang":  # real SGLang servers: kvdirect/sglang_demo
-        from kvdirect.sglang_demo.cli import run as run_sglang
-
+    if args.engine == "sglang":
         return run_sglang(args)
     args.modes = args.modes or MODES
     own_only = [m for m in args.modes if m not in MODES]
@@ -61,15 +70,15 @@ def run(args) -> int:
         A.open_user_store(store).close()  # a bad or unreachable store fails here, before the model is built
         store = A.existing_pool_url(store)
     try:
-        from kvdirect.demo import DemoConfig, plot, render_table, run_demo
+        from kvdirect.demo.own import DemoConfig, plot, render_table, run_demo
         from kvdirect.engine.model import ModelSpec
     except ImportError as e:
         raise ConfigError(f"kvdirect demo needs torch and transformers ({e}); install them with "
                           "`pip install 'kvdirect[demo]'`") from None
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("--plot needs matplotlib: pip install 'kvdirect[demo]'")
-    spec_kw = SMALL_MODEL if args.model_size == "small" else {}
-    cfg = DemoConfig(prompts=args.prompts, prompt_len=args.prompt_len, reuse=args.reuse,
+    spec_kw = MODEL_SIZES[args.model_size]
+    cfg = DemoConfig(prompts=args.prompts, prompt_len=prompt_len(args), reuse=args.reuse,
                      output_len=args.output_len, page_size=args.page_size, store_url=store,
                      device=args.device, modes=args.modes, seed=args.seed, spec=ModelSpec(**spec_kw))
     if cfg.device == "cuda":
@@ -92,15 +101,40 @@ def run(args) -> int:
     return write_result(args, result, plot, "cached outputs differ from the uncached ones")
 
 
+def run_sglang(args) -> int:
+    """``--engine sglang``: real SGLang servers (``kvdirect.demo.sglang``)."""
+    from kvdirect.demo.sglang import SGLangDemoConfig, plot, render_table, run_demo
+    from kvdirect.errors import ConfigError
+
+    if args.device != "cpu":
+        raise ConfigError("--engine sglang runs SGLang on the CPU only (--device cpu)")
+    if args.store:
+        raise ConfigError("--engine sglang makes its own pools (shm, and one Mooncake master for every "
+                          "Mooncake mode); drop --store")
+    spec = dict(MODEL_SIZES[args.model_size])
+    try:
+        cfg = SGLangDemoConfig(prompts=args.prompts, prompt_len=prompt_len(args), reuse=tuple(args.reuse),
+                               output_len=args.output_len, page_size=args.page_size,
+                               modes=tuple(args.modes or SGLANG_MODES), seed=args.seed,
+                               spec=spec, sglang_env=getattr(args, "sglang_env", None))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    result = run_demo(cfg, progress=not args.quiet)
+    m = result["machine"]
+    print(f"\nmachine: {m.get('cpu')}, {m['cores']} cores; SGLang 0.5.23, --attention-backend torch_native, "
+          f"page {cfg.page_size}")
+    print(f"workload: {cfg.prompts} prompts x {cfg.prompt_len} tokens per reuse level, output {cfg.output_len}; "
+          f"TTFT of the second server's first request (p50)\n")
+    print(render_table(result))
+    return write_result(args, result, plot, "outputs differ between modes")
+
+
 def write_result(args, result: dict, plot, differ: str) -> int:
     """``--json`` / ``--plot`` outputs of either engine's demo; exit 1 when outputs differ."""
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
+    from kvdirect.demo.report import write_outputs
+
+    for path in write_outputs(result, json_path=args.json, plot_path=args.plot, plot=plot):
+        print(f"wrote {path}")
     if not result["outputs_identical"]:
         print(f"{args.prog}: error: {differ}", file=sys.stderr)
         return 1
@@ -112,11 +146,12 @@ def register(sub) -> None:
                        description=__doc__)
     p.add_argument("--engine", default="own", choices=["own", "sglang"],
                    help="own: kvdirect's small reference engine (default); sglang: real SGLang 0.5.23 servers "
-                        "on CPU vs SGLang's cache and HiCache (run from a clone; builds the ~6 GB SGLang "
-                        "environment with scripts/sglang-env.sh on first use)")
+                        "on CPU: kvdirect's radix backend and linker vs SGLang's cache, its Mooncake linker and "
+                        "HiCache, in one phase (run from a clone; builds the ~6 GB SGLang environment with "
+                        "scripts/sglang-env.sh on first use)")
     p.add_argument("--prompts", type=A.positive_int, default=12, help="prompts per reuse level (default 12)")
-    p.add_argument("--prompt-len", type=A.positive_int, default=3584,
-                   help="tokens per prompt, at least two pages (default 3584)")
+    p.add_argument("--prompt-len", type=A.positive_int, default=None,
+                   help="tokens per prompt, at least two pages (default 3584; 1024 with --model-size transfer)")
     p.add_argument("--reuse", type=reuse_levels, default=(0.0, 0.5, 1.0),
                    help="prefix reuse levels, fractions or percents (default 0,0.5,1)")
     p.add_argument("--output-len", type=A.positive_int, default=4, help="greedy tokens per request (default 4)")
@@ -128,8 +163,9 @@ def register(sub) -> None:
     p.add_argument("--modes", type=modes, default=None,
                    help="comma list of baseline, ideal, kvdirect (default: all three); --engine sglang "
                         f"also {', '.join(SGLANG_ONLY_MODES)} (default: all)")
-    p.add_argument("--model-size", default="default", choices=["default", "small"],
-                   help="'small' is a tiny model for quick checks")
+    p.add_argument("--model-size", default="default", choices=sorted(MODEL_SIZES),
+                   help="'small': a tiny model for quick checks; 'transfer': KV large relative to compute "
+                        "(32 layers, 32 KV heads of 128, hidden 256: 0.5 GiB of KV per 1024-token prompt)")
     p.add_argument("--seed", type=A.non_negative_int, default=0)
     p.add_argument("--json", type=A.output_file, metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", type=A.output_file, metavar="PATH", help="write a PNG chart")

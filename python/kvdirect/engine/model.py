@@ -36,9 +36,16 @@ class ModelSpec:
     # kvdirect differ only in where the prefix KV came from
     attn_implementation: str = "sdpa"
     seed: int = 0
+    #: attention head size when it is not hidden_size / num_attention_heads (a model whose KV
+    #: is wide relative to its hidden size: the demo's transfer-bound shape)
+    explicit_head_dim: int | None = None
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
+        if self.explicit_head_dim is not None and (isinstance(self.explicit_head_dim, bool) or
+                                                   not isinstance(self.explicit_head_dim, int) or
+                                                   self.explicit_head_dim < 1):
+            raise ConfigError(f"explicit_head_dim must be a positive integer, got {self.explicit_head_dim!r}")
+        if self.explicit_head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of "
                               f"num_attention_heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -51,7 +58,7 @@ class ModelSpec:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_attention_heads
 
     def kv_bytes_per_token(self) -> int:
         itemsize = 4 if self.dtype == "float32" else 2
@@ -82,6 +89,7 @@ def build_model(spec: ModelSpec, device: str = "cpu"):
         max_position_embeddings=spec.max_position_embeddings,
         tie_word_embeddings=False,
         use_sliding_window=False,
+        **({"head_dim": spec.explicit_head_dim} if spec.explicit_head_dim else {}),
     )
     cfg._attn_implementation = spec.attn_implementation
     # The initialiser draws from torch's global generator: seed it, build on

@@ -1,5 +1,11 @@
 """Pieces shared by the adapters of distributed stores (Mooncake, MemCache).
 
+* :class:`RemoteStore` is the base both adapters derive from: calls under a
+  deadline, control-plane calls that must answer (``exists``, ``remove``,
+  ``put_bytes``, ``get_bytes``) in batches of at most ``max_batch_keys`` keys,
+  per-key status counting, ``stats``, ``quiesce`` and ``close``. An adapter adds
+  its client's set-up, memory registration, the data-plane calls (``_transfer``)
+  and its result-code table.
 * :class:`DeadlineRunner` bounds every client call by a deadline: the call runs
   on a worker thread (the clients release the GIL in their batch calls) and the
   caller gets :class:`CallTimeout` when the deadline passes. A call that timed
@@ -21,12 +27,19 @@
 """
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
+
+from kvdirect.errors import ConfigError, StoreError
+from kvdirect.stores import base
+from kvdirect.stores.base import ScatterList, Store
+
+log = logging.getLogger("kvdirect.stores")
 
 
 class CallTimeout(Exception):
@@ -180,10 +193,7 @@ def tcp_reachable(host: str, port: int, timeout_s: float = 2.0) -> bool:
 
 def check_batch(keys, scatter):
     """Common argument checks of put/get: same length, at least one segment."""
-    from kvdirect.errors import ConfigError
-    from kvdirect.stores.base import ScatterList, check_keys
-
-    keys = check_keys(keys)
+    keys = base.check_keys(keys)
     if not isinstance(scatter, ScatterList):
         raise ConfigError(f"scatter must be a kvdirect.stores.ScatterList, got {type(scatter).__name__}")
     if len(scatter) != len(keys):
@@ -209,3 +219,219 @@ def http_key_list(admin: str, what: str, timeout_s: float = 30.0) -> list[str]:
     except UnicodeDecodeError:
         raise StoreError(f"{url} answered something that is not a key list (non-ASCII bytes)") from None
     return [k for k in text.splitlines() if k]
+
+
+def import_client_module(module: str, label: str, hint: str):
+    """Import a store's client module, or StoreError naming what is missing: the pip extra
+    (``hint``) when the package is absent, the import error (a system library) otherwise."""
+    import importlib
+
+    from kvdirect import runtime
+
+    ci = runtime.client_import(module)
+    if ci.state == "not_installed":
+        raise StoreError(f"{label} client not installed. Install it: {hint}")
+    if ci.state != "ok":
+        raise StoreError(f"{label} client not importable: {ci.message}")
+    return importlib.import_module(module)
+
+
+def url_flag(u, name: str, default):
+    """A 0/1 URL parameter (``default`` when absent or empty)."""
+    v = u.pop(name, None)
+    if v is None or v == "":
+        return default
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={v!r} in {u.raw!r}: use 0 or 1")
+
+
+class RemoteStore(Store):
+    """The part of a distributed store's adapter that does not depend on its client.
+
+    A subclass sets ``label`` (its name in messages), ``codes`` (client result code ->
+    kvdirect status; ``put_codes`` for put results), ``max_batch_keys`` (0: no limit
+    per call), ``remove_call`` (the client's batch remove), calls :meth:`_init_remote`
+    first in ``__init__``, and implements ``_transfer(op, keys, scatter)`` (op "put" or
+    "get": one status per key, counted with :meth:`_count`), ``register`` and
+    ``_empty_get(key)`` (what an empty ``get`` answer means: None for absent, else raise).
+    """
+
+    label = ""
+    codes: dict = {}
+    put_codes: dict = {}
+    max_batch_keys = 0
+    remove_call = "batch_remove"
+    #: exceptions a client call may raise for a failed call (pybind11-translated C++ errors)
+    client_errors: tuple = (RuntimeError,)
+
+    def _init_remote(self, timeout_s: float, workers: int, client) -> None:
+        self._runner = DeadlineRunner(timeout_s, workers, f"kvd-{self.scheme}")
+        self._regions = Regions()
+        self._reg_lock = threading.Lock()
+        self._closed = False
+        self._counts = {"put_keys": 0, "put_ok": 0, "get_keys": 0, "get_ok": 0, "put_bytes": 0, "get_bytes": 0,
+                        "exists_calls": 0, "failed_by_status": {}}
+        self._owns_client = client is None  # a client handed in (tests, a shared one) is not closed by us
+        self._client = client
+
+    # ------------------------------------------------------------------ calls
+
+    def _where(self) -> str:
+        """Where the pool is, for messages ("" or "; master HOST:PORT")."""
+        return ""
+
+    def _call(self, name: str, *args, **kwargs):
+        if self._closed:
+            raise CallUnavailable("store is closed")
+        return self._runner.call(getattr(self._client, name), *args, **kwargs)
+
+    def _ask(self, name: str, *args):
+        """A control-plane call whose answer the caller needs: StoreError when there is none."""
+        try:
+            return self._call(name, *args)
+        except (CallTimeout, CallUnavailable, *self.client_errors) as e:
+            raise StoreError(f"{self.label} {name} did not answer{self._where()}: {e}") from None
+
+    def _batches(self, n: int):
+        """(lo, hi) ranges of at most ``max_batch_keys`` keys."""
+        step = self.max_batch_keys or max(n, 1)
+        return ((lo, min(lo + step, n)) for lo in range(0, n, step))
+
+    def _batch_statuses(self, n: int, call, keys_label: str = "") -> np.ndarray:
+        """Run ``call()`` (a data-plane call returning per-key statuses for ``n`` keys) and turn a
+        call that failed as a whole into one status for all of them."""
+        try:
+            st = call()
+            if st.shape != (n,):  # a client that returns the wrong count: trust none of it
+                st = np.full(n, base.IO_ERROR, np.int32)
+        except CallTimeout:
+            st = np.full(n, base.TIMEOUT, np.int32)
+        except CallUnavailable:
+            st = np.full(n, base.UNAVAILABLE, np.int32)
+        except self.client_errors as e:
+            log.warning("%s %s raised %s", self.label, keys_label, e)
+            st = np.full(n, base.IO_ERROR, np.int32)
+        return st
+
+    def _status(self, rc, table: dict | None = None) -> np.ndarray:
+        return map_codes(rc, self.codes if table is None else table, base.IO_ERROR)
+
+    def _failed(self, name: str, keys: list[str], rc: np.ndarray, bad: np.ndarray) -> StoreError:
+        codes = ", ".join(f"{int(c)} ({base.status_name(self._status([c])[0])})" for c in np.unique(rc[bad])[:4])
+        return StoreError(f"{self.label} {name} failed for {int(bad.sum())} of {len(keys)} keys (first "
+                          f"{keys[int(np.flatnonzero(bad)[0])][:40]!r}; {self.label} codes {codes}{self._where()})")
+
+    def _answers(self, name: str, keys: list[str]) -> np.ndarray:
+        """One integer per key from a control-plane call, StoreError when it cannot give them."""
+        rc = np.asarray(self._ask(name, keys), np.int64)
+        if rc.shape != (len(keys),):
+            raise StoreError(f"{self.label} {name} answered {rc.size} results for {len(keys)} keys")
+        return rc
+
+    def _count(self, op: str, st: np.ndarray, sizes: np.ndarray) -> None:
+        ok = st == base.OK
+        self._counts[f"{op}_keys"] += len(st)
+        self._counts[f"{op}_ok"] += int(ok.sum())
+        self._counts[f"{op}_bytes"] += int(np.asarray(sizes)[ok].sum())
+        bad = st[~ok]
+        if bad.size:
+            d = self._counts["failed_by_status"]
+            for code, cnt in zip(*np.unique(bad, return_counts=True)):
+                d[int(code)] = d.get(int(code), 0) + int(cnt)
+
+    def _register_buffer(self, addr: int, length: int) -> None:
+        """The client's register_buffer for a region already added to ``_regions`` (forgotten on failure)."""
+        try:
+            rc = self._call("register_buffer", int(addr), int(length))
+        except (CallTimeout, CallUnavailable) as e:
+            rc = f"no answer ({e})"
+        if rc != 0:
+            self._regions.remove(addr)  # so that a retry registers again
+            raise StoreError(f"{self.label} register_buffer(0x{int(addr):x}, {int(length)}) failed: {rc}")
+
+    # ------------------------------------------------------------------ Store interface
+
+    def exists(self, keys) -> np.ndarray:
+        keys = base.check_keys(keys)
+        out = np.zeros(len(keys), bool)
+        for lo, hi in self._batches(len(keys)):
+            self._counts["exists_calls"] += 1
+            # 1 present, 0 absent; an error answer for any key (Mooncake: -900 when the master is gone)
+            # or none within the deadline is StoreError: the cache counts misses and backs off,
+            # "absent" would be a guess
+            rc = self._answers("batch_is_exist", keys[lo:hi])
+            bad = (rc != 0) & (rc != 1)
+            if bad.any():
+                raise self._failed("batch_is_exist", keys[lo:hi], rc, bad)
+            out[lo:hi] = rc == 1
+        return out
+
+    def put(self, keys, scatter: ScatterList) -> np.ndarray:
+        keys, scatter = check_batch(keys, scatter)
+        return self._transfer("put", keys, scatter)
+
+    def get(self, keys, scatter: ScatterList) -> np.ndarray:
+        keys, scatter = check_batch(keys, scatter)
+        return self._transfer("get", keys, scatter)
+
+    def remove(self, keys) -> int:
+        keys = base.check_keys(keys)
+        n = 0
+        for lo, hi in self._batches(len(keys)):
+            rc = self._answers(self.remove_call, keys[lo:hi])
+            st = self._status(rc)
+            bad = (st != base.OK) & (st != base.NOT_FOUND)  # e.g. a read lease that has not expired: still there
+            if bad.any():
+                raise self._failed(self.remove_call, keys[lo:hi], rc, bad)
+            n += int((st == base.OK).sum())
+        return n
+
+    def _too_large(self, size: int) -> bool:
+        """An object the client cannot take in one put (put_bytes answers False without a call)."""
+        return False
+
+    def put_bytes(self, key: str, data: bytes) -> bool:
+        key, size = base.check_object(key, data)
+        if self._too_large(size):
+            return False
+        rc = self._ask("put", key, data if isinstance(data, bytes) else bytes(data))
+        st = int(self._status([rc], self.put_codes)[0])
+        if st == base.OK or st in base.NO_ROOM:
+            return st == base.OK
+        raise StoreError(f"{self.label} put({key[:40]!r}) failed: {rc} ({base.status_name(st)}{self._where()})")
+
+    def get_bytes(self, key: str) -> bytes | None:
+        (key,) = base.check_keys([key])
+        data = self._ask("get", key)
+        if data:
+            return bytes(data)
+        # objects are never empty: b"" is the client's answer both for "absent" and for a failed read
+        return self._empty_get(key)
+
+    def _empty_get(self, key: str) -> None:
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        d = dict(self._counts, failed_by_status=dict(self._counts["failed_by_status"]))
+        d.update(scheme=self.scheme, registered_regions=len(self._regions), timeouts=self._runner.timeouts,
+                 refused_calls=self._runner.refused, abandoned_calls=self._runner.abandoned)
+        return d
+
+    def quiesce(self, timeout_s: float | None = None) -> bool:
+        """Wait until calls that timed out have returned (their destination memory is no longer written)."""
+        return self._runner.quiesce(timeout_s)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        client = getattr(self, "_client", None)
+        if client is not None and self._owns_client and self._runner.abandoned == 0:
+            try:
+                self._runner.call(client.close)
+            except (CallTimeout, CallUnavailable, *self.client_errors) as e:
+                log.warning("%s close: %s", self.label, e)
+        self._runner.shutdown()

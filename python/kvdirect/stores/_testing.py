@@ -24,6 +24,9 @@ Used by reliability tests (never by production code)::
   failed page serves visibly wrong KV.
 * ``put_lands``: a failed put still stores the object (the ambiguous case "the
   reply was lost but the write happened"); without it failed keys are not stored.
+* ``piecewise``: expose the inner store's ``open_read`` (layer-by-layer loads); a failed key
+  of a read piece is scribbled over (``garbage``) and fails from that piece on. Pieces
+  before ``fail_from_piece`` are never affected (a failure after layer 0 was used).
 * ``down = True`` makes every call fail until reset: put / get statuses UNAVAILABLE; exists,
   remove, put_bytes and get_bytes raise StoreError.
 
@@ -50,7 +53,8 @@ _MODES = {"error": base.IO_ERROR, "timeout": base.TIMEOUT, "evict": base.NOT_FOU
 class FlakyStore(Store):
     def __init__(self, inner: Store, fail_rate: float = 0.0, delay_s: float = 0.0, seed: int = 0,
                  fail_ops=("put", "get", "exists"), mode: str = "error", delay_ops=None, garbage: bool = True,
-                 put_lands: bool = False, deadline_s: float = 0.0, delay_rate: float = 1.0):
+                 put_lands: bool = False, deadline_s: float = 0.0, delay_rate: float = 1.0,
+                 piecewise: bool = False, fail_from_piece: int = 0):
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
         if not 0.0 <= fail_rate <= 1.0:
@@ -73,6 +77,9 @@ class FlakyStore(Store):
         self._lock = threading.Lock()
         self.scheme = inner.scheme
         self.supports_device_memory = inner.supports_device_memory
+        self.fail_from_piece = int(fail_from_piece)
+        if piecewise and hasattr(inner, "open_read"):
+            self.open_read = self._open_read
 
     # -------------------------------------------------------------- injection
 
@@ -172,6 +179,12 @@ class FlakyStore(Store):
                 self._scribble(scatter, np.flatnonzero(fail))
         return st
 
+    def _open_read(self, keys, object_sizes) -> "_FlakyRead":
+        keys = base.check_keys(keys)
+        self._down("get")
+        self._delay("get")
+        return _FlakyRead(self, self.inner.open_read(keys, object_sizes), len(keys))
+
     def remove(self, keys) -> int:
         keys = base.check_keys(keys)
         self._down("remove")
@@ -195,6 +208,42 @@ class FlakyStore(Store):
             self._runner.quiesce(None)  # a late call must not outlive the inner store
             self._runner.shutdown()
         self.inner.close()
+
+
+class _FlakyRead:
+    """The inner store's piecewise read with keys failing (and scribbled) per piece."""
+
+    def __init__(self, owner: FlakyStore, rd, n: int):
+        self._o, self._rd, self._pieces = owner, rd, 0
+        self._bad = np.zeros(n, bool)
+
+    def _mark(self, st) -> np.ndarray:
+        st = np.asarray(st, np.int32).copy()
+        st[self._bad & (st == base.OK)] = _MODES[self._o.mode]
+        return st
+
+    @property
+    def status(self) -> np.ndarray:
+        return self._mark(self._rd.status)
+
+    def read(self, scatter: ScatterList) -> None:
+        m = len(scatter)
+        fail = self._o._failing("get", m) if self._pieces >= self._o.fail_from_piece else np.zeros(m, bool)
+        self._pieces += 1
+        self._rd.read(scatter)
+        if fail.any():
+            self._bad[:m] |= fail
+            if self._o.garbage:
+                FlakyStore._scribble(scatter, np.flatnonzero(fail))
+
+    def end(self) -> np.ndarray:
+        return self._mark(self._rd.end())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.end()
 
 
 # ============================================================================ MemCache test double

@@ -41,22 +41,18 @@ open and runs without a pool.
 """
 from __future__ import annotations
 
-import logging
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 
-from kvdirect import runtime
 from kvdirect.errors import ConfigError, StoreError
 from kvdirect.stores import base
-from kvdirect.stores._remote import (CallTimeout, CallUnavailable, DeadlineRunner, Regions, check_batch,
-                                     http_key_list, map_codes, tcp_reachable)
-from kvdirect.stores.base import ScatterList, Store
+from kvdirect.stores._remote import (CallTimeout, CallUnavailable, RemoteStore, http_key_list,
+                                     import_client_module, map_codes, tcp_reachable, url_flag)
+from kvdirect.stores.base import ScatterList
 from kvdirect.stores.url import StoreURL
 
-log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "kvdirect[memcache]" (memcache-hybrid, which pulls memfabric-hybrid)'
 
@@ -91,14 +87,7 @@ _GET_CODES = {**_CODES, -3006: base.IO_ERROR}
 
 
 def import_module():
-    ci = runtime.client_import("memcache_hybrid")
-    if ci.state == "not_installed":
-        raise StoreError(f"MemCache client not installed. Install it: {INSTALL_HINT}")
-    if ci.state != "ok":
-        raise StoreError(f"MemCache client not importable: {ci.message}")
-    import memcache_hybrid
-
-    return memcache_hybrid
+    return import_client_module("memcache_hybrid", "MemCache", INSTALL_HINT)
 
 
 def directions(module) -> dict[str, int]:
@@ -169,10 +158,15 @@ def _ascend_diagnosis() -> str:
             f"Ascend driver info {'at ' + drv[0] if drv else 'not found'}")
 
 
-class MemcacheStore(Store):
+class MemcacheStore(RemoteStore):
     """MemCache client behind kvdirect's Store interface (see the module docstring)."""
 
     scheme = "memcache"
+    label = "MemCache"
+    codes = put_codes = _CODES
+    max_batch_keys = MAX_BATCH_KEYS
+    remove_call = "remove_batch"
+    client_errors = (RuntimeError, ValueError)  # C++ exceptions (e.g. std::invalid_argument)
 
     def __init__(self, fields: dict | None = None, *, device_id: int = 0, memory: str = "device",
                  timeout_s: float = 30.0, init_timeout_s: float = 120.0, verify_size: bool = True, workers: int = 4,
@@ -184,15 +178,8 @@ class MemcacheStore(Store):
         self.supports_device_memory = memory == "device"
         self._module = module if module is not None else import_module()
         self.dir = directions(self._module)
-        self._runner = DeadlineRunner(timeout_s, workers, "kvd-memcache")
-        self._regions = Regions()
-        self._reg_lock = threading.Lock()
-        self._closed = False
-        self._counts = {"put_keys": 0, "put_ok": 0, "get_keys": 0, "get_ok": 0, "put_bytes": 0, "get_bytes": 0,
-                        "failed_by_status": {}}
-        self._owns_client = client is None
+        self._init_remote(timeout_s, workers, client)
         if client is not None:
-            self._client = client
             return
         fields = dict(fields or {})
         lc = build_local_config(self._module, fields)
@@ -220,11 +207,6 @@ class MemcacheStore(Store):
 
     # ------------------------------------------------------------------ helpers
 
-    def _call(self, name: str, *args):
-        if self._closed:
-            raise CallUnavailable("store is closed")
-        return self._runner.call(getattr(self._client, name), *args)
-
     def _kinds(self, scatter: ScatterList) -> np.ndarray:
         default = _DEVICE if self.memory == "device" else _HOST
         return self._regions.tags(scatter.addrs, scatter.sizes, default)
@@ -232,29 +214,16 @@ class MemcacheStore(Store):
     def _batched(self, name: str, keys: list[str], scatter: ScatterList, direction: int, get: bool) -> np.ndarray:
         """One client call per <= 512 keys; per-key statuses."""
         out = np.empty(len(keys), np.int32)
-        for lo in range(0, len(keys), MAX_BATCH_KEYS):
-            hi = min(lo + MAX_BATCH_KEYS, len(keys))
-            try:
-                rc = self._call(name, keys[lo:hi], scatter.addrs[lo:hi].tolist(), scatter.sizes[lo:hi].tolist(),
-                                direction)
-                st = status(rc, get=get)
-                if st.shape != (hi - lo,):
-                    st = np.full(hi - lo, base.IO_ERROR, np.int32)
-            except CallTimeout:
-                st = np.full(hi - lo, base.TIMEOUT, np.int32)
-            except CallUnavailable:
-                st = np.full(hi - lo, base.UNAVAILABLE, np.int32)
-            except (RuntimeError, ValueError) as e:  # C++ exception (e.g. std::invalid_argument)
-                log.warning("memcache %s raised %s", name, e)
-                st = np.full(hi - lo, base.IO_ERROR, np.int32)
-            out[lo:hi] = st
+        for lo, hi in self._batches(len(keys)):
+            out[lo:hi] = self._batch_statuses(hi - lo, lambda: status(self._call(
+                name, keys[lo:hi], scatter.addrs[lo:hi].tolist(), scatter.sizes[lo:hi].tolist(), direction), get=get),
+                name)
         return out
 
     def _stored_sizes(self, keys: list[str]) -> np.ndarray | None:
         """Stored object sizes (0 = absent) from batch_get_key_info; None if the query failed."""
         sizes = np.empty(len(keys), np.int64)
-        for lo in range(0, len(keys), MAX_BATCH_KEYS):
-            hi = min(lo + MAX_BATCH_KEYS, len(keys))
+        for lo, hi in self._batches(len(keys)):
             try:
                 infos = self._call("batch_get_key_info", keys[lo:hi])
             except (CallTimeout, CallUnavailable, RuntimeError):
@@ -297,15 +266,7 @@ class MemcacheStore(Store):
                 d = self.dir["G2L"] if kind == _DEVICE else self.dir["G2H"]
                 res = self._batched("batch_get_into_layers", [keys[i] for i in idx], scatter.take(idx), d, True)
             st[idx] = res
-        ok = st == base.OK
-        self._counts[f"{op}_keys"] += n
-        self._counts[f"{op}_ok"] += int(ok.sum())
-        self._counts[f"{op}_bytes"] += int(want[ok].sum())
-        bad = st[~ok]
-        if bad.size:
-            d = self._counts["failed_by_status"]
-            for code, cnt in zip(*np.unique(bad, return_counts=True)):
-                d[int(code)] = d.get(int(code), 0) + int(cnt)
+        self._count(op, st, want)
         return st
 
     # ------------------------------------------------------------------ Store interface
@@ -317,80 +278,9 @@ class MemcacheStore(Store):
         with self._reg_lock:
             if not self._regions.add(addr, length, _DEVICE if memory == "device" else _HOST):
                 return
-            try:
-                rc = self._call("register_buffer", int(addr), int(length))
-            except (CallTimeout, CallUnavailable) as e:
-                rc = f"no answer ({e})"
-            if rc != 0:
-                self._regions.remove(addr)
-                raise StoreError(f"MemCache register_buffer(0x{int(addr):x}, {int(length)}) failed: {rc}")
+            self._register_buffer(addr, length)
 
-    def _ask(self, name: str, *args):
-        """A call whose answer the caller needs: StoreError when there is none."""
-        try:
-            return self._call(name, *args)
-        except (CallTimeout, CallUnavailable, RuntimeError, ValueError) as e:
-            raise StoreError(f"MemCache {name} did not answer: {e}") from None
-
-    @staticmethod
-    def _failed(name: str, keys: list[str], rc: np.ndarray, bad: np.ndarray) -> StoreError:
-        codes = ", ".join(f"{int(c)} ({base.status_name(status([c])[0])})" for c in np.unique(rc[bad])[:4])
-        return StoreError(f"MemCache {name} failed for {int(bad.sum())} of {len(keys)} keys (first "
-                          f"{keys[int(np.flatnonzero(bad)[0])][:40]!r}; MemCache codes {codes})")
-
-    def exists(self, keys) -> np.ndarray:
-        keys = base.check_keys(keys)
-        out = np.zeros(len(keys), bool)
-        for lo in range(0, len(keys), MAX_BATCH_KEYS):
-            hi = min(lo + MAX_BATCH_KEYS, len(keys))
-            # 1 present, 0 absent, negative: the pool could not answer for that key -> StoreError
-            # (the cache counts misses and backs off; "absent" would be a guess)
-            rc = np.asarray(self._ask("batch_is_exist", keys[lo:hi]), np.int64)
-            if rc.shape != (hi - lo,):
-                raise StoreError(f"MemCache batch_is_exist answered {rc.size} results for {hi - lo} keys")
-            bad = (rc != 0) & (rc != 1)
-            if bad.any():
-                raise self._failed("batch_is_exist", keys[lo:hi], rc, bad)
-            out[lo:hi] = rc == 1
-        return out
-
-    def put(self, keys, scatter: ScatterList) -> np.ndarray:
-        keys, scatter = check_batch(keys, scatter)
-        return self._transfer("put", keys, scatter)
-
-    def get(self, keys, scatter: ScatterList) -> np.ndarray:
-        keys, scatter = check_batch(keys, scatter)
-        return self._transfer("get", keys, scatter)
-
-    def remove(self, keys) -> int:
-        keys = base.check_keys(keys)
-        n = 0
-        for lo in range(0, len(keys), MAX_BATCH_KEYS):
-            part = keys[lo:lo + MAX_BATCH_KEYS]
-            rc = np.asarray(self._ask("remove_batch", part), np.int64)
-            if rc.shape != (len(part),):
-                raise StoreError(f"MemCache remove_batch answered {rc.size} results for {len(part)} keys")
-            st = status(rc)
-            bad = (st != base.OK) & (st != base.NOT_FOUND)
-            if bad.any():
-                raise self._failed("remove_batch", part, rc, bad)
-            n += int((st == base.OK).sum())
-        return n
-
-    def put_bytes(self, key: str, data: bytes) -> bool:
-        key, _ = base.check_object(key, data)
-        rc = self._ask("put", key, data if isinstance(data, bytes) else bytes(data))
-        st = int(status([rc])[0])
-        if st == base.OK or st in base.NO_ROOM:
-            return st == base.OK
-        raise StoreError(f"MemCache put({key[:40]!r}) failed: {rc} ({base.status_name(st)})")
-
-    def get_bytes(self, key: str) -> bytes | None:
-        (key,) = base.check_keys([key])
-        data = bytes(self._ask("get", key))
-        if data:
-            return data
-        # b"" is the client's answer for "absent" and for a failed read (objects are never empty)
+    def _empty_get(self, key: str) -> None:
         rc = int(self._ask("is_exist", key))
         if rc == 0:
             return None
@@ -406,25 +296,7 @@ class MemcacheStore(Store):
             yield key, None
 
     def stats(self) -> dict:
-        d = dict(self._counts, failed_by_status=dict(self._counts["failed_by_status"]))
-        d.update(scheme=self.scheme, memory=self.memory, device_id=self.device_id,
-                 registered_regions=len(self._regions), timeouts=self._runner.timeouts,
-                 refused_calls=self._runner.refused, abandoned_calls=self._runner.abandoned)
-        return d
-
-    def quiesce(self, timeout_s: float | None = None) -> bool:
-        return self._runner.quiesce(timeout_s)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._owns_client and self._runner.abandoned == 0:
-            try:
-                self._runner.call(self._client.close)
-            except (CallTimeout, CallUnavailable, RuntimeError) as e:
-                log.warning("memcache close: %s", e)
-        self._runner.shutdown()
+        return dict(super().stats(), memory=self.memory, device_id=self.device_id)
 
 
 def _num(u: StoreURL, name: str, default, kind=float):
@@ -437,17 +309,6 @@ def _num(u: StoreURL, name: str, default, kind=float):
         raise ConfigError(f"{name}={v!r} in {u.raw!r}: expected a number") from None
 
 
-def _flag(u: StoreURL, name: str, default: bool) -> bool:
-    v = u.pop(name, None)
-    if v is None or v == "":
-        return default
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={v!r} in {u.raw!r}: use 0 or 1")
-
-
 def parse(u: StoreURL) -> tuple[dict, dict]:
     """(LocalConfig fields, MemcacheStore keyword arguments) from a memcache:// URL."""
     fields = {}
@@ -456,7 +317,7 @@ def parse(u: StoreURL) -> tuple[dict, dict]:
         fields.update(read_conf(conf))
     kw = dict(device_id=_num(u, "device", 0, int), memory=u.pop("memory", "device") or "device",
               timeout_s=_num(u, "timeout", 30.0), init_timeout_s=_num(u, "init_timeout", 120.0),
-              verify_size=_flag(u, "verify", True), workers=_num(u, "workers", 4, int), check=_flag(u, "check", True),
+              verify_size=url_flag(u, "verify", True), workers=_num(u, "workers", 4, int), check=url_flag(u, "check", True),
               admin=u.pop("admin", None) or None)
     if kw["admin"] and not kw["admin"].startswith(("http://", "https://")):
         raise ConfigError(f"admin={kw['admin']!r} in {u.raw!r}: the MetaService's HTTP server as http://HOST:PORT")

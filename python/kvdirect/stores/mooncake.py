@@ -44,6 +44,16 @@ If the package is installed but a system library it links is not (libibverbs,
 librdmacm, libnuma: ``apt-get install -y libibverbs1 librdmacm1 libnuma1``),
 opening raises StoreError naming the library and that command.
 
+Piecewise reads (``open_read``, used by layer-by-layer loads): a get session
+(``batch_get_session_start``: the master is asked for the replicas once) and then one
+``batch_get_into_multi_buffer_ranges`` call per piece (a layer of every page), each
+key's range starting where its previous piece ended; ``batch_get_session_end`` at the
+end. A key counts as delivered only when every piece delivered exactly its bytes and
+the pieces cover its whole object; a range past the end of a smaller object fails
+(INVALID_ARGUMENT). An object larger than expected under the same key is not
+detected by ranged reads (keys carry the layout fingerprint, so only a fingerprint
+collision could produce one).
+
 Memory registration: ``register(addr, length)`` calls ``register_buffer`` once
 per region (a repeat is a no-op). With ``protocol=tcp`` Mooncake copies through
 sockets and reads/writes any address of this process, so segments outside
@@ -59,7 +69,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -67,9 +76,9 @@ import numpy as np
 from kvdirect import runtime
 from kvdirect.errors import ConfigError, StoreError
 from kvdirect.stores import base
-from kvdirect.stores._remote import (CallTimeout, CallUnavailable, DeadlineRunner, Regions, check_batch,
-                                     http_key_list, map_codes, tcp_reachable)
-from kvdirect.stores.base import ScatterList, Store
+from kvdirect.stores._remote import (CallTimeout, CallUnavailable, RemoteStore, http_key_list,
+                                     import_client_module, map_codes, tcp_reachable, url_flag)
+from kvdirect.stores.base import ScatterList
 from kvdirect.stores.url import StoreURL, parse_size
 
 log = logging.getLogger(__name__)
@@ -108,20 +117,18 @@ _CODES = {
     -1700: base.NO_SPACE,         # TENANT_QUOTA_EXCEEDED
 }
 _PUT_CODES = {**_CODES, MC_OBJECT_ALREADY_EXISTS: base.OK}
+#: segments ("slices") per batch call: over TCP, one batch get of 56 keys x 64 segments of
+#: 128 KiB (3584 slices, 448 MiB) from another client's segment stalled until Mooncake's own
+#: 60 s transfer timeout on a 2-core machine, while 1024-slice batches of the same data took
+#: under a second; larger transfers are split into calls of at most this many slices
+MAX_SLICES_PER_CALL = 1024
 _GET_CODES = {**_CODES, MC_OBJECT_ALREADY_EXISTS: base.IO_ERROR}
 
 
 def import_client():
     """The MooncakeDistributedStore class, or StoreError naming what is missing and the command that fixes it
     (the pip extra when the package is absent; the Debian packages when a system library is)."""
-    ci = runtime.client_import("mooncake.store")
-    if ci.state == "not_installed":
-        raise StoreError(f"Mooncake client not installed: {INSTALL_HINT}")
-    if ci.state != "ok":
-        raise StoreError(f"Mooncake client not importable: {ci.message}")
-    from mooncake.store import MooncakeDistributedStore
-
-    return MooncakeDistributedStore
+    return import_client_module("mooncake.store", "Mooncake", INSTALL_HINT).MooncakeDistributedStore
 
 
 def put_status(rc) -> np.ndarray:
@@ -140,10 +147,12 @@ def get_status(rc, expected_sizes) -> np.ndarray:
     return st
 
 
-class MooncakeStore(Store):
+class MooncakeStore(RemoteStore):
     """Mooncake Store client behind kvdirect's Store interface (see the module docstring)."""
 
     scheme = "mooncake"
+    label = "Mooncake"
+    codes, put_codes = _CODES, _PUT_CODES
 
     def __init__(self, master: str, metadata: str, *, protocol: str = "tcp", segment: int = 4 << 30,
                  buffer: int = 128 << 20, local: str = "127.0.0.1", device: str = "", timeout_s: float = 5.0,
@@ -154,15 +163,8 @@ class MooncakeStore(Store):
         self.segment, self.buffer, self.local, self.device = int(segment), int(buffer), local, device
         self.require_registered = (protocol != "tcp") if require_registered is None else bool(require_registered)
         self.supports_device_memory = bool(device_memory)
-        self._runner = DeadlineRunner(timeout_s, workers, "kvd-mooncake")
-        self._regions = Regions()
-        self._reg_lock = threading.Lock()
-        self._closed = False
-        self._counts = {"put_keys": 0, "put_ok": 0, "get_keys": 0, "get_ok": 0, "put_bytes": 0, "get_bytes": 0,
-                        "exists_calls": 0, "failed_by_status": {}}
-        self._owns_client = client is None
-        if client is not None:  # an already set-up client (tests, or a caller sharing one): not closed by us
-            self._client = client
+        self._init_remote(timeout_s, workers, client)
+        if client is not None:  # an already set-up client (tests, or a caller sharing one)
             return
         cls = import_client()
         if check:
@@ -210,17 +212,8 @@ class MooncakeStore(Store):
 
     # ------------------------------------------------------------------ helpers
 
-    def _call(self, name: str, *args, **kwargs):
-        if self._closed:
-            raise CallUnavailable("store is closed")
-        return self._runner.call(getattr(self._client, name), *args, **kwargs)
-
-    def _count_failures(self, st: np.ndarray) -> None:
-        bad = st[st != base.OK]
-        if bad.size:
-            d = self._counts["failed_by_status"]
-            for code, n in zip(*np.unique(bad, return_counts=True)):
-                d[int(code)] = d.get(int(code), 0) + int(n)
+    def _where(self) -> str:
+        return f"; master {self.master}"
 
     def _usable(self, scatter: ScatterList) -> np.ndarray:
         """bool per key: may be handed to the client (sizes > 0, memory registered when required)."""
@@ -229,47 +222,32 @@ class MooncakeStore(Store):
             ok &= self._regions.covered(scatter.addrs, scatter.sizes)
         return ok
 
+    def _move(self, op: str, keys: list[str], sub: ScatterList) -> np.ndarray:
+        """One batch call: per-key statuses."""
+        multi = sub.addrs.shape[1] > 1
+        name = f"batch_{op}_{'from' if op == 'put' else 'into'}" + ("_multi_buffers" if multi else "")
+        if multi:
+            rc = self._call(name, keys, sub.addrs.tolist(), sub.sizes.tolist())
+        else:
+            rc = self._call(name, keys, sub.addrs[:, 0].tolist(), sub.sizes[:, 0].tolist())
+        return put_status(rc) if op == "put" else get_status(rc, sub.object_sizes)
+
     def _transfer(self, op: str, keys: list[str], scatter: ScatterList) -> np.ndarray:
         n = len(keys)
         st = np.full(n, base.INVALID_ARGUMENT, np.int32)
         if n == 0:
             return st
-        usable = self._usable(scatter)
-        idx = np.flatnonzero(usable)
+        idx = np.flatnonzero(self._usable(scatter))
         if idx.size == 0:
             return st
         sub = scatter if idx.size == n else scatter.take(idx)
         sub_keys = keys if idx.size == n else [keys[i] for i in idx]
-        single = sub.addrs.shape[1] == 1
-        try:
-            if op == "put":
-                if single:
-                    rc = self._call("batch_put_from", sub_keys, sub.addrs[:, 0].tolist(), sub.sizes[:, 0].tolist())
-                else:
-                    rc = self._call("batch_put_from_multi_buffers", sub_keys, sub.addrs.tolist(), sub.sizes.tolist())
-                res = put_status(rc)
-            else:
-                if single:
-                    rc = self._call("batch_get_into", sub_keys, sub.addrs[:, 0].tolist(), sub.sizes[:, 0].tolist())
-                else:
-                    rc = self._call("batch_get_into_multi_buffers", sub_keys, sub.addrs.tolist(), sub.sizes.tolist())
-                res = get_status(rc, sub.object_sizes)
-            if len(res) != idx.size:  # a client that returns the wrong count: trust none of it
-                res = np.full(idx.size, base.IO_ERROR, np.int32)
-        except CallTimeout:
-            res = np.full(idx.size, base.TIMEOUT, np.int32)
-        except CallUnavailable:
-            res = np.full(idx.size, base.UNAVAILABLE, np.int32)
-        except RuntimeError as e:  # pybind11-translated C++ exception inside the client
-            log.warning("mooncake %s raised %s", op, e)
-            res = np.full(idx.size, base.IO_ERROR, np.int32)
+        res = np.empty(idx.size, np.int32)
+        for lo, hi in _slices(idx.size, sub.addrs.shape[1]):
+            part = sub if (lo, hi) == (0, idx.size) else sub.take(slice(lo, hi))
+            res[lo:hi] = self._batch_statuses(hi - lo, lambda: self._move(op, sub_keys[lo:hi], part), op)
         st[idx] = res
-        ok = st == base.OK
-        nbytes = int(scatter.object_sizes[ok].sum())
-        self._counts[f"{op}_keys"] += n
-        self._counts[f"{op}_ok"] += int(ok.sum())
-        self._counts[f"{op}_bytes"] += nbytes
-        self._count_failures(st)
+        self._count(op, st, scatter.object_sizes)
         return st
 
     # ------------------------------------------------------------------ Store interface
@@ -284,13 +262,7 @@ class MooncakeStore(Store):
             for start in self._regions.overlapping(addr, length):
                 self._unregister_locked(start)
             self._regions.add(addr, length)
-            try:
-                rc = self._call("register_buffer", int(addr), int(length))
-            except (CallTimeout, CallUnavailable) as e:
-                rc = f"no answer ({e})"
-            if rc != 0:
-                self._regions.remove(addr)  # so that a retry re-registers
-                raise StoreError(f"Mooncake register_buffer(0x{int(addr):x}, {int(length)}) failed: {rc}")
+            self._register_buffer(addr, length)
 
     def _unregister_locked(self, start: int) -> None:
         try:
@@ -305,71 +277,16 @@ class MooncakeStore(Store):
             if int(addr) in self._regions.overlapping(addr, 1):
                 self._unregister_locked(int(addr))
 
-    def _ask(self, name: str, *args):
-        """A control-plane call whose answer the caller needs: StoreError when there is none."""
-        try:
-            return self._call(name, *args)
-        except (CallTimeout, CallUnavailable, RuntimeError) as e:
-            raise StoreError(f"Mooncake {name} did not answer (master {self.master}): {e}") from None
+    def open_read(self, keys, object_sizes) -> "MooncakeRead":
+        """A get session over ``keys``, read piece by piece (see the module docstring)."""
+        return MooncakeRead(self, base.check_keys(keys), object_sizes)
 
-    def _failed(self, name: str, keys: list[str], rc: np.ndarray, bad: np.ndarray) -> StoreError:
-        codes = ", ".join(f"{int(c)} ({base.status_name(map_codes([c], _CODES, base.IO_ERROR)[0])})"
-                          for c in np.unique(rc[bad])[:4])
-        return StoreError(f"Mooncake {name} failed for {int(bad.sum())} of {len(keys)} keys (first "
-                          f"{keys[int(np.flatnonzero(bad)[0])][:40]!r}; Mooncake codes {codes}; master {self.master})")
+    def _too_large(self, size: int) -> bool:
+        # the client copies through its transfer buffer: larger objects fail (-600); TOO_LARGE for
+        # this client (raise buffer= to store it)
+        return size > self.buffer
 
-    def exists(self, keys) -> np.ndarray:
-        keys = base.check_keys(keys)
-        if not keys:
-            return np.zeros(0, bool)
-        self._counts["exists_calls"] += 1
-        # no answer, or an error answer for any key (-900 when the master is gone): StoreError, so the
-        # cache counts misses and backs off; "absent" would be a guess
-        rc = np.asarray(self._ask("batch_is_exist", keys), np.int64)
-        if rc.shape != (len(keys),):
-            raise StoreError(f"Mooncake batch_is_exist answered {rc.size} results for {len(keys)} keys")
-        bad = (rc != 0) & (rc != 1)
-        if bad.any():
-            raise self._failed("batch_is_exist", keys, rc, bad)
-        return rc == 1
-
-    def put(self, keys, scatter: ScatterList) -> np.ndarray:
-        keys, scatter = check_batch(keys, scatter)
-        return self._transfer("put", keys, scatter)
-
-    def get(self, keys, scatter: ScatterList) -> np.ndarray:
-        keys, scatter = check_batch(keys, scatter)
-        return self._transfer("get", keys, scatter)
-
-    def remove(self, keys) -> int:
-        keys = base.check_keys(keys)
-        if not keys:
-            return 0
-        rc = np.asarray(self._ask("batch_remove", keys), np.int64)
-        if rc.shape != (len(keys),):
-            raise StoreError(f"Mooncake batch_remove answered {rc.size} results for {len(keys)} keys")
-        st = map_codes(rc, _CODES, base.IO_ERROR)
-        bad = (st != base.OK) & (st != base.NOT_FOUND)  # e.g. -706 OBJECT_HAS_LEASE: read recently, still there
-        if bad.any():
-            raise self._failed("batch_remove", keys, rc, bad)
-        return int((st == base.OK).sum())
-
-    def put_bytes(self, key: str, data: bytes) -> bool:
-        key, size = base.check_object(key, data)
-        if size > self.buffer:  # the client copies through its transfer buffer: larger objects fail (-600)
-            return False        # TOO_LARGE for this client (raise buffer= to store it)
-        rc = self._ask("put", key, data if isinstance(data, bytes) else bytes(data))
-        st = int(put_status([rc])[0])
-        if st == base.OK or st in base.NO_ROOM:
-            return st == base.OK
-        raise StoreError(f"Mooncake put({key[:40]!r}) failed: {rc} ({base.status_name(st)}; master {self.master})")
-
-    def get_bytes(self, key: str) -> bytes | None:
-        (key,) = base.check_keys([key])
-        data = self._ask("get", key)
-        if data:
-            return bytes(data)
-        # b"" is Mooncake's answer for "absent" and for every failure (objects are never empty): ask the size
+    def _empty_get(self, key: str) -> None:
         size = int(self._ask("get_size", key))
         if size < 0 and map_codes([size], _CODES, base.IO_ERROR)[0] == base.NOT_FOUND:
             return None
@@ -384,38 +301,84 @@ class MooncakeStore(Store):
             yield key, None
 
     def stats(self) -> dict:
-        d = dict(self._counts, failed_by_status=dict(self._counts["failed_by_status"]))
-        d.update(scheme=self.scheme, master=self.master, protocol=self.protocol, registered_regions=len(self._regions),
-                 timeouts=self._runner.timeouts, refused_calls=self._runner.refused,
-                 abandoned_calls=self._runner.abandoned)
-        return d
+        return dict(super().stats(), master=self.master, protocol=self.protocol)
 
-    def quiesce(self, timeout_s: float | None = None) -> bool:
-        """Wait until calls that timed out have returned (their destination memory is no longer written)."""
-        return self._runner.quiesce(timeout_s)
 
-    def close(self) -> None:
-        if self._closed:
+def _slices(n: int, segments: int):
+    """(lo, hi) key ranges of batch calls carrying at most MAX_SLICES_PER_CALL segments."""
+    step = max(1, MAX_SLICES_PER_CALL // max(1, segments))
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
+class MooncakeRead:
+    """Piecewise reads in one Mooncake get session (the interface of ``ShmStore.open_read``).
+
+    ``status`` holds each key's state so far (OK until a start or a piece failed);
+    ``read(scatter)`` reads the next bytes of the first ``len(scatter)`` keys (one batched
+    ranged call); ``end()`` ends the session and returns the final status: OK only for
+    keys whose pieces all arrived whole and cover the object. Always call ``end()`` (or
+    use it as a context manager).
+    """
+
+    def __init__(self, store: MooncakeStore, keys: list[str], object_sizes):
+        self._store, self.keys = store, keys
+        n = len(keys)
+        self._sizes = np.ascontiguousarray(object_sizes, dtype=np.uint64)
+        if self._sizes.shape != (n,):
+            raise ConfigError(f"open_read: {n} keys but {self._sizes.size} object sizes")
+        self._done = np.zeros(n, dtype=np.uint64)  # bytes of each object read so far
+        self._final = None
+        self._started = False
+        self.status = self._start()
+
+    def _start(self) -> np.ndarray:
+        if not self.keys:
+            return np.zeros(0, np.int32)
+        st = self._store._batch_statuses(len(self.keys), lambda: map_codes(
+            self._store._call("batch_get_session_start", self.keys), _GET_CODES, base.IO_ERROR), "get session")
+        # a call that answered opened a session for these keys (also for keys it found absent)
+        self._started = not np.isin(st, (base.TIMEOUT, base.UNAVAILABLE)).all()
+        return st
+
+    def read(self, scatter: ScatterList) -> None:
+        m = len(scatter)
+        if m == 0:
             return
-        self._closed = True
-        client = getattr(self, "_client", None)
-        if client is not None and self._owns_client and self._runner.abandoned == 0:
-            try:
-                self._runner.call(client.close)
-            except (CallTimeout, CallUnavailable, RuntimeError) as e:
-                log.warning("mooncake close: %s", e)
-        self._runner.shutdown()
+        if m > len(self.keys) or (self.status[:m] != base.OK).any():
+            raise ConfigError("open_read: read() covers keys that failed or do not exist")
+        want = scatter.object_sizes
+        usable = self._store._usable(scatter)
+        offsets = self._done[:m, None] + (np.cumsum(scatter.sizes, axis=1, dtype=np.uint64) - scatter.sizes)
+        idx = np.flatnonzero(usable)
+        st = np.full(m, base.INVALID_ARGUMENT, np.int32)
+        for lo, hi in _slices(idx.size, scatter.addrs.shape[1]):
+            rows = idx[lo:hi]
+            sub = scatter.take(rows)
+            keys = [self.keys[i] for i in rows]
+            st[rows] = self._store._batch_statuses(hi - lo, lambda: get_status(self._store._call(
+                "batch_get_into_multi_buffer_ranges", keys, sub.addrs.tolist(), sub.sizes.tolist(),
+                offsets[rows].tolist()), sub.object_sizes), "ranged get")
+        self.status[:m] = st
+        self._done[:m] += np.where(st == base.OK, want, np.uint64(0))
 
+    def end(self) -> np.ndarray:
+        if self._final is None:
+            if self._started:
+                try:
+                    self._store._call("batch_get_session_end", self.keys)
+                except (CallTimeout, CallUnavailable, RuntimeError) as e:  # the reads are over either way
+                    log.warning("mooncake batch_get_session_end: %s", e)
+            final = self.status.copy()
+            final[(final == base.OK) & (self._done != self._sizes)] = base.IO_ERROR  # not read whole
+            self._store._count("get", final, self._sizes)
+            self._final = final
+        return self._final
 
-def _flag(u: StoreURL, name: str, default):
-    v = u.pop(name, None)
-    if v is None or v == "":
-        return default
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={v!r} in {u.raw!r}: use 0 or 1")
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.end()
 
 
 def open_url(u: StoreURL) -> MooncakeStore:
@@ -437,8 +400,8 @@ def open_url(u: StoreURL) -> MooncakeStore:
     kw = dict(protocol=protocol, segment=parse_size(u.pop("segment", "4GiB")),
               buffer=parse_size(u.pop("buffer", "128MiB")), local=u.pop("local", "127.0.0.1") or "127.0.0.1",
               device=u.pop("device", "") or "", timeout_s=timeout_s, workers=workers,
-              require_registered=_flag(u, "require_registered", None),
-              device_memory=_flag(u, "device_memory", False), check=_flag(u, "check", True),
+              require_registered=url_flag(u, "require_registered", None),
+              device_memory=url_flag(u, "device_memory", False), check=url_flag(u, "check", True),
               admin=u.pop("admin", None) or None)
     if kw["admin"] and not kw["admin"].startswith(("http://", "https://")):
         raise ConfigError(f"admin={kw['admin']!r} in {u.raw!r}: the master's admin server as http://HOST:PORT")

@@ -50,7 +50,7 @@ def write_model(path, spec: ModelSpec) -> str:
 
 
 def main(argv=None) -> int:
-    """``python -m kvdirect.sglang_demo.model DIR [--seed N] [--spec JSON]``: write a model folder."""
+    """``python -m kvdirect.demo.sglang_cpu.model DIR [--seed N] [--spec JSON]``: write a model folder."""
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)

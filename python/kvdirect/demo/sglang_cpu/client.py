@@ -6,7 +6,7 @@ to the first token is measured by the client.
 
 Run as a script it reads ``{"url": ..., "requests": [[ids...], ...], "max_new_tokens": n}``
 on stdin and prints the results as JSON: the tests use that to talk to a server
-inside a network namespace (``ip netns exec NS python -m kvdirect.sglang_demo.client``).
+inside a network namespace (``ip netns exec NS python -m kvdirect.demo.sglang_cpu.client``).
 """
 from __future__ import annotations
 
@@ -23,12 +23,16 @@ def _conn(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
     return http.client.HTTPConnection(u.hostname, u.port, timeout=timeout), u.path.rstrip("/")
 
 
-def generate(url: str, input_ids, max_new_tokens: int = 4, timeout: float = 300) -> dict:
+def generate(url: str, input_ids, max_new_tokens: int = 4, timeout: float = 300, *,
+             logprobs: bool = False) -> dict:
     """One greedy request; returns ``output_ids``, ``meta_info`` (of the last chunk),
-    ``ttft_s`` (first streamed chunk) and ``latency_s``."""
-    body = json.dumps({"input_ids": [int(t) for t in input_ids], "stream": True,
-                       "sampling_params": {"temperature": 0, "max_new_tokens": int(max_new_tokens),
-                                           "ignore_eos": True}})
+    ``ttft_s`` (first streamed chunk) and ``latency_s``; ``logprobs=True`` adds
+    ``output_logprobs`` (the log-probability of each output token)."""
+    req = {"input_ids": [int(t) for t in input_ids], "stream": True,
+           "sampling_params": {"temperature": 0, "max_new_tokens": int(max_new_tokens), "ignore_eos": True}}
+    if logprobs:
+        req.update(return_logprob=True, logprob_start_len=-1, top_logprobs_num=0)
+    body = json.dumps(req)
     conn, base = _conn(url, timeout)
     t0 = time.perf_counter()
     try:
@@ -59,8 +63,10 @@ def generate(url: str, input_ids, max_new_tokens: int = 4, timeout: float = 300)
     out = last.get("output_ids")
     if out is None:
         raise RuntimeError(f"/generate gave no output_ids: {sorted(last)}")
-    return {"output_ids": list(out), "meta_info": last.get("meta_info", {}), "ttft_s": ttft,
-            "latency_s": latency}
+    res = {"output_ids": list(out), "meta_info": last.get("meta_info", {}), "ttft_s": ttft, "latency_s": latency}
+    if logprobs:
+        res["output_logprobs"] = [float(x[0]) for x in res["meta_info"].get("output_token_logprobs") or []]
+    return res
 
 
 def disconnect_after_first_chunk(url: str, input_ids, max_new_tokens: int, timeout: float = 300) -> None:

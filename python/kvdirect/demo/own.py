@@ -14,7 +14,8 @@ their leading tokens with A's documents, each prompt three ways, back to back:
 TTFT (request arrival to first token) is measured for each; outputs must be
 identical (greedy tokens) and first-token logits are compared with the
 baseline's. ``run_demo`` returns the JSON-able result; ``kvdirect demo`` is
-the command-line front end (``kvdirect.cli.demo``).
+the command-line front end (``kvdirect.cli.demo``); tables, chart and JSON are
+written by ``kvdirect.demo.report``.
 
 One sign convention everywhere (CLI table, JSON, README): a *change* is a
 ratio minus one, negative when faster. Per reuse level (``runs[i]``):
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import queue as queue_mod
 import time
 import traceback
@@ -43,12 +43,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from kvdirect.demo import OWN_MODES as MODES
+from kvdirect.demo.report import bar_plot, change, machine_info, pct, render, ttft_stats
 from kvdirect.engine.model import ModelSpec
 from kvdirect.errors import ConfigError, KVDirectError
 
 log = logging.getLogger("kvdirect.demo")
-
-MODES = ("baseline", "ideal", "kvdirect")
 # SGLang PR #14056 (Qwen3-32B, two instances, Ascend A3): TTFT change
 REFERENCE = {"model": "Qwen3-32B, 2 instances, Ascend A3 (SGLang PR #14056)",
              "ttft_change": {"1.0": -0.935, "0.5": -0.466}}
@@ -246,17 +246,11 @@ def _make_room(engine, cache, num_tokens: int) -> None:
         cache.evict(short)
 
 
-def _stats(ms: list[float], mode: str) -> dict:
-    a = np.asarray(ms, dtype=np.float64)
-    return {f"ttft_mean_ms_{mode}": float(a.mean()), f"ttft_p50_ms_{mode}": float(np.percentile(a, 50)),
-            f"ttft_p99_ms_{mode}": float(np.percentile(a, 99))}
-
-
 def _summarise_level(cfg: DemoConfig, reuse: float, recs: dict, bytes_per_token: int) -> dict:
     base = recs["baseline"]
     run = {"reuse": reuse, "prompts": len(base), "shared_tokens": shared_len(cfg, reuse)}
     for mode, rs in recs.items():
-        run.update(_stats([r.ttft_s * 1e3 for r in rs], mode))
+        run.update(ttft_stats([r.ttft_s * 1e3 for r in rs], mode))
     identical, max_diff = True, 0.0
     for mode in ("ideal", "kvdirect"):
         if mode not in recs:
@@ -285,23 +279,6 @@ def _summarise_level(cfg: DemoConfig, reuse: float, recs: dict, bytes_per_token:
 
 
 # -- the driver --------------------------------------------------------------------
-def machine_info(device: str = "cpu") -> dict:
-    from kvdirect.runtime import cpu_model
-
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version(), "device": device}
-    try:
-        import torch
-        import transformers
-
-        info["torch"], info["transformers"] = torch.__version__, transformers.__version__
-        if device == "cuda" and torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
-
-
 class _Progress:
     """rich progress bars when rich is installed, plain lines otherwise."""
 
@@ -430,14 +407,6 @@ def _fmt_ms(run: dict, mode: str) -> str:
     return f"{run[k]:.0f} / {run[f'ttft_p50_ms_{mode}']:.0f} / {run[f'ttft_p99_ms_{mode}']:.0f}"
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _change(x) -> str:
-    return "-" if x is None else f"{100 * x:+.1f}%"
-
-
 TABLE_HEAD = ["prefix reuse", "baseline TTFT mean / p50 / p99 (ms)", "kvdirect TTFT mean / p50 / p99 (ms)",
               "ideal TTFT mean (ms)", "TTFT change with kvdirect", "kvdirect vs ideal", "pool hit rate",
               "KV loaded", "outputs identical"]
@@ -453,49 +422,23 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
         if "max_logit_diff" in r:
             same += f" (max logit diff {r['max_logit_diff']:.3g})"
         rows.append([f"{100 * r['reuse']:.0f}%", _fmt_ms(r, "baseline"), _fmt_ms(r, "kvdirect"), ideal,
-                     _change(r.get("ttft_change")), _change(r.get("kvdirect_vs_ideal")), _pct(r.get("hit_rate")),
+                     change(r.get("ttft_change")), change(r.get("kvdirect_vs_ideal")), pct(r.get("hit_rate")),
                      loaded, same])
     return list(TABLE_HEAD), rows
 
 
 def render_table(result: dict, *, markdown: bool = False) -> str:
-    head, rows = table_rows(result)
-    if markdown:
-        md = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
-        return "\n".join([md(head), "|" + "---|" * len(head)] + [md(r) for r in rows])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
-    return "\n".join(out)
+    return render(*table_rows(result), markdown=markdown)
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = result["runs"]
     modes = [m for m in MODES if f"ttft_mean_ms_{m}" in runs[0]]
-    x = np.arange(len(runs))
-    w = 0.8 / len(modes)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    colors = {"baseline": "#9e9e9e", "kvdirect": "#1f77b4", "ideal": "#2ca02c"}
-    for i, m in enumerate(modes):
-        vals = [r[f"ttft_mean_ms_{m}"] for r in runs]
-        bars = ax.bar(x + (i - (len(modes) - 1) / 2) * w, vals, w, label=m, color=colors[m])
-        if m == "kvdirect":
-            for b, r in zip(bars, runs):
-                ax.annotate(f"{100 * r['ttft_change']:+.0f}%", (b.get_x() + b.get_width() / 2, b.get_height()),
-                            ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, [f"{100 * r['reuse']:.0f}%" for r in runs])
-    ax.set_xlabel("prefix reuse")
-    ax.set_ylabel("mean TTFT (ms)")
-    m = result["machine"]
-    cfg = result["config"]
-    ax.set_title(f"kvdirect demo: {cfg['prompt_len']}-token prompts, 2 instances, one pool\n"
-                 f"{m.get('gpu') or m['cpu']} ({m['cores']} cores), {cfg['device']}", fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    notes = {"kvdirect": [f"{100 * r['ttft_change']:+.0f}%" for r in runs]} if "kvdirect" in modes else None
+    m, cfg = result["machine"], result["config"]
+    bar_plot(path, [f"{100 * r['reuse']:.0f}%" for r in runs],
+             {mode: [r[f"ttft_mean_ms_{mode}"] for r in runs] for mode in modes},
+             xlabel="prefix reuse", ylabel="mean TTFT (ms)", notes=notes,
+             colors={"baseline": "#9e9e9e", "kvdirect": "#1f77b4", "ideal": "#2ca02c"},
+             title=f"kvdirect demo: {cfg['prompt_len']}-token prompts, 2 instances, one pool\n"
+                   f"{m.get('gpu') or m['cpu']} ({m['cores']} cores), {cfg['device']}")

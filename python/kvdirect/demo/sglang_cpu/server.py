@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvdirect.sglang_demo import client
+from kvdirect.demo.sglang_cpu import client
 from kvdirect.shm_leftovers import ShmLeftovers, Watcher, group_pids
 
 
@@ -190,7 +190,7 @@ class Server:
 
         job = json.dumps({"url": self.url, "max_new_tokens": max_new_tokens,
                           "requests": [[int(t) for t in p] for p in prompts]})
-        r = subprocess.run(["ip", "netns", "exec", self.netns, self.python, "-m", "kvdirect.sglang_demo.client"],
+        r = subprocess.run(["ip", "netns", "exec", self.netns, self.python, "-m", "kvdirect.demo.sglang_cpu.client"],
                            input=job, capture_output=True, text=True, timeout=timeout, cwd="/")
         if r.returncode:
             raise ServerError(f"client in netns {self.netns} failed: {r.stderr[-2000:]}")

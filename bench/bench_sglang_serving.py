@@ -1,0 +1,203 @@
+"""SGLang's own load generator against each cache mode: ``sglang.bench_serving`` with the
+``generated-shared-prefix`` dataset (groups of prompts sharing a system prompt).
+
+Per mode (the modes of ``kvdirect demo --engine sglang``, same servers, same
+benchmark-only patches): the mode's writer runs the benchmark first (computing every
+prompt and writing it to the pool), then the reader -- the second server, the one
+measured -- runs exactly the same benchmark (same seed, so the same prompts), so its
+prefixes come from the pool. ``baseline`` is a fresh server with SGLang's own cache
+(within the run, later prompts of a group hit the system prompt on the device);
+``ideal`` is that same server running the benchmark a second time (everything on the
+device). Reported per mode, from bench_serving's own result: request throughput, TTFT
+p50 / p99, and the cache hit rate (``--cache-report``: cached / prompt tokens).
+Modes run one after another (two servers at a time), in an order rotated per round.
+
+Usage (from a clone; the SGLang environment comes from scripts/sglang-env.sh):
+  python bench/bench_sglang_serving.py [--modes baseline,kvdirect,...] [--model-size small|default|transfer]
+      [--groups 8] [--prompts-per-group 8] [--system-len 2048] [--question-len 128] [--output-len 16]
+      [--concurrency 4] [--page-size 64] [--rounds 1] [--json PATH]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _machine import describe  # noqa: E402
+
+from kvdirect.demo import SGLANG_MODES, SMALL_MODEL, TRANSFER_MODEL  # noqa: E402
+from kvdirect.demo import sglang as D  # noqa: E402
+
+SIZES = {"default": {}, "small": SMALL_MODEL, "transfer": TRANSFER_MODEL}
+
+
+def bench(python: Path, url: str, model: str, a, out: Path, seed: int) -> dict:
+    n = a.groups * a.prompts_per_group
+    cmd = [str(python), "-W", "ignore", "-m", "sglang.bench_serving", "--backend", "sglang", "--base-url", url,
+           "--dataset-name", "generated-shared-prefix", "--gsp-num-groups", str(a.groups),
+           "--gsp-prompts-per-group", str(a.prompts_per_group), "--gsp-system-prompt-len", str(a.system_len),
+           "--gsp-question-len", str(a.question_len), "--gsp-output-len", str(a.output_len),
+           "--gsp-range-ratio", "1.0", "--num-prompts", str(n), "--max-concurrency", str(a.concurrency),
+           "--tokenizer", model, "--tokenize-prompt", "--cache-report", "--disable-tqdm",
+           "--seed", str(seed), "--output-file", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd="/", timeout=7200,
+                       env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1"})
+    if r.returncode or not out.exists():
+        raise RuntimeError(f"bench_serving failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    res = json.loads(out.read_text().strip().splitlines()[-1])
+    out.unlink()
+    cache = res.get("cache_report") or {}
+    return {"request_throughput": res["request_throughput"], "ttft_p50_ms": res["median_ttft_ms"],
+            "ttft_p99_ms": res["p99_ttft_ms"], "completed": res.get("completed"),
+            "hit_rate": (cache.get("cache_hit_rate_pct") or 0.0) / 100.0,
+            "cached_tokens": {k: cache.get(k) for k in ("device_cached_tokens", "host_cached_tokens",
+                                                        "storage_cached_tokens")}}
+
+
+def settle(timers: "D.Timers", quiet_s: float = 3.0, timeout: float = 600) -> float:
+    """Wait until a writer's pool writes stopped (no new timer line for ``quiet_s``); their total ms."""
+    start = timers.mark()
+    last, since, t0 = None, time.monotonic(), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() - t0 < timeout:
+        now = timers.mark()
+        if now != last:
+            last, since = now, time.monotonic()
+        time.sleep(0.2)
+    return timers.since(start).get("put", (0.0, 0))[0]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", default=",".join(m for m in SGLANG_MODES))
+    ap.add_argument("--model-size", default="small", choices=sorted(SIZES))
+    ap.add_argument("--groups", type=int, default=8)
+    ap.add_argument("--prompts-per-group", type=int, default=8)
+    ap.add_argument("--system-len", type=int, default=2048)
+    ap.add_argument("--question-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--page-size", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--sglang-env", default=None)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
+    if a.concurrency < 4:
+        print("note: the comparison is meant for --concurrency >= 4", file=sys.stderr)
+    prompt_len = a.system_len + a.question_len
+    cfg = D.SGLangDemoConfig(prompts=1, prompt_len=prompt_len, output_len=a.output_len, page_size=a.page_size,
+                             modes=modes if "baseline" in modes else ("baseline", *modes),
+                             spec=dict(SIZES[a.model_size]), sglang_env=a.sglang_env)
+    from kvdirect.engine.model import DEFAULT_SPEC
+    from kvdirect.services import find_mooncake_master, mooncake_store_url, start_mooncake_master
+    from kvdirect.stores.shm import destroy_pool
+
+    repo = D.find_repo()
+    python = D.ensure_env(repo, cfg.sglang_env, True)
+    spec = dict(DEFAULT_SPEC, **cfg.spec)
+    spec.setdefault("max_position_embeddings", max(8192, prompt_len + a.output_len + 64))
+    kv_token = D.kv_bytes_per_token(spec)
+    n_req = a.groups * a.prompts_per_group
+    max_tokens = max(a.concurrency * 2 * (prompt_len + a.output_len + a.page_size),
+                     min(32768, (256 << 20) // kv_token))
+    work = Path(tempfile.mkdtemp(prefix="kvdirect-bench-serving-"))
+    model = str(work / "model")
+    r = subprocess.run([str(python), "-W", "ignore", "-m", "kvdirect.demo.sglang_cpu.model", model,
+                        "--seed", str(a.seed), "--spec", json.dumps(spec)], capture_output=True, text=True, cwd="/")
+    if r.returncode:
+        raise SystemExit(f"writing the model failed: {r.stderr[-500:]}")
+    pool_bytes = int(2 * n_req * (prompt_len + a.output_len) * kv_token) + (64 << 20)
+    segment_bytes = max(pool_bytes, 256 << 20)
+    servers = D._Servers(python, model, repo / "tests" / "e2e_sglang" / "standin",
+                         repo / "bench" / "sglang_demo_patches", a.page_size, work, True)
+    results = {m: [] for m in cfg.modes if m != "ideal"}
+    if "ideal" in cfg.modes:
+        results["ideal"] = []
+    print(f"machine: {describe()}\nworkload: {a.groups} groups x {a.prompts_per_group} prompts, system prompt "
+          f"{a.system_len} + question {a.question_len} tokens, output {a.output_len}, concurrency "
+          f"{a.concurrency}, page {a.page_size}, model {a.model_size}; {a.rounds} round(s)", flush=True)
+    order = [m for m in cfg.modes if m != "ideal"]
+    try:
+        for rnd in range(a.rounds):
+            shift = rnd % len(order)
+            for mode in order[shift:] + order[:shift]:
+                master = None
+                pool_name = f"kvd-bench-serving-{uuid.uuid4().hex[:8]}"
+                pool = f"shm://{pool_name}?size={pool_bytes}"
+                try:
+                    env = {"MOONCAKE_PROTOCOL": "tcp", "MOONCAKE_GLOBAL_SEGMENT_SIZE": str(segment_bytes),
+                           "MOONCAKE_DEVICE": "", "MC_TCP_BIND_ADDRESS": "127.0.0.1"}
+                    mc_url = None
+                    if mode in D.MOONCAKE_MODES:
+                        if find_mooncake_master() is None:
+                            os.environ["PATH"] = f"{os.environ.get('PATH', '')}{os.pathsep}{python.parent}"
+                        master = start_mooncake_master()
+                        env.update(MOONCAKE_MASTER=f"127.0.0.1:{master.ports['rpc']}",
+                                   MOONCAKE_LOCAL_HOSTNAME="127.0.0.1",
+                                   MOONCAKE_TE_META_DATA_SERVER=f"http://127.0.0.1:{master.ports['http']}/metadata")
+                        mc_url = mooncake_store_url("127.0.0.1", master.ports["rpc"], master.ports["http"],
+                                                    segment=str(segment_bytes), buffer="256MiB", timeout=60)
+                    one = D.SGLangDemoConfig(prompts=1, prompt_len=prompt_len, page_size=a.page_size,
+                                             modes=("baseline", mode) if mode != "baseline" else ("baseline",))
+                    specs = D.server_specs(one, pool, mc_url, env, max_tokens)
+                    names = ["sglang"] if mode == "baseline" else [D.WRITERS[mode], mode]
+                    s = servers.start({n: specs[n] for n in names})
+                    print(f"[round {rnd + 1}] {mode}: running", flush=True)
+                    if mode == "baseline":
+                        res = bench(python, s["sglang"].url, model, a, work / "out.jsonl", a.seed)
+                        results["baseline"].append(res)
+                        if "ideal" in results:  # the same prompts again: every prefix on the device
+                            results["ideal"].append(bench(python, s["sglang"].url, model, a, work / "out.jsonl",
+                                                          a.seed))
+                    else:
+                        w = names[0]
+                        bench(python, s[w].url, model, a, work / "out.jsonl", a.seed)  # the writer: same prompts
+                        put_ms = settle(servers.timers[w])  # its pool writes are over
+                        res = bench(python, s[mode].url, model, a, work / "out.jsonl", a.seed)
+                        res["writer_put_ms"] = put_ms
+                        results[mode].append(res)
+                    print(f"[round {rnd + 1}] {mode}: {results[mode][-1]['request_throughput']:.3f} req/s, TTFT p50 "
+                          f"{results[mode][-1]['ttft_p50_ms']:.0f} ms, hit rate "
+                          f"{100 * results[mode][-1]['hit_rate']:.1f}%", flush=True)
+                finally:
+                    servers.stop()
+                    if master is not None:
+                        master.stop()
+                    destroy_pool(pool_name, missing_ok=True)
+    finally:
+        servers.stop()
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    summary = {}
+    for mode, rs in results.items():
+        if not rs:
+            continue
+        summary[mode] = {k: float(np.median([r[k] for r in rs])) for k in ("request_throughput", "ttft_p50_ms",
+                                                                          "ttft_p99_ms", "hit_rate")}
+    best_other = max((v["request_throughput"] for m, v in summary.items() if not m.startswith(("kvdirect", "linker"))
+                      and m != "ideal"), default=None)
+    print(f"\n{'mode':>18}  {'req/s':>8}  {'TTFT p50 ms':>12}  {'TTFT p99 ms':>12}  {'hit rate':>8}")
+    for mode, v in summary.items():
+        print(f"{mode:>18}  {v['request_throughput']:>8.3f}  {v['ttft_p50_ms']:>12.0f}  {v['ttft_p99_ms']:>12.0f}  "
+              f"{100 * v['hit_rate']:>7.1f}%")
+    if best_other:
+        for mode, v in summary.items():
+            if mode.startswith(("kvdirect", "linker")):
+                print(f"{mode}: throughput / best non-kvdirect mode = {v['request_throughput'] / best_other:.3f} "
+                      "(goal >= 1)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"machine": describe(), "args": vars(a), "rounds": results,
+                                            "summary": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
