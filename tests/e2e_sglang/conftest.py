@@ -164,6 +164,21 @@ def module_pools():
     p.destroy()
 
 
+# ---- tensor parallelism on CPU -------------------------------------------------
+#: ``--tp-size 2`` on a CPU-only machine (SGLang 0.5.23): one OpenMP core per rank (otherwise
+#: ``numa_utils.py`` asserts ranks <= NUMA nodes); an NCCL library path that does not load (the
+#: SGLang environment's torch is a CUDA build shipping pip's libnccl, so SGLang would try NCCL on
+#: CPU tensors: "Expected a cuda device, but got: cpu"; without it the ranks all-reduce over gloo).
+#: ``--max-total-tokens`` is always given (each rank would otherwise size its KV for all memory).
+TP2 = dict(args=["--tp-size", "2"],
+           env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1", "SGLANG_NCCL_SO_PATH": "/nonexistent/libnccl-kvdirect-tests.so"})
+
+
+def tp2(**kw) -> dict:
+    """Server arguments for ``--tp-size 2`` merged with ``kw`` (``args`` and ``env`` are joined)."""
+    return dict(kw, args=[*TP2["args"], *kw.get("args", ())], env={**TP2["env"], **kw.get("env", {})})
+
+
 # ---- prompts -----------------------------------------------------------------
 VOCAB = 2048
 
