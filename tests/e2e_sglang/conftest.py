@@ -6,7 +6,9 @@ namespaces they create), send token ids to ``/generate`` and compare greedy
 outputs. Every server is stopped and every pool, master and SGLang /dev/shm file
 they made is removed at teardown, also when a test fails. ``standin/`` holds the
 import-only ``sgl_kernel`` module (see its docstring); a call into it fails the
-test that started the server.
+test that started the server. ``testplugin/`` is a TEST-ONLY SGLang plugin (an MLA
+dispatch for ``torch_native``, a record of the shm store's puts), put on a server's
+path only by tests that ask for it (``testplugin=True``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 STANDIN = HERE / "standin"
+TESTPLUGIN = HERE / "testplugin"  # TEST-ONLY SGLang plugin (see its docstring); on a server's path only when asked
 sys.path.insert(0, str(HERE))
 
 try:  # outside the SGLang environment these run through tests/test_sglang_plugin.py
@@ -77,7 +80,8 @@ class Farm:
 
         env = dict(kw.pop("env", {}) or {})
         env["KVDIRECT_SGL_KERNEL_CALLS"] = str(self.calls)
-        s = Server(sys.executable, model or self.model, pythonpath=[STANDIN], env=env,
+        path = [STANDIN, TESTPLUGIN] if kw.pop("testplugin", False) else [STANDIN]
+        s = Server(sys.executable, model or self.model, pythonpath=path, env=env,
                    log_dir=str(self.workdir), **kw)
         self.servers.append(s)
         if wait:

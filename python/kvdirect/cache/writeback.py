@@ -11,6 +11,11 @@ Ordering: the job carries an event recorded on the compute stream when
 ``write_back`` was called; the transfer path makes the store (direct) or the
 gather (staged) wait for it before reading the pages.
 
+Tensor parallelism with MLA: every rank holds the same page bytes under the same
+keys, so rank 0 alone writes them (``CacheParts.writes``); the other ranks insert
+the pages into their index and leave their pool state unknown (their matches ask
+the store, where rank 0's pages are).
+
 Errors: store failures unpin the pages and back off; any other error in a
 writer thread (a bug, a configuration error) unpins the pages and is raised
 from ``poll``.
@@ -66,7 +71,7 @@ class WriteBack:
         check_token_slots(p.layout, s[: full * P], "write_back")
         prefix = t[: full * P]
         already, r = p.index.insert_path(prefix, s[: full * P], namespace)  # r: the path, as match sees it
-        if not (p.config.write_back and full and p.health.available()):
+        if not (p.config.write_back and p.writes and full and p.health.available()):
             return already
         states = p.index.path_states(r.node)[0][:full]
         todo = np.flatnonzero(states == UNKNOWN)
