@@ -16,6 +16,14 @@ server started without them runs SGLang unchanged.
     (``_dispatch_mla_subtype``), which ``torch_native`` runs. SGLang's model, KV pool and
     attention code are unchanged; only the choice of SGLang's forward method is made here.
 
+``KVDIRECT_TEST_PD_CPU=1`` -- SGLang's PD prefill sender on a CPU torch. With the Mooncake
+    transfer backend, ``prefill.py`` copies a chunk's page indices into pinned host memory
+    (``pin_memory=True``) and records a ``torch.cuda.Event`` when the sender says it
+    accepts host index tensors (``MooncakeKVSender.supports_host_tensor_indices``); a CPU
+    torch has neither. Setting that flag to False makes SGLang take its own other branch
+    (``kv_to_page_indices`` on the scheduler thread). The KV bytes still move through
+    SGLang's Mooncake transfer engine (``MOONCAKE_PROTOCOL=tcp``).
+
 ``KVDIRECT_TEST_PUT_LOG=PATH`` -- a record of every ``put`` the kvdirect shm store makes:
     one line per call, ``PID KEY...``, appended to PATH. The TP tests count puts per
     scheduler process (= per TP rank) from it. It wraps the store method and changes
@@ -38,6 +46,12 @@ def _mla_torch_native() -> None:
     AttentionBackendRegistry.register("torch_native", handle_attention_torch_native)
 
 
+def _pd_cpu() -> None:
+    from sglang.srt.disaggregation.mooncake.conn import MooncakeKVSender
+
+    MooncakeKVSender.supports_host_tensor_indices = False
+
+
 def _put_log(path: str) -> None:
     from kvdirect.stores.shm import ShmStore
 
@@ -58,5 +72,7 @@ def _put_log(path: str) -> None:
 def register() -> None:
     if os.environ.get("KVDIRECT_TEST_MLA_TORCH_NATIVE") == "1":
         _mla_torch_native()
+    if os.environ.get("KVDIRECT_TEST_PD_CPU") == "1":
+        _pd_cpu()
     if os.environ.get("KVDIRECT_TEST_PUT_LOG"):
         _put_log(os.environ["KVDIRECT_TEST_PUT_LOG"])
