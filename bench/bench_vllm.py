@@ -57,6 +57,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def shm_files(pgid: int):
+    """kvdirect.procshm.ShmFiles for the engine's process group (from the checkout if kvdirect is
+    not installed in this Python)."""
+    try:
+        from kvdirect.procshm import ShmFiles
+    except ImportError:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("kvd_procshm", ROOT / "python/kvdirect/procshm.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        ShmFiles = mod.ShmFiles
+    return ShmFiles(pgid)
+
+
 def engine(py: Path, job: dict, timeout: int, label: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="kvd-bench-") as d:
         jf, of = Path(d) / "job.json", Path(d) / "out.json"
@@ -68,16 +83,22 @@ def engine(py: Path, job: dict, timeout: int, label: str) -> dict:
         with open(errf, "w") as err:
             p = subprocess.Popen([str(py), str(ROOT / "tests/vllm/driver.py"), str(jf), str(of)],
                                  stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=d, start_new_session=True)
+            files = shm_files(p.pid)  # vLLM's psm_* queues this engine's processes map
+            rc = None
             try:
-                rc = p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                rc = None
+                while (rc := p.poll()) is None and time.perf_counter() - t0 < timeout:
+                    files.note()
+                    time.sleep(0.5)
             finally:
+                files.note()
                 try:  # the engine's own processes (engine core, workers) end with the driver
                     os.killpg(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 p.wait()
+                while files.pids() and time.perf_counter() - t0 < timeout + 10:
+                    time.sleep(0.05)
+                files.remove()  # only this engine's files: never a prefix sweep (others' engines)
         if rc != 0 or not of.exists():
             raise SystemExit(f"[bench_vllm] {label}: engine failed ({rc}):\n{errf.read_text()[-4000:]}")
         print(f"[bench_vllm] {label}: {time.perf_counter() - t0:.0f} s", flush=True)

@@ -48,18 +48,20 @@ FAULTS = OrderedDict([
     ("mooncake_master_sigkill", lambda f: (
         "`mooncake_master` SIGKILLed mid-run (write-backs in flight), restarted on the same ports",
         f"{_n(f['requests_served'])} ({_n(f['outage_requests'])} during the {f['outage_seconds']} s outage)",
-        f["wrong_kv_bytes"], f["data_lost"],
+        f["wrong_kv_bytes"], f"{f['data_lost']} of {_n(f['pages_checked'])} pages",
         f"outage: {_n(f['outage_recomputed_tokens'])} tokens recomputed, {_n(f['outage_loaded_tokens'])} loaded; "
         f"{_n(f['load_failed_pages'])} pages failed to load in all (the index believed them in the pool; "
         f"NOT_FOUND after the restart, UNAVAILABLE/TIMEOUT during it) and were recomputed; write-backs resumed "
         f"{f['seconds_to_resume']} s after the restart ({_n(f['stored_pages_after_restart'])} pages stored, "
-        f"{_n(f['loaded_pages_after_restart'])} loaded); {_n(f['allocation_stalls'])} allocation stalls (pages "
+        f"{_n(f['loaded_pages_after_restart'])} loaded); {_n(f['pages_gone_with_master'])} pages stored before "
+        f"the kill went with the old master (a fresh master starts empty; not counted as lost); "
+        f"{_n(f['allocation_stalls'])} allocation stalls (pages "
         f"pinned by timed-out puts until the client went quiet); store failures: {_kv(f['store_failures'])}")),
     ("shm_sigkill", lambda f: (
         "shm pool: processes SIGKILLed at random points, and at each critical point (holding the lock, "
         "mid-allocation, mid-put copy, mid-get copy)",
         f"{_n(f['survivor_ops'])} ops by the surviving processes", f"{f['wrong_objects_read']} wrong objects read",
-        0,
+        f"{f['data_lost']} of {_n(f['objects_checked'])} objects",
         f"{f['kills']} kills ({_kv(f['kills_by_point'])}); {f['recoveries']} lock recoveries, "
         f"{f['reaped_writes']} dead reservations and {f['reaped_pins']} dead pins reclaimed; "
         f"**{f['leaked_blocks_after_recovery']} blocks leaked** after recovery (whole pool refilled, then "
@@ -67,18 +69,20 @@ FAULTS = OrderedDict([
     ("shm_full_with_pins", lambda f: (
         "shm pool full while 2 reader processes hold pins (layer-wise reads in progress)",
         f"{_n(f['puts_ok'])} puts OK, {_n(f['puts_no_space'])} NO_SPACE", f"{f['wrong_objects_read']} wrong "
-        "objects read", 0,
+        "objects read", f"{f['data_lost']} of {_n(f['objects_checked'])} objects",
         f"{_n(f['evictions'])} evictions; all {f['pinned_objects']} pinned objects survived and verified; "
         f"{f['pins_left']} pins left")),
     ("flaky_store_error", lambda f: (
         "store failing 25% of keys (FlakyStore, errors; failed gets scribble garbage into the destination) "
-        "through KVDirectCache", _n(f["requests_served"]), f["wrong_kv_bytes"], f["data_lost"], _flaky(f))),
+        "through KVDirectCache", _n(f["requests_served"]), f["wrong_kv_bytes"],
+        f"{f['data_lost']} of {_n(f['pages_checked'])} pages", _flaky(f))),
     ("flaky_store_timeout", lambda f: (
         "same, timeouts (failed puts still land)", _n(f["requests_served"]), f["wrong_kv_bytes"],
-        f["data_lost"], _flaky(f))),
+        f"{f['data_lost']} of {_n(f['pages_checked'])} pages", _flaky(f))),
     ("memcache_init_failure", lambda f: (
         "MemCache client init fails (real MetaService, no Ascend driver/CANN)", _n(f["requests_served"]),
-        f["wrong_kv_bytes"], f["data_lost"], f"`allow_no_store=False`: the error is `{f['error']}`")),
+        f["wrong_kv_bytes"], f"{f['data_lost']} of {_n(f['pages_checked'])} pages (no pool: nothing stored)",
+        f"`allow_no_store=False`: the error is `{f['error']}`")),
 ])
 
 
@@ -142,7 +146,8 @@ def bad_input_section() -> str:
         f"`tests/reliability/test_bad_input.py` holds a table of {len(cases) + len(files) + len(cli)} bad "
         f"inputs: {len(cases)} API calls, {len(files)} damaged pool files and {len(cli)} command lines. Each "
         "API case asserts the exception type and a message pattern; each command line runs as a real "
-        "`python -m kvdirect` process and must exit non-zero with exactly one line on stderr matching its "
+        "`python -m kvdirect` process and must exit with status 2 (1 where the named pool or service is not "
+        "there) with exactly one line on stderr matching its "
         "pattern, nothing on stdout, no traceback, no pool created and no file written. After **every** "
         "case the suite checks that nothing was corrupted: the pool's sentinel objects read back byte for "
         "byte, no pin or reservation is left, the index passes its invariant check, and a request whose "
@@ -192,7 +197,7 @@ What kvdirect guarantees when things go wrong, the suite that checks it
 `python scripts/reliability_report.py` from a run of the suite; edit the
 script, not this file.
 
-Run: {summary}{took}.
+Run: {summary}{took}, at commit {run.get("commit", "(not recorded)")}.
 Machine: {machine}.
 Store clients: mooncake-transfer-engine-non-cuda {versions.get("mooncake", "?")},
 memcache-hybrid {versions.get("memcache", "?")} (no Ascend runtime).
@@ -214,8 +219,30 @@ driver (`tests/reliability/_rel.py`): match, lock, load pool pages straight into
 device slots, "prefill" the rest, then **compare every KV byte of the whole
 prompt on the device with the deterministic KV of those tokens** (KV depends only
 on the token prefix), write back, unlock. `wrong KV bytes` counts any byte of a
-device-cached or pool-loaded page that differs. `data lost` counts requests that
-could not be served or had to be dropped.
+device-cached or pool-loaded page that differs.
+
+`data lost` is measured after each scenario by reading the pool back:
+
+* scenarios through KVDirectCache: a wrapper around the store records every key
+  whose put the store answered OK, i.e. every page the cache counts as stored
+  (`_rel.StoredPages`). At the end each such page is read from the pool and
+  compared with the KV of its tokens; **data lost = pages reported stored that are
+  missing or differ** (`_rel.lost_pages`; a page the pool cannot deliver counts as
+  missing). The pools are sized so that nothing is evicted (checked), so a missing
+  page is a lost one. Pages the cache removes itself leave the record. Mooncake
+  keeps objects in its clients and the master holds their metadata: pages stored
+  before the master was killed are gone with it by design and are listed apart;
+  every page stored after the restart is checked.
+* raw-pool scenarios (processes killed mid-operation, a pool full under pins):
+  every object left in the pool is read back and compared with what was put under
+  its key, and the objects that must survive (pinned) must be there; **data lost
+  = objects whose bytes differ or cannot be read whole, plus required objects
+  that are missing**. Objects evicted or removed by design are not counted: those
+  pools evict on purpose.
+
+`tests/reliability/test_faults.py::test_data_lost_counts_missing_and_wrong_pages`
+checks the measure itself (a page removed and a page overwritten behind the
+cache's back are both counted).
 
 ## Faults
 
@@ -272,7 +299,7 @@ must raise only ConfigError/TypeError/ValueError and keep its invariants.
 
 `scripts/sanitize.sh` builds the core with `KVDIRECT_SANITIZE=address,undefined`
 (CMake option) into `build/sanitize`, stages the module next to a copy of the
-Python package, and runs the shm, keys, layout, copy, index and cache tests plus
+Python package, and runs the shm, pool audit, keys, layout, copy, index and cache tests plus
 the reliability concurrency, fuzz, bad-input, security and shm fault tests with
 libasan (and libstdc++) preloaded; reports go to `build/sanitize/reports/`. CI
 runs it on every change.
@@ -339,6 +366,16 @@ def run_sanitizer() -> str:
     return f"**{summary}, {reports}** (`scripts/sanitize.sh`)."
 
 
+def source_commit() -> str:
+    """The commit the suite ran at (12 hex), with "+ uncommitted changes" when the sources differed from it."""
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "python", "csrc", "tests", "scripts")
+    return f"`{head}`" + (" + uncommitted changes" if dirty else "")
+
+
 def load_figures(path: Path) -> dict:
     out = {}
     if path.exists():
@@ -369,6 +406,7 @@ def main(argv=None) -> int:
             path = Path(d) / "figures.jsonl"
             summary, took = run_suite(path, args.pytest_args)
             figures = {"_run": {"summary": summary, "duration_s": round(took, 1), "machine": machine_description(),
+                                "commit": source_commit(),
                                 "versions": {"mooncake": _version("mooncake-transfer-engine-non-cuda"),
                                              "memcache": _version("memcache-hybrid")},
                                 "sanitize": run_sanitizer() if args.sanitize else None},

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the C++ core with AddressSanitizer + UndefinedBehaviorSanitizer into its own build
-# dir and run a subset of the test suite against it (the shm pool, keys, layout/copy, index,
+# dir and run a subset of the test suite against it (the shm pool and its audit, keys, layout/copy, index,
 # cache manager and its transfer path on the simulated device, and the reliability suite's
 # concurrency / fault / fuzz tests).
 #
@@ -59,7 +59,7 @@ if [ -n "$RT" ]; then
   PRELOAD="$PRELOAD $(${CXX:-g++} -print-file-name=libstdc++.so)"
 fi
 if [ $# -eq 0 ]; then
-  set -- tests/test_stores_shm.py tests/test_keys.py tests/test_layout.py tests/test_copy.py \
+  set -- tests/test_stores_shm.py tests/test_audit.py tests/test_keys.py tests/test_layout.py tests/test_copy.py \
     tests/test_index.py tests/test_cache.py tests/test_cache_transfer.py \
     "tests/test_simdevice.py::test_write_back_waits_for_the_compute_stream_and_the_gather[shm-staged]" \
     "tests/test_simdevice.py::test_loaded_pages_hold_every_byte_when_load_returns[shm-staged]" \

@@ -32,6 +32,9 @@ for a in "$@"; do
   esac
 done
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# "python -m pip", never bin/pip: a venv copied or moved elsewhere keeps the original path in its
+# scripts' shebang, and bin/pip would install into the original environment
+PIP=("$VENV/bin/python" -m pip)
 step() { echo "[vllm-env] $*"; }
 t0=$SECONDS
 
@@ -46,13 +49,13 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm, mooncake
   mkdir -p "$VENV"
   touch "$MARK"
   "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q "$VLLM_PKG" "$MOONCAKE_PKG" pytest 2>&1 | grep -v "^WARNING: Location" || true
+  "${PIP[@]}" install -q --upgrade pip
+  "${PIP[@]}" install -q "$VLLM_PKG" "$MOONCAKE_PKG" pytest 2>&1 | grep -v "^WARNING: Location" || true
   "$VENV/bin/python" -c "import vllm" 2>/dev/null \
     || { echo "[vllm-env] FAILED: pip install $VLLM_PKG did not produce an importable vllm" >&2; exit 1; }
   # The torchvision it resolves is a CUDA build that breaks `import transformers`
   # ("operator torchvision::nms does not exist"); text models need none of them.
-  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
+  "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec || true
   "$VENV/bin/python" -c "import vllm, transformers, mooncake.store" \
     || { echo "[vllm-env] FAILED: vllm/mooncake do not import after installing $VLLM_PKG" >&2; exit 1; }
   rm -f "$MARK"
@@ -62,8 +65,8 @@ fi
 if [ "$want_lmcache" = 1 ] && ! "$VENV/bin/python" -c "import lmcache" >/dev/null 2>&1; then
   step "installing $LMCACHE_PKG (about 0.3 GiB, ~1 minute; it downgrades numpy, vLLM still works)"
   touch "$MARK"
-  "$VENV/bin/pip" install -q "$LMCACHE_PKG" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
+  "${PIP[@]}" install -q "$LMCACHE_PKG" 2>&1 | grep -v "^WARNING: Location" || true
+  "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec || true
   "$VENV/bin/python" -c "import lmcache, vllm" \
     || { echo "[vllm-env] FAILED: lmcache/vllm do not import after installing $LMCACHE_PKG" >&2; exit 1; }
   rm -f "$MARK"
@@ -77,13 +80,24 @@ if [ "$(cat "$VENV/.kvdirect-stamp" 2>/dev/null)" != "$stamp" ] \
   step "installing kvdirect from $ROOT (non-editable; C++ core build, incremental in build/vllm-env)"
   # build tools live in the venv, so the build dir's paths stay the same and rebuilds are incremental
   "$VENV/bin/python" -c "import scikit_build_core, pybind11, cmake, ninja" 2>/dev/null \
-    || "$VENV/bin/pip" install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja 2>&1 \
+    || "${PIP[@]}" install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja 2>&1 \
        | grep -v "^WARNING: Location" || true
-  PATH="$VENV/bin:$PATH" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} "$VENV/bin/pip" install -q \
-    --no-deps --no-build-isolation --force-reinstall -C build-dir="$ROOT/build/vllm-env" "$ROOT" 2>&1 \
-    | grep -v "^WARNING: Location" || true
-  (cd / && "$VENV/bin/python" -c "import kvdirect._core, kvdirect.vllm") \
-    || { echo "[vllm-env] FAILED: kvdirect does not import in $VENV" >&2; exit 1; }
+  PATH="$VENV/bin:$PATH" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} "${PIP[@]}" install -q \
+    --no-deps --no-build-isolation --force-reinstall -C build-dir="$ROOT/build/vllm-env" "$ROOT" \
+    2>"$VENV/.pip-error" \
+    || { echo "[vllm-env] FAILED: installing kvdirect from $ROOT: $(tail -n 8 "$VENV/.pip-error")" >&2; exit 1; }
+  rm -f "$VENV/.pip-error"
+  # the checkout's files, in this environment (not a stale copy, not another environment)
+  (cd / && "$VENV/bin/python" - "$ROOT" <<'PYCHECK'
+import filecmp, os, sys
+import kvdirect._core, kvdirect.vllm
+root, pkg = sys.argv[1], os.path.dirname(kvdirect.__file__)
+assert pkg.startswith(sys.prefix), f"kvdirect imports from {pkg}, outside {sys.prefix}"
+src = os.path.join(root, "python", "kvdirect")
+same = filecmp.cmpfiles(src, pkg, ["__init__.py", "vllm/worker.py", "vllm/scheduler.py"], shallow=False)[0]
+assert len(same) == 3, f"{pkg} differs from {src}"
+PYCHECK
+  ) || { echo "[vllm-env] FAILED: kvdirect from $ROOT is not what $VENV imports" >&2; exit 1; }
   echo "$stamp" >"$VENV/.kvdirect-stamp"
 fi
 

@@ -1,6 +1,7 @@
 """The foundation: the extension builds, links nothing device-specific, and
 `kvdirect doctor` tells the truth about this machine."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,13 +79,42 @@ def test_doctor_says_what_mooncake_lacks(kind):
     not installed at all: the pip extra (and the apt command it will need)."""
     code = _DOCTOR_WITH.format(tests=str(ROOT / "tests"), kind=kind)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
+    # installed but unusable: an error (exit 1, one line naming it); not installed: no error
+    if kind == "missing-lib":
+        assert r.returncode == 1, r.stderr[-2000:]
+        (err,) = r.stderr.strip().splitlines()
+        assert err.startswith("kvdirect doctor: error: installed store client cannot be used: mooncake (") and \
+            "libibverbs.so.1" in err, err
+    else:
+        assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
     (line,) = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("mooncake ")]
     assert " no " in line and "apt-get install -y libibverbs1 librdmacm1 libnuma1" in line, line
     if kind == "missing-lib":
         assert "cannot load the system library libibverbs.so.1 (Debian package libibverbs1)" in line, line
     else:
         assert 'pip install "kvdirect[mooncake]"' in line, line
+
+
+def test_doctor_fails_for_a_broken_client_on_the_path(tmp_path):
+    """A store client that is there but broken (here: a memcache_hybrid whose own dependency is missing,
+    first on PYTHONPATH) makes doctor exit 1 and say so in one line; the report still prints."""
+    pkg = tmp_path / "memcache_hybrid"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import kvd_no_such_dependency_of_memcache  # noqa\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    r = run_cli("doctor", env=env, check=False)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    (err,) = r.stderr.strip().splitlines()
+    assert err.startswith("kvdirect doctor: error: installed store client cannot be used: memcache (") and \
+        "kvd_no_such_dependency_of_memcache" in err, err
+    assert r.stdout.startswith("kvdirect ") and "memcache" in r.stdout
+    d = json.loads(run_cli("doctor", "--json", env=env, check=False).stdout)
+    assert d["stores"]["memcache"]["state"] == "broken" and len(d["problems"]) == 1
+    # the same client simply absent is no error
+    (pkg / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'memcache_hybrid'\", "
+                                     "name='memcache_hybrid')\n")
+    r = run_cli("doctor", env=env, check=False)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
 def test_doctor_human_output():

@@ -323,6 +323,41 @@ def test_partial_get_stops_at_first_failed_page_and_frees_the_rest(url):
     assert cb.stats()["load_failed_pages"] == 5
 
 
+def test_a_load_moves_only_its_own_requests_lock(url):
+    """Two requests lock the same matched node; one loads, its pages failing from page 3 on:
+    only its lock follows it to the loaded prefix. Locks used to be counted per id() of the
+    handle int, and small ints are shared objects: that load moved both locks, the other
+    request's pages were dropped while it held them, and its handle went stale (as did large
+    handles, flakily, when an id() was reused: tests/reliability flaky_store)."""
+    P = 4
+    a = Device(P)
+    store = ScriptedStore(open_store(url))
+    c = make(a, store)
+    toks = tokens_of(8 * P, 21)
+    serve(c, a, toks)
+    c.flush()
+    assert c.evict(10**6) == 8 * P  # the index keeps the 8 pages as pool-only
+    ma, mb = c.match(toks), c.match(toks)
+    assert ma.node == mb.node and (ma.device_len, ma.pool_len) == (0, 8 * P)
+    c.lock(ma.node)
+    c.lock(mb.node)
+    store.fail_get_after = 3
+    assert c.load(ma, a.alloc(ma.pool_len)) == 3 * P
+    assert ma.node != mb.node and c.protected_size == 3 * P
+    # b still holds its node: the pages a's load found missing stay (dead) until b lets go
+    states, dev = c.index.path_states(mb.node)
+    assert dev == 3 and list(states) == [IN_POOL] * 3 + [UNKNOWN] * 5
+    assert c.index._check() == ""
+    assert c.load(mb, a.alloc(mb.pool_len)) == 3 * P  # the same pages fail for b
+    assert mb.node == ma.node and mb.device_len == 3 * P
+    c.unlock(ma.node)
+    assert c.protected_size == 3 * P  # b's lock, moved by its own load
+    c.unlock(mb.node)
+    assert c.protected_size == 0 and c.index._check() == ""
+    r = c.index.match(toks)
+    assert (r.device_len, r.pool_len) == (3 * P, 0)  # the failed pages left once unlocked
+
+
 def test_pool_eviction_between_exists_and_get(url):
     P = 4
     a, b = Device(P), Device(P)

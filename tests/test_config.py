@@ -43,3 +43,16 @@ def test_model_identity_tells_apart_revision_quantization_and_config(tmp_path):
     assert model_identity("org/model", config_file=tmp_path / "missing.json") == "org/model"
     with pytest.raises(ConfigError):
         model_identity("")
+
+
+def test_model_identity_carries_config_overrides():
+    plain = model_identity("org/model")
+    assert model_identity("org/model", overrides={}) == plain == model_identity("org/model", overrides="{}")
+    rope = model_identity("org/model", overrides={"rope_theta": 2e4, "max_position_embeddings": 4096})
+    # a dict and its JSON text, keys in any order, are one identity
+    assert rope == model_identity("org/model", overrides='{"max_position_embeddings": 4096, "rope_theta": 20000.0}')
+    assert rope != plain and rope != model_identity("org/model", overrides={"rope_theta": 1e4})
+    for bad, words in (("{not json", "not valid JSON"), ("[1, 2]", "must be a dict"),
+                       (lambda c: c, "must be a dict"), ({"x": object()}, "cannot enter the model identity")):
+        with pytest.raises(ConfigError, match=words):
+            model_identity("org/model", overrides=bad)

@@ -197,6 +197,30 @@ def test_sim_device_runs_work_late_and_orders_it_with_events():
         assert mem[2] == 1
 
 
+def test_sim_current_stream_is_per_thread():
+    """As in CUDA: a stream made current on one thread is not current on another, so an
+    event another thread records does not follow the work launched here."""
+    with SimDevice(delay_s=0.03, jitter=0.0) as sim:
+        mem = sim.empty(2, np.int64)
+        compute = sim.new_stream("compute")
+        with sim.stream(compute):
+            assert sim.current_stream() is compute
+            sim.launch(lambda: mem.__setitem__(0, 1))           # on compute (current here)
+            here = sim.current_stream().record_event()
+            there = []
+            t = threading.Thread(target=lambda: there.append((sim.current_stream(),
+                                                              sim.current_stream().record_event())))
+            t.start()
+            t.join()
+        assert sim.current_stream() is sim.default_stream    # restored on leaving the block
+        other_stream, other_event = there[0]
+        assert other_stream is sim.default_stream
+        other_event.synchronize()
+        assert mem[0] == 0, "an event recorded on another thread waited for this thread's work"
+        here.synchronize()
+        assert mem[0] == 1
+
+
 def test_sim_device_reports_failed_work():
     with pytest.raises(RuntimeError, match="work launched on a stream failed"):
         with SimDevice(delay_s=0.0) as sim:

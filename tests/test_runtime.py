@@ -52,10 +52,21 @@ def test_a_dependency_missing_inside_the_client_is_broken_not_absent(monkeypatch
     assert ci.state == "broken" and "undefined symbol" in ci.message
 
 
-def test_installed_clients_report_their_version():
+def test_import_state_agrees_with_a_real_import():
+    """client_import's verdict against ground truth: the module imported in a fresh interpreter.
+    Imports there: "ok" with the distribution's version. Does not: never "ok", and the reason given
+    is the one the import raised."""
+    import subprocess
+    import sys
+
     for module in runtime.STORE_CLIENTS:
+        r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
         ci = runtime.client_import(module)
-        if ci.state == "ok":
-            assert ci.message == f"imports ({ci.version or 'version unknown'})"
-        else:  # this machine lacks it: the reason is one line
-            assert "\n" not in ci.message
+        if r.returncode == 0:
+            assert ci.state == "ok", (module, ci)
+            assert ci.version == runtime._dist_version(module) and ci.version, (module, ci)
+            assert ci.message == f"imports ({ci.version})"
+        else:
+            last = r.stderr.strip().splitlines()[-1]          # e.g. "ModuleNotFoundError: No module named 'x'"
+            assert ci.state != "ok" and "\n" not in ci.message, (module, ci)
+            assert last.split(": ", 1)[-1] in ci.message, (last, ci.message)

@@ -148,10 +148,22 @@ def stores(request):
     s.cleanup()
 
 
+@pytest.fixture(params=["shm", "memcache"])
+def local_stores(request):
+    """For ordering tests where the store does not matter: the two that open in milliseconds."""
+    s = Stores(request.param, request)
+    yield s
+    s.cleanup()
+
+
 @pytest.fixture
 def sim():
+    """The device, with the engine computing on its own stream, current on the test's
+    thread only (as SGLang's and vLLM's forward streams): any event the cache records on
+    another thread lands on that thread's current stream and orders nothing."""
     with SimDevice(delay_s=0.01, jitter=0.5, seed=7) as dev:
-        yield dev
+        with dev.stream(dev.new_stream("compute")):
+            yield dev
 
 
 def cache(kv: KV, stores: Stores, **cfg):
@@ -196,6 +208,66 @@ def test_write_back_waits_for_the_compute_stream_and_the_gather(sim, stores, pat
         slots = host.alloc(m.pool_len)
         assert reader.load(m, slots) == len(d)
         host.assert_holds(d, slots)
+    c.close()
+    reader.close()
+
+
+@pytest.mark.parametrize("path", ["staged", "direct"])
+def test_vllm_worker_save_waits_for_the_forward(sim, local_stores, path):
+    """vLLM's worker hands its saves over in ``wait_for_save`` (the forward thread, where
+    the forward's stream is current) and puts them on writer threads: the put must wait
+    for the event recorded at hand-over, not one a writer thread records on its own."""
+    from kvdirect import keys as K
+    from kvdirect.vllm.plan import PageRun, StepPlan
+    from kvdirect.vllm.worker import WorkerSide
+
+    dev = KV(sim)
+    cfg = CacheConfig(store=None, model=local_stores.model, **path_cfg(dev, path))
+    fp = K.LayoutFingerprint.from_layout(dev.layout, model=cfg.model)
+    w = WorkerSide(cfg, local_stores.open(dev), dev.layout, [f"l{i}" for i in range(LAYERS)], fp)
+    docs = [tokens_of(7 * P, 500 + i) for i in range(2)]
+    for i, d in enumerate(docs):
+        slots = dev.alloc(len(d))
+        dev.prefill(d, slots)                                   # the forward, not yet run
+        digests = K.page_digests(d, P, namespace_seed=K.namespace_seed())
+        w.submit_saves(StepPlan(saves=[PageRun(f"r{i}", 0, digests, slots[::P] // P)]))
+    w.flush()
+    assert w.stats["stored_pages"] == 2 * 7
+    host = KV()
+    reader = cache(host, local_stores)
+    for d in docs:                                              # every byte, through a CPU instance
+        m = reader.match(d)
+        assert m.pool_len == len(d)
+        got = host.alloc(m.pool_len)
+        assert reader.load(m, got) == len(d)
+        host.assert_holds(d, got)
+    w.close()
+    reader.close()
+
+
+@pytest.mark.parametrize("path", ["staged", "direct"])
+def test_write_back_follows_the_forward_stream_given(sim, local_stores, path):
+    """SGLang's overlap scheduler forwards on a stream that is not current on the thread
+    that calls the cache: the engine names it (``forward_stream``) and the write-back
+    waits for the work queued there too."""
+    dev = KV(sim)
+    forward = sim.new_stream("forward")
+    c = KVDirectCache(dev.layout, local_stores.open(dev), free_slots=dev.free_slots, forward_stream=forward,
+                      config=CacheConfig(store=None, model=local_stores.model, **path_cfg(dev, path)))
+    docs = [tokens_of(7 * P, 600 + i) for i in range(2)]
+    for d in docs:
+        slots = dev.alloc(len(d))
+        with sim.stream(forward):
+            dev.prefill(d, slots)         # the forward, on the forward stream
+        c.write_back(d, slots)            # the scheduler, back on its own stream
+    c.flush(timeout=60)
+    host = KV()
+    reader = cache(host, local_stores)
+    for d in docs:
+        m = reader.match(d)
+        got = host.alloc(m.pool_len)
+        assert reader.load(m, got) == len(d)
+        host.assert_holds(d, got)
     c.close()
     reader.close()
 
@@ -274,6 +346,35 @@ def test_layerwise_load_layer_holds_every_byte_when_reported(sim, stores, path):
     assert lw.finish() == len(d)
     dev.assert_holds(d, slots)
     dev.assert_untouched_except(slots)
+    c.close()
+    w.close()
+
+
+@pytest.mark.parametrize("path", ["staged", "direct"])
+def test_layerwise_load_waits_for_work_still_using_the_slots(sim, stores, path):
+    """As test_load_waits_for_work_still_using_the_slots, layer by layer: the reader runs
+    on kvdirect's own thread, but what it waits for is the engine's work queued when the
+    load was started (on the engine's compute stream, current on the engine's thread)."""
+    d = tokens_of(6 * P, 260)
+    w = _fill_pool(stores, [d])
+    dev = KV(sim)
+    c = cache(dev, stores, **path_cfg(dev, path))
+    earlier = dev.alloc(len(d))
+
+    def forward_of_the_earlier_request():
+        time.sleep(0.05)
+        for a in dev.k + dev.v:
+            a[earlier] = 7.0
+
+    sim.launch(forward_of_the_earlier_request)
+    dev.free_slots(earlier)
+    m = c.match(d)
+    slots = dev.alloc(m.pool_len)
+    assert set(slots.tolist()) == set(earlier.tolist())
+    lw = c.load_layerwise(m, slots)
+    assert lw.finish() == len(d)
+    sim.synchronize()
+    dev.assert_holds(d, slots)
     c.close()
     w.close()
 

@@ -25,7 +25,7 @@ import pytest
 
 from kvdirect.errors import ConfigError, StoreError
 from kvdirect.stores import ScatterList, Store, open_store
-from kvdirect.stores.base import OK
+from kvdirect.stores.base import NOT_FOUND, OK
 
 POOL = 8 << 20        # room in every test pool (the Mooncake segment is the smallest it accepts: 16 MiB)
 TOO_BIG = 64 << 20    # larger than any test pool and any client buffer
@@ -153,9 +153,25 @@ def assert_same(segs, out):
 # ----------------------------------------------------------------------------- answers
 
 
-def test_is_a_store(store):
-    assert isinstance(store, Store)
-    assert store.scheme
+def test_lists_and_reads_back_what_it_holds(store, request):
+    """The operator interface (list_objects / check_objects, what `kvdirect pool audit` uses): a store that
+    can list lists exactly its objects and reads each whole; only a store that keeps checksums vouches for
+    the content. One that cannot list says so (MemCache without its MetaService's HTTP address)."""
+    assert isinstance(store, Store) and store.scheme == request.node.callspec.params["store"]
+    objs = {f"obj{i}": bytes([i]) * (100 + 1000 * i) for i in range(3)}
+    for k, v in objs.items():
+        assert store.put_bytes(k, v)
+    if store.scheme == "memcache":
+        with pytest.raises(StoreError, match="cannot list keys: give admin="):
+            list(store.list_objects())
+    else:
+        listed = dict(store.list_objects())
+        assert set(listed) == set(objs)
+        assert all(listed[k] in (None, len(v)) for k, v in objs.items())  # sizes where the listing has them
+    chk = store.check_objects([*objs, "absent"])
+    assert chk.status.tolist() == [OK, OK, OK, NOT_FOUND]
+    assert chk.sizes.tolist()[:3] == [len(v) for v in objs.values()]
+    assert chk.checked.tolist() == [store.scheme == "shm"] * 3 + [False]
 
 
 def test_put_ok_means_stored_and_get_delivers_every_byte(store, arena):

@@ -59,22 +59,101 @@ def kv_blocks(seed=None):
             else torch.zeros(NUM_BLOCKS, HEADS, P, 2 * HEAD) for _ in range(LAYERS)]
 
 
-def worker(url, tensors, cfg=None, store=None):
+def worker(url, tensors, cfg=None, store=None, layout=None, rank=0, tp=1, agree=None):
     cfg = cfg or CacheConfig(model="m", store=url)
-    layout = KVLayout.from_blocks(tensors, num_blocks=NUM_BLOCKS, page_size=P, object_format="test/blocks",
-                                  kv_heads=HEADS, head_dim=HEAD)
+    layout = layout or KVLayout.from_blocks(tensors, num_blocks=NUM_BLOCKS, page_size=P,
+                                            object_format="test/blocks", kv_heads=HEADS, head_dim=HEAD)
     from kvdirect import keys as K
 
-    fp = K.LayoutFingerprint.from_layout(layout, model=cfg.model)
-    return WorkerSide(cfg, store or open_store(url), layout, [f"l{i}" for i in range(LAYERS)], fp), fp
+    fp = K.LayoutFingerprint.from_layout(layout, model=cfg.model, tp_rank=rank, tp_size=tp)
+    return WorkerSide(cfg, store or open_store(url), layout, [f"l{i}" for i in range(LAYERS)], fp, rank=rank,
+                      agree=agree), fp
 
 
 def scheduler(url, fp, store=None, **cfg):
+    """The scheduler side; ``fp``: one fingerprint, or a list (one per TP rank)."""
     import dataclasses
 
-    s = SchedulerSide(CacheConfig(model="m", store=url, **cfg), P, store or open_store(url))
-    s.set_fingerprints({0: {f.name: getattr(fp, f.name) for f in dataclasses.fields(fp)}})
+    fps = fp if isinstance(fp, list) else [fp]
+    s = SchedulerSide(CacheConfig(model="m", store=url, **cfg), P, store or open_store(url), tp_size=len(fps))
+    s.set_fingerprints({r: {f.name: getattr(f_, f.name) for f in dataclasses.fields(f_)} for r, f_ in enumerate(fps)})
     return s
+
+
+def run_step(s, workers, so, forward=None):
+    """One vLLM engine step as the connector drives it: plan, loads before the forward, the
+    forward (``forward(worker)`` writes the KV of the computed tokens), then loads settled and
+    saves submitted, load errors and finished requests taken, the report back to the scheduler.
+    Workers of several TP ranks run on threads (their ``agree`` is a collective).
+    Returns (plan, load errors per rank, finished per rank)."""
+    import threading
+
+    plan = s.build_step(so)
+    ws = workers if isinstance(workers, list) else [workers]
+    out = [None] * len(ws)
+
+    def one(i, w):
+        w.hold(plan.held)
+        w.handle_preemptions(plan.preempted)
+        w.start_load(plan)
+        if forward is not None:
+            forward(w)
+        w.finish_loads()
+        w.submit_saves(plan)
+        out[i] = (w.take_load_errors(), w.get_finished())
+
+    threads = [threading.Thread(target=one, args=(i, w)) for i, w in enumerate(ws)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for w in ws:
+        w.flush()
+    reports = [w.take_report() for w in ws]
+    report = None
+    for r in reports:
+        report = r if report is None else (report.merge(r) if r else report)
+    finished = set.intersection(*[set(f) for _, f in out])
+    s.on_worker_output(report, finished)
+    return plan, [e for e, _ in out], finished
+
+
+class MinOverRanks:
+    """``agree`` for worker threads standing in for TP ranks: the elementwise minimum."""
+
+    def __init__(self, n):
+        import threading
+
+        self.n, self.barrier, self.vals = n, threading.Barrier(n), {}
+
+    def fn(self, rank):
+        def agree(x):
+            self.vals[rank] = np.asarray(x)
+            self.barrier.wait()
+            out = np.minimum.reduce([self.vals[r] for r in range(self.n)])
+            self.barrier.wait()
+            return out
+        return agree
+
+
+def pool_has(url, keys) -> list[bool]:
+    st = open_store(url)
+    try:
+        return [bool(x) for x in st.exists(keys)]
+    finally:
+        st.close()
+
+
+def pool_page(url, key):
+    st = open_store(url)
+    try:
+        return st.get_bytes(key)
+    finally:
+        st.close()
+
+
+def block_bytes(tensors, block) -> bytes:
+    return b"".join(t[block].contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in tensors)
 
 
 def sched_output(new=(), cached=(), blocks=None):
@@ -89,70 +168,378 @@ def sched_output(new=(), cached=(), blocks=None):
         preempted_req_ids=set())
 
 
-def save_doc(url, toks, blocks, seed=1):
-    """Instance A: prefill of a document, its pages saved and acknowledged."""
-    src = kv_blocks(seed)
-    w, fp = worker(url, src)
-    s = scheduler(url, fp)
-    req = request("a", toks)
+def save_doc(url, toks, blocks, seed=1, tp=1, *, src=None, layout=None, cfg=None, **req_kw):
+    """Instance A: prefill of a document, its pages saved and acknowledged (on every TP rank)."""
+    srcs = [kv_blocks(seed + r) for r in range(tp)] if src is None else ([src] if tp == 1 else list(src))
+    ws, fps = zip(*[worker(url, srcs[r], cfg=cfg, layout=layout, rank=r, tp=tp) for r in range(tp)])
+    s = scheduler(url, list(fps))
+    req = request("a", toks, **req_kw)
     assert s.num_new_matched_tokens(req, 0) == 0
     s.after_alloc(req, [], 0)
-    plan = s.build_step(sched_output(new=[("a", 0, len(toks))], blocks={"a": blocks}))
+    plan, _, finished = run_step(s, list(ws), sched_output(new=[("a", 0, len(toks))], blocks={"a": blocks}))
     assert [len(r) for r in plan.saves] == [len(toks) // P] and not plan.loads
-    w.submit_saves(plan)
     assert s.request_finished(req)           # saves planned: vLLM must hold the blocks
-    w.flush()
-    assert w.get_finished({"a"}) == {"a"}    # acknowledged: blocks may be freed
-    s.on_worker_output(w.take_report(), {"a"})
+    plan, _, finished = run_step(s, list(ws), sched_output())
+    assert plan.held == {"a"} and finished == {"a"}  # acknowledged: blocks may be freed
     assert s.stats["saved_pages_acked"] == len(toks) // P and not s._reqs
-    w.close()
-    return src, fp
+    for w in ws:
+        w.close()
+    return (srcs[0], fps[0]) if tp == 1 else (srcs, list(fps))
 
 
 def test_save_then_load_moves_the_same_bytes(pool):
-    toks = np.arange(10, 10 + 5 * P).tolist()
+    toks = np.arange(10, 10 + 5 * P + 3).tolist()
     src, fp = save_doc(pool, toks, list(range(5)))
     dst = kv_blocks()
     store = Counting(open_store(pool))
     s = scheduler(pool, fp, store=store)
     req = request("b", toks)
-    # never the last token: 5 pages stored, 4 claimed; block aligned; asking twice is the same answer
-    assert s.num_new_matched_tokens(req, 0) == 4 * P
-    assert s.num_new_matched_tokens(req, 0) == 4 * P
+    # the 5 whole pages stored are claimed; asking twice is the same answer
+    assert s.num_new_matched_tokens(req, 0) == 5 * P
+    assert s.num_new_matched_tokens(req, 0) == 5 * P
     assert store.calls == ["exists"]          # the second ask came from the index
-    assert s.num_new_matched_tokens(req, P) == 3 * P  # one page already computed locally
+    assert s.num_new_matched_tokens(req, P) == 4 * P  # one page already computed locally
     s.num_new_matched_tokens(req, 0)
-    s.after_alloc(req, [40, 41, 42, 43, 44], 4 * P)
-    plan = s.build_step(sched_output(new=[("b", 0, 4 * P + P)], blocks={"b": [40, 41, 42, 43, 44]}))
-    assert [(r.first_page, r.block_ids.tolist()) for r in plan.loads] == [(0, [40, 41, 42, 43])]
-    assert [(r.first_page, len(r)) for r in plan.saves] == [(4, 1)]  # only the page it computes
+    s.after_alloc(req, [40, 41, 42, 43, 44, 45], 5 * P)
     w, _ = worker(pool, dst)
-    w.start_load(plan)
-    assert w.take_load_errors() == set()
+    plan, errors, _ = run_step(s, w, sched_output(new=[("b", 5 * P, 3)], blocks={"b": [40, 41, 42, 43, 44, 45]}))
+    assert [(r.first_page, r.block_ids.tolist(), r.recompute_tail) for r in plan.loads] == \
+        [(0, [40, 41, 42, 43, 44], False)]
+    assert plan.saves == []  # the pages it loaded are in the pool; the partial last one is no page
+    assert errors == [set()]
     for layer in range(LAYERS):
-        assert torch.equal(dst[layer][40:44], src[layer][0:4])
+        assert torch.equal(dst[layer][40:45], src[layer][0:5])
+    w.close()
+
+
+def test_last_whole_page_is_claimed_up_to_the_last_token(pool):
+    """A prompt of whole pages that are all in the pool: every page is loaded and vLLM recomputes
+    only the last token, into the last loaded page (as LMCache claims: 2047 of 2048)."""
+    toks = np.arange(30, 30 + 4 * P).tolist()
+    src, fp = save_doc(pool, toks, [0, 1, 2, 3])
+    s = scheduler(pool, fp)
+    req = request("b", toks)
+    assert s.num_new_matched_tokens(req, 0) == 4 * P - 1   # not block aligned: vLLM accepts it
+    assert s.num_new_matched_tokens(req, 3 * P) == P - 1   # vLLM's own cache held 3 pages
+    assert s.num_new_matched_tokens(request("short", toks[:P]), 0) == P - 1
+    assert s.num_new_matched_tokens(request("one", toks[:1]), 0) == 0
+    s.num_new_matched_tokens(req, 0)
+    with pytest.raises(KVDirectError, match="external tokens"):
+        s.after_alloc(req, [8, 9, 10, 11], 4 * P)  # a claim beyond the hit is never loaded
+    s.num_new_matched_tokens(req, 0)
+    s.after_alloc(req, [8, 9, 10, 11], 4 * P - 1)  # blocks rounded up to whole pages
+    dst = kv_blocks()
+    w, _ = worker(pool, dst)
+    plan, errors, _ = run_step(s, w, sched_output(new=[("b", 4 * P - 1, 1)], blocks={"b": [8, 9, 10, 11]}))
+    assert [(r.first_page, r.block_ids.tolist(), r.recompute_tail) for r in plan.loads] == \
+        [(0, [8, 9, 10, 11], True)]
+    assert plan.saves == []  # the last page came from the pool: the forward's rewrite of it is never saved
+    assert errors == [set()] and s.stats["hit_tokens"] == 4 * P - 1
+    for layer in range(LAYERS):
+        assert torch.equal(dst[layer][8:12], src[layer][0:4])
+    w.close()
+
+
+class SlowLayers:
+    """A store whose piecewise (layer by layer) reads take ``delay_s`` per layer."""
+
+    def __init__(self, inner, delay_s):
+        self.inner, self.delay_s, self.reads = inner, delay_s, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def open_read(self, keys, sizes):
+        import time
+
+        rd = self.inner.open_read(keys, sizes)
+        outer = self
+
+        class Reader:
+            status = rd.status
+
+            def read(self, scatter):
+                time.sleep(outer.delay_s)
+                outer.reads += 1
+                rd.read(scatter)
+
+            def end(self):
+                return rd.end()
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                rd.end()
+
+        return Reader()
+
+
+def test_layerwise_reads_a_page_the_forward_writes_into_before_the_forward(pool):
+    """vLLM's CPU attention writes a layer's new KV before it waits for that layer: the last
+    page, whose last token the forward recomputes, is complete before start_load returns."""
+    toks = np.arange(60, 60 + 3 * P).tolist()
+    src, fp = save_doc(pool, toks, [0, 1, 2])
+    s = scheduler(pool, fp)
+    req = request("b", toks)
+    assert s.num_new_matched_tokens(req, 0) == 3 * P - 1
+    s.after_alloc(req, [20, 21, 22], 3 * P - 1)
+    dst = kv_blocks()
+    slow = SlowLayers(open_store(pool), 0.2)
+    w, _ = worker(pool, dst, cfg=CacheConfig(model="m", store=pool, layerwise=True), store=slow)
+    plan = s.build_step(sched_output(new=[("b", 3 * P - 1, 1)], blocks={"b": [20, 21, 22]}))
+    w.start_load(plan)
+    for layer in range(LAYERS):  # before any layer is waited for, the recomputed page is whole
+        assert torch.equal(dst[layer][22], src[layer][2])
+    assert w._step.layerwise is not None and slow.reads < LAYERS  # the other pages still arrive by layer
+    for layer in range(LAYERS):
+        w.wait_layer(f"l{layer}")
+        assert torch.equal(dst[layer][20:22], src[layer][0:2])
+    w.finish_loads()
+    assert w.take_load_errors() == set()
     w.close()
 
 
 def test_failed_get_reports_blocks_from_the_first_failure(pool):
-    toks = np.arange(100, 100 + 6 * P).tolist()
+    toks = np.arange(100, 100 + 6 * P + 1).tolist()
     _, fp = save_doc(pool, toks, list(range(6)))
     dst = kv_blocks()
     flaky = FlakyStore(open_store(pool), fail_rate=1.0, fail_ops=("get",))
     w, _ = worker(pool, dst, store=flaky)
     s = scheduler(pool, fp)
     req = request("b", toks)
-    assert s.num_new_matched_tokens(req, 0) == 5 * P
-    s.after_alloc(req, list(range(20, 26)), 5 * P)
-    plan = s.build_step(sched_output(new=[("b", 0, 6 * P)], blocks={"b": list(range(20, 26))}))
+    assert s.num_new_matched_tokens(req, 0) == 6 * P
+    s.after_alloc(req, list(range(20, 27)), 6 * P)
+    plan = s.build_step(sched_output(new=[("b", 6 * P, 1)], blocks={"b": list(range(20, 27))}))
     w.start_load(plan)
-    assert w.take_load_errors() == {20, 21, 22, 23, 24}
+    assert w.take_load_errors() == {20, 21, 22, 23, 24, 25}
     report = w.take_report()
     assert report.load_failures == [("b", 0)]
     s.on_worker_output(report, None)
     # the failed pages are recomputed by vLLM: the scheduler plans their save again
-    plan = s.build_step(sched_output(cached=[("b", 0, 6 * P)], blocks={"b": list(range(20, 26))}))
+    plan = s.build_step(sched_output(cached=[("b", 0, 6 * P + 1)], blocks={"b": list(range(20, 27))}))
     assert [(r.first_page, len(r)) for r in plan.saves] == [(0, 6)]
+    w.close()
+
+
+def keys_of(fp, toks, pages):
+    from kvdirect import keys as K
+
+    d = K.page_digests(np.asarray(toks[: len(toks) // P * P], dtype=np.int64), P)
+    return K.pool_keys(np.ascontiguousarray(d[list(pages)]), fp)
+
+
+def computed(pages_blocks, value=7.0):
+    """A forward that writes the KV of the pages it computes (here: a constant per block)."""
+    def forward(w):
+        for t in w.layout._refs[0]:
+            t[list(pages_blocks)] = value
+    return forward
+
+
+def test_saves_after_a_failed_load_are_withheld(pool):
+    """Issue 19.1: pages computed in the step of a failed load (on blocks that were never filled)
+    are never saved; they are saved once vLLM recomputed them."""
+    N = 5 * P + 3
+    toks = np.arange(200, 200 + N).tolist()
+    save_doc(pool, toks[: 3 * P], [0, 1, 2])
+    dst = kv_blocks(9)  # stale bytes in the blocks
+    w, fp = worker(pool, dst, store=FlakyStore(open_store(pool), fail_rate=1.0, fail_ops=("get",)))
+    s = scheduler(pool, fp)
+    req = request("b", toks)
+    assert s.num_new_matched_tokens(req, 0) == 3 * P
+    blocks = list(range(20, 26))
+    s.after_alloc(req, blocks, 3 * P)
+    plan, errors, _ = run_step(s, w, sched_output(new=[("b", 3 * P, N - 3 * P)], blocks={"b": blocks}),
+                               forward=computed([23, 24, 25], 7.0))
+    assert [(r.first_page, len(r)) for r in plan.saves] == [(3, 2)]  # planned with the load ...
+    assert errors == [{20, 21, 22}]
+    assert pool_has(pool, keys_of(fp, toks, [3, 4])) == [False, False]  # ... never written
+    assert w.stats["save_withheld_pages"] == 2
+    # vLLM recomputes from page 0: every page is saved now, from the recomputed blocks
+    plan, errors, _ = run_step(s, w, sched_output(cached=[("b", 0, N)], blocks={"b": blocks}),
+                               forward=computed(range(20, 26), 3.0))
+    assert [(r.first_page, len(r)) for r in plan.saves] == [(0, 5)] and errors == [set()]
+    assert pool_has(pool, keys_of(fp, toks, [3, 4])) == [True, True]
+    assert pool_page(pool, keys_of(fp, toks, [4])[0]) == block_bytes(dst, 24)
+    w.close()
+
+
+def test_tp_a_failed_load_on_one_rank_withholds_every_ranks_saves(pool):
+    """Issue 19.1 under TP: a page computed on rank 0 read rank 1's (unfilled) KV through the
+    all-reduce, so rank 1's failed load spoils rank 0's computed pages too: the ranks agree on
+    the first failed page and neither saves pages computed on top of it."""
+    N = 5 * P + 3
+    toks = np.arange(300, 300 + N).tolist()
+    _, fps = save_doc(pool, toks[: 3 * P], [0, 1, 2], tp=2)
+    agree = MinOverRanks(2)
+    w0, _ = worker(pool, kv_blocks(9), rank=0, tp=2, agree=agree.fn(0))
+    w1, _ = worker(pool, kv_blocks(9), rank=1, tp=2, agree=agree.fn(1),
+                   store=FlakyStore(open_store(pool), fail_rate=1.0, fail_ops=("get",)))
+    s = scheduler(pool, fps)
+    req = request("b", toks)
+    assert s.num_new_matched_tokens(req, 0) == 3 * P
+    blocks = list(range(20, 26))
+    s.after_alloc(req, blocks, 3 * P)
+    _, errors, _ = run_step(s, [w0, w1], sched_output(new=[("b", 3 * P, N - 3 * P)], blocks={"b": blocks}),
+                            forward=computed([23, 24, 25]))
+    assert pool_has(pool, keys_of(fps[0], toks, [3, 4]) + keys_of(fps[1], toks, [3, 4])) == [False] * 4
+    assert errors == [{20, 21, 22}, {20, 21, 22}]  # rank 0 loaded fine, and still reports them
+    w0.close()
+    w1.close()
+
+
+def test_tp_a_page_counts_once_every_rank_stored_it(pool):
+    """Acknowledgements are per rank: rank 0 acknowledging a page twice (a save planned again)
+    does not make it stored on rank 1."""
+    from kvdirect.vllm.plan import SaveAck, WorkerReport
+
+    toks = np.arange(400, 400 + 2 * P + 1).tolist()
+    _, fp0 = worker(pool, kv_blocks(), rank=0, tp=2)
+    _, fp1 = worker(pool, kv_blocks(), rank=1, tp=2)
+    s = scheduler(pool, [fp0, fp1])
+    req = request("a", toks)
+    s.num_new_matched_tokens(req, 0)
+    s.after_alloc(req, [], 0)
+    s.build_step(sched_output(new=[("a", 0, len(toks))], blocks={"a": [0, 1, 2]}))
+    ack0 = SaveAck(0, "a", 0, np.ones(2, bool))
+    s.on_worker_output(WorkerReport(acks=[ack0]), None)
+    s.on_worker_output(WorkerReport(acks=[ack0]), None)
+    assert s.stats["saved_pages_acked"] == 0
+    assert s.index.match(np.asarray(toks[: 2 * P]), None).pool_len == 0
+    s.on_worker_output(WorkerReport(acks=[SaveAck(1, "a", 0, np.array([True, False]))]), None)
+    assert s.stats["saved_pages_acked"] == 1
+
+
+def test_a_request_sharing_blocks_never_saves_a_failed_load(pool):
+    """Issue 19.2: vLLM shares the blocks a request is loading with a second request of the same
+    prompt in the same step. The page in block 12 is evicted between the existence query and the
+    get: the second request must not write the unfilled block (nor pages computed on it), although
+    the pool now says that key is missing."""
+    N = 5 * P + 3
+    toks = np.arange(500, 500 + N).tolist()
+    save_doc(pool, toks[: 3 * P], [0, 1, 2])
+    dst = kv_blocks(9)  # stale bytes in the blocks
+    w, fp = worker(pool, dst)
+    page2 = keys_of(fp, toks, [2])[0]
+
+    class EvictPage2:  # evicted between the scheduler's exists and the worker's get
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def get(self, keys, scatter):
+            if page2 in keys:
+                self.inner.remove([page2])
+            return self.inner.get(keys, scatter)
+
+    w.store = w.transfer.store = w.transfer._t.store = EvictPage2(w.store)
+    s = scheduler(pool, fp)
+    a, b = request("a", toks), request("b", toks)
+    assert s.num_new_matched_tokens(a, 0) == 3 * P
+    s.after_alloc(a, list(range(10, 16)), 3 * P)
+    assert s.num_new_matched_tokens(b, 5 * P) == 0  # vLLM's own cache: a's blocks 10..14
+    s.after_alloc(b, list(range(10, 15)) + [20], 0)
+    so = sched_output(new=[("a", 3 * P, N - 3 * P), ("b", 5 * P, 3)],
+                      blocks={"a": list(range(10, 16)), "b": list(range(10, 15)) + [20]})
+    plan, errors, _ = run_step(s, w, so, forward=computed([13, 14, 15, 20]))
+    assert sorted((r.req_id, r.first_page, len(r)) for r in plan.saves) == [("a", 3, 2), ("b", 0, 5)]
+    assert errors == [{12}]
+    assert pool_has(pool, keys_of(fp, toks, range(5))) == [True, True, False, False, False]
+    assert w.stats["save_withheld_pages"] == 2 + 3
+    assert s._reqs["a"].save_next == s._reqs["b"].save_next == 2  # saved after vLLM recomputes them
+    w.close()
+
+
+def late_get_setup(pool, rid, bound_s, base=600):
+    N = 4 * P + 3
+    toks = np.arange(base, base + N).tolist()
+    src, fp = save_doc(pool, toks[: 3 * P], [0, 1, 2])
+    # every get returns TIMEOUT after 0.05 s and writes the blocks 0.6 s later, with 0xA5 garbage in
+    # the second page (a transport that leaves partial bytes behind)
+    late = FlakyStore(FlakyStore(open_store(pool), fail_rate=0.5, fail_ops=("get",), seed=1),
+                      delay_s=0.6, delay_ops=("get",), fail_ops=(), deadline_s=0.05)
+    dst = kv_blocks(9)
+    w, _ = worker(pool, dst, store=late)
+    w.late_get_wait_s = bound_s
+    s = scheduler(pool, fp)
+    req = request(rid, toks)
+    assert s.num_new_matched_tokens(req, 0) == 3 * P
+    s.after_alloc(req, [20, 21, 22, 23, 24], 3 * P)
+    so = sched_output(new=[(rid, 3 * P, N - 3 * P)], blocks={rid: [20, 21, 22, 23, 24]})
+    return s, w, late, dst, fp, toks, req, so
+
+
+def test_a_timed_out_get_returns_before_vllm_recomputes_into_its_blocks(pool):
+    """Issue 19.3: a get that timed out keeps running and writes the blocks when it returns; vLLM
+    recomputes into the same blocks from the next step. The step ends only once the get returned,
+    so the recompute overwrites whatever it wrote."""
+    s, w, late, dst, fp, toks, req, so = late_get_setup(pool, "b", 30.0)
+    plan, errors, _ = run_step(s, w, so, forward=computed([23, 24]))
+    assert errors == [{20, 21, 22}] and late.injected["timeout"] == 1
+    assert late.quiesce(0)  # the late get already returned: nothing writes the blocks any more
+    assert w.stats["late_load_requests"] == 1 and not w._late
+    assert pool_has(pool, keys_of(fp, toks, [3])) == [False]  # computed on the failed load
+    # the recompute (next step) is the blocks' last writer; then they are saved
+    plan, errors, _ = run_step(s, w, sched_output(cached=[("b", 0, len(toks))], blocks={"b": [20, 21, 22, 23, 24]}),
+                               forward=computed(range(20, 25), 5.0))
+    assert [(r.first_page, len(r)) for r in plan.saves] == [(0, 4)] and errors == [set()]
+    assert all((t[20:25] == 5.0).all() for t in dst)  # no late byte over the recomputed KV
+    assert pool_page(pool, keys_of(fp, toks, [3])[0]) == block_bytes(dst, 23)
+    w.close()
+
+
+def test_a_late_get_past_the_bound_holds_its_blocks(pool):
+    """Issue 19.3, past the wait bound: the request's blocks are not handed back (finish, abort,
+    preemption) before the store is quiet, and nothing is saved from them meanwhile."""
+    import time
+
+    for end, base in (("finish", 1000), ("preempt", 2000)):
+        s, w, late, dst, fp, toks, req, so = late_get_setup(pool, end, 0.0, base)
+        plan, errors, _ = run_step(s, w, so, forward=computed([23, 24]))
+        assert errors == [{20, 21, 22}] and late.injected["timeout"]
+        assert not late.quiesce(0)  # the get is still running
+        # vLLM recomputes (a step without loads): nothing is saved from the quarantined blocks
+        plan, _, _ = run_step(s, w, sched_output(cached=[(end, 0, len(toks))], blocks={end: [20, 21, 22, 23, 24]}),
+                              forward=computed(range(20, 25), 5.0))
+        assert [(r.first_page, len(r)) for r in plan.saves] == [(0, 4)] and not late.quiesce(0)
+        assert pool_has(pool, keys_of(fp, toks, [3])) == [False]
+        if end == "finish":
+            assert s.request_finished(req)  # held: vLLM keeps the blocks
+            t0 = time.monotonic()
+            while True:
+                _, _, finished = run_step(s, w, sched_output())
+                if finished:
+                    break
+                assert time.monotonic() - t0 < 10
+            assert finished == {end} and late.quiesce(0)  # released only once the get returned
+        else:
+            w.handle_preemptions({end})  # before the next forward may overwrite the blocks
+            assert late.quiesce(0)
+            s.request_finished(req)
+            run_step(s, w, sched_output())
+        assert pool_has(pool, keys_of(fp, toks, [3])) == [False]  # nothing computed on them was saved
+        w.close()
+        late.close()
+
+
+def test_one_log_line_per_failure_kind_per_interval(pool, caplog):
+    import logging
+
+    w, _ = worker(pool, kv_blocks(), cfg=CacheConfig(model="m", store=pool, log_interval_s=3600))
+    with caplog.at_level(logging.WARNING, logger="kvdirect.vllm"):
+        for _ in range(3):
+            w._store_error("get", RuntimeError("boom"))
+            w._store_error("put", RuntimeError("bang"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "get failed (boom)" in lines[0] and "put failed (bang)" in lines[1], lines
+    w._last_log["store_get"] -= 7200  # the interval passed: the next line says how many were not logged
+    with caplog.at_level(logging.WARNING, logger="kvdirect.vllm"):
+        w._store_error("get", RuntimeError("boom"))
+    assert "(+2 more since the last such line)" in caplog.records[-1].getMessage()
+    assert w.stats["get_errors"] == 4
     w.close()
 
 
@@ -165,14 +552,29 @@ def test_failed_puts_are_never_claimed(pool):
     req = request("a", toks)
     s.num_new_matched_tokens(req, 0)
     s.after_alloc(req, [], 0)
-    w.submit_saves(s.build_step(sched_output(new=[("a", 0, 4 * P)], blocks={"a": [0, 1, 2, 3]})))
-    s.request_finished(req)
-    w.flush()
-    assert w.get_finished({"a"}) == {"a"}
-    s.on_worker_output(w.take_report(), {"a"})
+    run_step(s, w, sched_output(new=[("a", 0, 4 * P)], blocks={"a": [0, 1, 2, 3]}))
+    assert s.request_finished(req)
+    assert run_step(s, w, sched_output())[2] == {"a"}
     assert s.stats["saved_pages_acked"] == 0 and s.stats["save_failed_pages"] == 4
     other = scheduler(pool, fp)
     assert other.num_new_matched_tokens(request("b", toks), 0) == 0
+    w.close()
+
+
+def test_a_save_only_instance_saves(pool):
+    """kv_role "kv_producer": no loads, every computed page saved."""
+    toks = np.arange(900, 900 + 3 * P + 5).tolist()
+    w, fp = worker(pool, kv_blocks(2))
+    import dataclasses
+
+    s = SchedulerSide(CacheConfig(model="m", store=pool), P, open_store(pool), load=False, save=True)
+    s.set_fingerprints({0: {f.name: getattr(fp, f.name) for f in dataclasses.fields(fp)}})
+    req = request("a", toks)
+    assert s.num_new_matched_tokens(req, 0) == 0
+    s.after_alloc(req, [], 0)
+    plan, _, _ = run_step(s, w, sched_output(new=[("a", 0, len(toks))], blocks={"a": [4, 5, 6, 7]}))
+    assert [(r.first_page, len(r)) for r in plan.saves] == [(0, 3)]
+    assert pool_has(pool, keys_of(fp, toks, range(3))) == [True] * 3
     w.close()
 
 
@@ -197,7 +599,7 @@ def test_namespaces_do_not_share_pages(pool):
     _, fp = save_doc(pool, toks, [0, 1, 2])
     s = scheduler(pool, fp)
     assert s.num_new_matched_tokens(request("x", toks, salt="tenant-2"), 0) == 0
-    assert s.num_new_matched_tokens(request("y", toks), 0) == 2 * P
+    assert s.num_new_matched_tokens(request("y", toks), 0) == 3 * P - 1
 
 
 def fake_vllm_config(extra, model_path="m", **mc):
@@ -271,3 +673,121 @@ def test_layout_from_blocks_planes():
         KVLayout.from_blocks([t.transpose(2, 3) for t in ts], num_blocks=10, page_size=16, object_format="x",
                              kv_heads=2, head_dim=8, block_dim=1)
     assert StepPlan().loads == []
+
+
+# ---- identity: what changes the KV bytes must change the keys -------------------------------------
+SPEC = types.SimpleNamespace(num_kv_heads=HEADS, head_size=HEAD)
+
+
+def fp8_instance(url, cache_dtype, fmt="vllm/TRITON_ATTN/None/fp8/2x16x16", seed=0):
+    """uint8 blocks (vLLM's fp8 storage) and the layout the connector builds for them."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = [torch.randint(0, 256, (NUM_BLOCKS, HEADS, P, 2 * HEAD), dtype=torch.uint8, generator=g)
+              for _ in range(LAYERS)]
+    vc = types.SimpleNamespace(cache_config=types.SimpleNamespace(cache_dtype=cache_dtype))
+    layout = settings.blocks_layout(vc, SPEC, blocks, num_blocks=NUM_BLOCKS, block_size=P, object_format=fmt,
+                                    block_dim=0)
+    return blocks, layout
+
+
+def _fake_platform(monkeypatch, fp8):
+    plat = types.ModuleType("vllm.platforms")
+    plat.current_platform = types.SimpleNamespace(fp8_dtype=lambda: fp8)
+    monkeypatch.setitem(__import__("sys").modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(__import__("sys").modules, "vllm.platforms", plat)
+
+
+def test_fp8_formats_never_share_pages(pool):
+    toks = np.arange(300, 300 + 3 * P).tolist()
+    src, lay = fp8_instance(pool, "fp8_e4m3")
+    assert lay.dtype == "float8_e4m3fn"
+    _, fp = save_doc(pool, toks, [0, 1, 2], src=src, layout=lay)
+    _, lay5 = fp8_instance(pool, "fp8_e5m2")
+    w5, fp5 = worker(pool, None, layout=lay5)
+    assert lay5.dtype == "float8_e5m2" and fp5.key_prefix != fp.key_prefix
+    assert scheduler(pool, fp5).num_new_matched_tokens(request("x", toks), 0) == 0
+    assert scheduler(pool, fp).num_new_matched_tokens(request("y", toks), 0) == len(toks) - 1  # control: every page, the last token left to compute
+    w5.close()
+    assert settings.kv_dtype(types.SimpleNamespace(cache_config=types.SimpleNamespace(cache_dtype="auto"))) is None
+
+
+def test_fp8_means_the_platforms_e4m3_variant(pool, monkeypatch):
+    """`fp8` is e4m3fn on CUDA and e4m3fnuz on some ROCm GPUs: same cache_dtype name and object format,
+    different bytes -- the pages must not be shared."""
+    toks = np.arange(400, 400 + 3 * P).tolist()
+    _fake_platform(monkeypatch, torch.float8_e4m3fn)
+    src, lay = fp8_instance(pool, "fp8")
+    _, fp = save_doc(pool, toks, [0, 1, 2], src=src, layout=lay)
+    _fake_platform(monkeypatch, torch.float8_e4m3fnuz)
+    _, lay_nuz = fp8_instance(pool, "fp8")
+    assert (lay.dtype, lay_nuz.dtype) == ("float8_e4m3fn", "float8_e4m3fnuz")
+    assert lay.object_format == lay_nuz.object_format
+    w, fp_nuz = worker(pool, None, layout=lay_nuz)
+    assert scheduler(pool, fp_nuz).num_new_matched_tokens(request("x", toks), 0) == 0
+    w.close()
+
+
+def test_hf_overrides_enter_the_model_identity(pool, tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 8}')
+
+    def model(overrides):
+        vc = fake_vllm_config({"store": pool}, str(tmp_path))
+        vc.model_config.hf_overrides = overrides
+        return settings.cache_config(vc).model
+
+    plain, none = model({}), model(None)
+    rope, rope2 = model({"rope_theta": 20000.0}), model({"rope_theta": 20000.0})
+    assert plain == none and "overrides=" not in plain
+    assert rope == rope2 and rope != plain and model({"rope_theta": 10000.0}) != rope
+    with pytest.raises(ConfigError, match=r"hf_overrides: .*function|hf_overrides: .*must be a dict") as e:
+        model(lambda cfg: cfg)
+    assert "\n" not in str(e.value) and '"model"' in str(e.value)
+    # two engines differing only in the override share no page
+    toks = np.arange(500, 500 + 3 * P).tolist()
+    _, fp_rope = save_doc(pool, toks, [0, 1, 2], cfg=CacheConfig(model=rope, store=pool))
+    w, fp_plain = worker(pool, kv_blocks(), cfg=CacheConfig(model=plain, store=pool))
+    assert fp_plain.key_prefix != fp_rope.key_prefix
+    assert scheduler(pool, fp_plain).num_new_matched_tokens(request("x", toks), 0) == 0
+    assert scheduler(pool, fp_rope).num_new_matched_tokens(request("y", toks), 0) == len(toks) - 1
+    w.close()
+
+
+def lora(path, name="sql", int_id=1):
+    return types.SimpleNamespace(lora_name=name, lora_int_id=int_id, lora_path=str(path))
+
+
+def adapter(folder, weights: bytes):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}')
+    (folder / "adapter_model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_lora_namespace_is_what_defines_the_adapter(pool, tmp_path):
+    """Two different adapters under one name and int id share no page; one adapter under two names shares."""
+    from kvdirect.vllm.scheduler import request_namespace
+
+    a = adapter(tmp_path / "host1" / "sql", b"weights-A" * 100)
+    b = adapter(tmp_path / "host2" / "sql", b"weights-B" * 100)
+    a_copy = adapter(tmp_path / "copy-of-a", b"weights-A" * 100)
+    toks = np.arange(600, 600 + 3 * P).tolist()
+    _, fp = save_doc(pool, toks, [0, 1, 2], lora=lora(a))
+    s = scheduler(pool, fp)
+    assert s.num_new_matched_tokens(request("b", toks, lora=lora(b)), 0) == 0      # same name and id
+    assert s.num_new_matched_tokens(request("n", toks), 0) == 0                    # the base model
+    assert s.num_new_matched_tokens(request("c", toks, lora=lora(a_copy, "other", 7)), 0) == len(toks) - 1
+    ns_a = request_namespace(request("q", toks, lora=lora(a)))
+    # replaced in place (same path, new weights): a new identity
+    (a / "adapter_model.safetensors").write_bytes(b"weights-A2" * 100)
+    assert request_namespace(request("q", toks, lora=lora(a)))[0] != ns_a[0]
+
+
+def test_lora_that_cannot_be_identified_is_neither_loaded_nor_saved(pool, tmp_path):
+    toks = np.arange(700, 700 + 3 * P).tolist()
+    _, fp = save_doc(pool, toks, [0, 1, 2])
+    s = scheduler(pool, fp)
+    req = request("u", toks, lora=lora(tmp_path / "no-such-adapter"))
+    assert s.num_new_matched_tokens(req, 0) == 0
+    s.after_alloc(req, [], 0)
+    plan = s.build_step(sched_output(new=[("u", 0, len(toks))], blocks={"u": [3, 4, 5]}))
+    assert not plan.saves and not plan.loads

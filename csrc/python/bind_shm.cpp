@@ -307,6 +307,52 @@ KVD_BINDINGS(50, shm) {
 #undef KVD_STAT
              return d;
            })
+      .def(
+          "list",
+          [](Pool& p, uint64_t cursor, size_t max) {
+            std::vector<kvd::shm::ObjectInfo> objs;
+            uint64_t next;
+            {
+              py::gil_scoped_release nogil;
+              next = live(p).list(cursor, max, &objs);
+            }
+            py::list out;
+            for (auto& o : objs) out.append(py::make_tuple(py::str(o.key), o.size, o.has_checksum));
+            return py::make_tuple(next, out);
+          },
+          py::arg("cursor") = 0, py::arg("max") = 4096,
+          "-> (next cursor (0: done), [(key, size, has_checksum), ...]): one page of the published objects")
+      .def(
+          "verify",
+          [](Pool& p, py::handle keys, bool drop_corrupt) {
+            auto k = keys_from(keys);
+            py::array_t<int32_t> st(py::ssize_t(k.size()));
+            py::array_t<bool> checked(py::ssize_t(k.size()));
+            py::array_t<uint64_t> sizes(py::ssize_t(k.size()));
+            {
+              py::gil_scoped_release nogil;
+              live(p).verify(k.data(), k.size(), drop_corrupt, st.mutable_data(),
+                             reinterpret_cast<uint8_t*>(checked.mutable_data()), sizes.mutable_data());
+            }
+            return py::make_tuple(st, checked, sizes);
+          },
+          py::arg("keys"), py::arg("drop_corrupt") = false,
+          "-> (int32 status, bool checksum compared, uint64 size) per key; checksums recomputed in place")
+      .def(
+          "object_extents",
+          [](Pool& p, py::handle key) {
+            auto k = keys_from(py::make_tuple(key));
+            std::vector<std::pair<uint64_t, uint64_t>> ext;
+            kvd::Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = live(p).object_extents(k[0], &ext);
+            }
+            py::list out;
+            for (auto& e : ext) out.append(py::make_tuple(e.first, e.second));
+            return py::make_tuple(int(st), out);
+          },
+          "-> (status, [(file offset, length), ...]): where an object's bytes lie in the pool file")
       .def("close",
            [](Pool& p) {
              py::gil_scoped_release nogil;

@@ -1193,6 +1193,109 @@ Status Pool::read_pinned(uint32_t pin, void* dst, uint64_t size) {
   return bad ? Status::kCorrupt : (dst ? Status::kOk : Status::kNotFound);
 }
 
+// ---------------------------------------------------------------------------
+// enumeration and verification (operator tools)
+
+uint64_t Pool::list(uint64_t cursor, size_t max, std::vector<ObjectInfo>* out) {
+  std::shared_lock<std::shared_mutex> cg(close_mu_);
+  if (!base_) throw std::runtime_error("shm pool is closed");
+  constexpr uint64_t kRecordsPerCall = 1 << 16;  // bounds the time the lock is held
+  Guard g(this);
+  const uint64_t n = hdr_->max_objects;
+  const uint64_t end = std::min(n, cursor + kRecordsPerCall);
+  uint64_t id = cursor;
+  size_t found = 0;
+  for (; id < end && found < max; ++id) {
+    const ObjRec& o = objs_[id];
+    if (o.state != kPublished || o.key_len == 0 || o.key_len > kMaxKeyBytes) continue;
+    out->push_back({std::string(o.key, o.key_len), o.size, (o.flags & kHasChecksum) != 0});
+    ++found;
+  }
+  return id >= n ? 0 : id;
+}
+
+void Pool::verify(const std::string* keys, size_t n, bool drop_corrupt, int32_t* status, uint8_t* checked,
+                  uint64_t* sizes) {
+  std::shared_lock<std::shared_mutex> cg(close_mu_);
+  if (!base_) throw std::runtime_error("shm pool is closed");
+  const uint64_t bs = hdr_->block_size, nb = hdr_->nblocks;
+  for (size_t i = 0; i < n; ++i) {
+    status[i] = int32_t(Status::kOk);
+    checked[i] = 0;
+    sizes[i] = 0;
+    uint32_t pin = kNil, id = kNil;
+    {
+      Guard g(this);
+      int64_t found = key_ok(keys[i]) ? index_find(keys[i].data(), keys[i].size(),
+                                                   key_hash64(keys[i].data(), keys[i].size()))
+                                      : -1;
+      if (!key_ok(keys[i])) status[i] = int32_t(Status::kInvalidArgument);
+      else if (found < 0) status[i] = int32_t(Status::kNotFound);
+      else {
+        id = uint32_t(found);
+        sizes[i] = objs_[id].size;
+        if (!record_ok(id)) status[i] = int32_t(Status::kCorrupt);
+        else if ((pin = pin_obj(id)) == kNil) status[i] = int32_t(Status::kBusy);
+      }
+      if (status[i] == int32_t(Status::kCorrupt) && drop_corrupt && objs_[id].state == kPublished) {
+        unlink_published(id);
+        hdr_->corrupt++;
+      }
+    }
+    if (pin == kNil) continue;
+    // pinned: the blocks cannot be freed or reused while we hash them (no lock held)
+    const ObjRec& o = objs_[id];
+    bool bad = false;
+    if (o.flags & kHasChecksum) {
+      CopyHasher h;
+      uint32_t b = o.first_block;
+      uint64_t left = o.size;
+      for (uint32_t k = 0; k < o.nblocks && !bad; ++k) {
+        if (b >= nb) {
+          bad = true;  // a chain leaving the pool: damaged, never walked further
+          break;
+        }
+        const uint64_t c = std::min(left, bs);
+        h.update(block_ptr(b), c);
+        left -= c;
+        b = next_[b];
+      }
+      bad = bad || h.digest() != o.checksum;
+      checked[i] = 1;
+    }
+    Guard g(this);
+    if (bad) {
+      status[i] = int32_t(Status::kCorrupt);
+      if (drop_corrupt && objs_[id].state == kPublished) {
+        unlink_published(id);  // pinned by us: freed at unpin
+        hdr_->corrupt++;
+      }
+    }
+    unpin(pin);
+  }
+}
+
+Status Pool::object_extents(const std::string& key, std::vector<std::pair<uint64_t, uint64_t>>* out) {
+  std::shared_lock<std::shared_mutex> cg(close_mu_);
+  if (!base_) throw std::runtime_error("shm pool is closed");
+  if (!key_ok(key)) return Status::kInvalidArgument;
+  Guard g(this);
+  int64_t id = index_find(key.data(), key.size(), key_hash64(key.data(), key.size()));
+  if (id < 0) return Status::kNotFound;
+  if (!record_ok(uint32_t(id))) return Status::kCorrupt;
+  const ObjRec& o = objs_[id];
+  const uint64_t bs = hdr_->block_size;
+  uint32_t b = o.first_block;
+  uint64_t left = o.size;
+  for (uint32_t k = 0; k < o.nblocks; ++k, b = next_[b]) {
+    if (b >= hdr_->nblocks) return Status::kCorrupt;
+    const uint64_t c = std::min(left, bs);
+    out->emplace_back(uint64_t(block_ptr(b) - base_), c);
+    left -= c;
+  }
+  return Status::kOk;
+}
+
 PoolStats Pool::stats() {
   std::shared_lock<std::shared_mutex> cg(close_mu_);
   if (!base_) throw std::runtime_error("shm pool is closed");

@@ -58,6 +58,13 @@
 //   (the segments do not add up to the object size exactly: nothing copied),
 //   kCorrupt (checksum mismatch: the destination holds garbage), kBusy (pin
 //   table full). Anything but kOk is a miss.
+// * Enumeration and verification (operator tools: `kvdirect pool audit`, never
+//   the serving path): list() walks the object records in pages, holding the
+//   lock for one page at a time so the pool keeps serving; an object present
+//   for the whole walk is seen exactly once (records never move), one
+//   published or removed during the walk may be seen or missed. verify()
+//   recomputes objects' checksums over the pool's bytes in place (pinned, no
+//   copy out) and leaves a corrupt object in place unless asked to drop it.
 #pragma once
 
 #include <cstddef>
@@ -67,6 +74,7 @@
 #include <mutex>
 #include <shared_mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/status.h"
@@ -98,6 +106,13 @@ struct PoolStats {
   uint64_t objects, max_objects, writing, pins;
   uint64_t hits, misses, evictions, puts, put_failures, corrupt, removes;
   uint64_t recoveries, reaped_pins, reaped_writes;
+};
+
+// One published object as list() reports it.
+struct ObjectInfo {
+  std::string key;
+  uint64_t size;
+  bool has_checksum;  // false: written with checksums off; its content cannot be verified
 };
 
 // A key read in place (not copied), e.g. a Python str's UTF-8 bytes.
@@ -162,6 +177,25 @@ class Pool {
   Status pin_one(const std::string& key, uint32_t* pin, uint64_t* size);
   Status read_pinned(uint32_t pin, void* dst, uint64_t size);  // unpins
   PoolStats stats();
+
+  // Published objects from record `cursor` on (0: start): appends up to `max`
+  // of them to *out and returns the cursor to continue from, 0 when the walk is
+  // complete. One call holds the lock for one bounded page of records (it may
+  // return fewer than `max`, even none, with a non-zero cursor).
+  uint64_t list(uint64_t cursor, size_t max, std::vector<ObjectInfo>* out);
+  // Verifies objects in place, whatever this handle's verify flag says:
+  // status[i] kOk (checksum matches), kCorrupt (mismatch or damaged record),
+  // kNotFound, kBusy (pin table full), kInvalidArgument (bad key); checked[i]
+  // is 1 when a checksum was compared (0: the object has none: unverified);
+  // sizes[i] the object size (0 when not found). drop_corrupt: a corrupt
+  // object is removed (counted in stats().corrupt), as a get would; otherwise
+  // it stays for the caller to decide.
+  void verify(const std::string* keys, size_t n, bool drop_corrupt, int32_t* status, uint8_t* checked,
+              uint64_t* sizes);
+  // Where object `key`'s bytes lie in the pool file: (file offset, length) per
+  // block, in object order. For tools and tests that inspect or damage the file
+  // directly; the answer is stale as soon as the object is replaced or evicted.
+  Status object_extents(const std::string& key, std::vector<std::pair<uint64_t, uint64_t>>* out);
 
   // Test hooks (process-local): at `phase` ("lock", "alloc", "put_copy",
   // "get_copy") create `marker` (if non-empty) then sleep `seconds`.

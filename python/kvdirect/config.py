@@ -113,13 +113,16 @@ class CacheConfig:
 
 
 def model_identity(model: str, *, revision: str | None = None, quantization: str | None = None,
-                   config_file: str | os.PathLike | None = None) -> str:
+                   config_file: str | os.PathLike | None = None, overrides=None) -> str:
     """A model identity string for ``CacheConfig.model`` from what an engine knows.
 
     ``model``: the served name, hub id or path; ``revision`` and ``quantization``
     as the engine was started with; ``config_file``: the model's ``config.json``
     where one exists (its SHA-256 enters the identity, so a changed architecture
-    or a re-quantised checkpoint under the same name never shares pages).
+    or a re-quantised checkpoint under the same name never shares pages);
+    ``overrides``: changes the engine applies on top of that config (vLLM's
+    ``hf_overrides``, SGLang's ``--json-model-override-args``), a dict or a JSON
+    object string; a digest of them enters the identity (none or ``{}``: nothing).
     Weights replaced under the same name, revision and config are not detected:
     give such a deployment an explicit ``model`` (e.g. with a version).
     """
@@ -132,4 +135,34 @@ def model_identity(model: str, *, revision: str | None = None, quantization: str
         parts.append(f"quant={quantization}")
     if config_file is not None and Path(config_file).is_file():
         parts.append("config=" + hashlib.sha256(Path(config_file).read_bytes()).hexdigest()[:16])
+    digest = overrides_digest(overrides)
+    if digest:
+        parts.append(f"overrides={digest}")
     return "|".join(parts)
+
+
+def overrides_digest(overrides) -> str | None:
+    """16 hex chars of SHA-256 over the overrides as canonical JSON; None when there are none.
+    ConfigError for what cannot be identified (a function, a value JSON cannot hold)."""
+    if overrides is None:
+        return None
+    if isinstance(overrides, str):
+        text = overrides.strip()
+        if not text:
+            return None
+        try:
+            overrides = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model config overrides are not valid JSON ({e}): {text[:80]!r}") from None
+    if callable(overrides) or not isinstance(overrides, dict):
+        raise ConfigError(f"model config overrides must be a dict or a JSON object to enter the model identity, got "
+                          f"{type(overrides).__name__}; set \"model\" in the kvdirect config to an identity that "
+                          "names this override")
+    if not overrides:
+        return None
+    try:
+        canon = json.dumps(overrides, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model config overrides cannot enter the model identity ({e}); set \"model\" in the "
+                          "kvdirect config to an identity that names them") from None
+    return hashlib.sha256(canon.encode("ascii")).hexdigest()[:16]

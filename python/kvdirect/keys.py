@@ -104,7 +104,9 @@ class LayoutFingerprint:
     :meth:`from_layout` (what ``KVDirectCache`` does), so that hand-made keys
     equal the cache's. MLA pages hold the compressed latent, identical on every
     TP rank, so ``tp_size``/``tp_rank`` do not enter an MLA fingerprint; MHA
-    pages hold a rank's slice of the KV heads, so both do.
+    pages hold a rank's slice of the KV heads, so both do. ``dtype`` is the
+    logical KV dtype (``float8_e5m2``), not a storage dtype that hides it
+    (engines keep every fp8 format as ``uint8``): ``KVLayout``'s ``dtype=``.
     """
 
     model: str

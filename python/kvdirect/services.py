@@ -157,9 +157,10 @@ def find_mooncake_master() -> str | None:
 
 def mooncake_store_url(host: str, rpc_port: int, http_port: int, *, protocol: str = "tcp",
                        segment: str = "256MiB", buffer: str = "64MiB", local: str = _HERE_HOST,
-                       timeout: float = 5.0) -> str:
+                       timeout: float = 5.0, admin: str | None = None) -> str:
     return (f"mooncake://{host}:{rpc_port}?metadata=http://{host}:{http_port}/metadata"
-            f"&protocol={protocol}&segment={segment}&buffer={buffer}&local={local}&timeout={timeout:g}")
+            f"&protocol={protocol}&segment={segment}&buffer={buffer}&local={local}&timeout={timeout:g}"
+            + (f"&admin={admin}" if admin else ""))
 
 
 def start_mooncake_master(*, host: str = _HERE_HOST, rpc_port: int | None = None, http_port: int | None = None,
@@ -187,7 +188,8 @@ def start_mooncake_master(*, host: str = _HERE_HOST, rpc_port: int | None = None
             f"--metrics_port={metrics_port}", "--enable_metric_reporting=false", *extra_args]
     proc = _spawn(argv, log_path, None, wd)
     svc = Service("mooncake_master", proc, host, {"rpc": rpc_port, "http": http_port, "metrics": metrics_port},
-                  log_path, mooncake_store_url(host, rpc_port, http_port, **(store_params or {})), wd, None, own)
+                  log_path, mooncake_store_url(host, rpc_port, http_port, **{"admin": f"http://{host}:{metrics_port}",
+                                                                    **(store_params or {})}), wd, None, own)
     deadline = time.monotonic() + ready_timeout_s
     ok = (wait_port(host, rpc_port, ready_timeout_s, proc)
           and wait_port(host, http_port, max(0.1, deadline - time.monotonic()), proc))

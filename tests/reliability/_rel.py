@@ -19,6 +19,8 @@ from kvd_testutil import run_bounded, wait_for_file  # noqa: F401  (shared test 
 from kvdirect import KVLayout
 from kvdirect.cache import KVDirectCache
 from kvdirect.config import CacheConfig
+from kvdirect.errors import StoreError
+from kvdirect.stores.base import OK, Store
 
 CI = bool(os.environ.get("CI"))
 LAYERS, HEADS, DIM = 2, 2, 8
@@ -116,13 +118,15 @@ class Driver:
 
     Every served request checks every KV byte of its whole prompt on the device against
     expected_kv: a loaded (or device-cached) page with a wrong byte is counted in
-    ``wrong_bytes``. ``data_lost`` counts requests that could not be served."""
+    ``wrong_bytes``. ``pages`` maps the pool key of every full page served to its
+    (tokens, page index), so that :func:`lost_pages` can read every stored page back."""
 
     def __init__(self, cache: KVDirectCache, dev: Device, namespace=None):
         self.cache, self.dev, self.ns = cache, dev, namespace
-        self.served = self.wrong_bytes = self.data_lost = 0
+        self.served = self.wrong_bytes = 0
         self.loaded_tokens = self.device_hit_tokens = self.computed_tokens = 0
         self.latencies = []
+        self.pages: dict = {}
 
     def serve(self, tokens) -> int:
         c, dev = self.cache, self.dev
@@ -148,6 +152,8 @@ class Driver:
         finally:
             c.unlock(m.node)
         c.poll()
+        for i, key in enumerate(c.fingerprint.page_keys(tokens, self.ns)):
+            self.pages.setdefault(key, (tokens, i))
         self.served += 1
         self.wrong_bytes += bad
         self.loaded_tokens += loaded
@@ -161,3 +167,86 @@ def tokens_of(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 50000, n).astype(np.int32)
 
 
+
+
+# ---- data lost: every page the cache was told is stored, read back and compared ----------------
+
+class StoredPages(Store):
+    """A store wrapper that records every key whose put the store answered OK: exactly the pages the
+    cache counts as stored (a page is stored only after its whole put succeeded). ``epoch`` tags each
+    record, so a scenario can tell pages a pool is allowed to lose (stored before a Mooncake master
+    restart, which starts empty) from the rest. Keys the cache removes leave the record."""
+
+    def __init__(self, inner: Store):
+        self.inner = inner
+        self.scheme = inner.scheme
+        self.supports_device_memory = inner.supports_device_memory
+        self.local_lookup = inner.local_lookup
+        self.stored: dict[str, int] = {}
+        self.epoch = 0
+        self._lock = threading.Lock()
+
+    def put(self, keys, scatter):
+        st = self.inner.put(keys, scatter)
+        with self._lock:
+            for i in np.flatnonzero(np.asarray(st) == OK):
+                self.stored[keys[i]] = self.epoch
+        return st
+
+    def remove(self, keys):
+        with self._lock:
+            for k in keys:
+                self.stored.pop(k, None)
+        return self.inner.remove(keys)
+
+    def exists(self, keys):
+        return self.inner.exists(keys)
+
+    def get(self, keys, scatter):
+        return self.inner.get(keys, scatter)
+
+    def put_bytes(self, key, data):
+        return self.inner.put_bytes(key, data)
+
+    def get_bytes(self, key):
+        return self.inner.get_bytes(key)
+
+    def register(self, addr, length, memory=None):
+        return self.inner.register(addr, length, memory)
+
+    def stats(self):
+        return self.inner.stats()
+
+    def close(self):
+        self.inner.close()
+
+    def __getattr__(self, name):  # quiesce, open_read, ...: the wrapped store's
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def page_object(tokens, page: int, P: int) -> bytes:
+    """The pool object of page ``page`` of ``tokens`` (the MHA object format: each layer's K then V
+    rows of the page, layer by layer), from expected_kv."""
+    kv = expected_kv(np.asarray(tokens)[: (page + 1) * P])[:, :, page * P:]
+    return b"".join(kv[l, kv_i].tobytes() for l in range(LAYERS) for kv_i in (0, 1))
+
+
+def lost_pages(reader: Store, stored: dict, pages: dict, P: int, *, epochs=None) -> dict:
+    """Read back every page ``stored`` holds (key -> epoch; only ``epochs`` when given) through
+    ``reader`` and compare it with its source. ``data_lost`` = pages reported stored that are missing
+    or differ (a failed read counts as missing)."""
+    keys = [k for k, e in stored.items() if epochs is None or e in epochs]
+    missing = wrong = 0
+    for k in keys:
+        tokens, i = pages[k]
+        try:
+            data = reader.get_bytes(k)
+        except StoreError:
+            data = None
+        if data is None:
+            missing += 1
+        elif data != page_object(tokens, i, P):
+            wrong += 1
+    return {"pages_checked": len(keys), "missing": missing, "wrong": wrong, "data_lost": missing + wrong}

@@ -310,6 +310,18 @@ CLI_CASES = [
     ("cli-info-bad-name", ["pool", "info", ".hidden"], r"bad shm pool name"),
     ("cli-destroy-missing-pool", ["pool", "destroy", "{missing}"], r"does not exist"),
     ("cli-destroy-bad-name", ["pool", "destroy", "a b"], r"bad shm pool name"),
+    ("cli-audit-no-target", ["pool", "audit"], r"required: URL\|NAME"),
+    ("cli-audit-bad-name", ["pool", "audit", "bad$name"], r"bad shm pool name"),
+    ("cli-audit-scheme", ["pool", "audit", "bogus://x"], r"unknown store scheme 'bogus'"),
+    ("cli-audit-missing-pool", ["pool", "audit", "{missing}"], r"shm pool '.*' does not exist"),
+    ("cli-audit-bad-param", ["pool", "audit", "shm://{world}?sise=1GiB"], r"unknown parameter.*sise"),
+    ("cli-audit-progress-negative", ["pool", "audit", "{world}", "--progress-every", "-1"],
+     r"--progress-every: must be >= 0"),
+    ("cli-audit-max-keys-text", ["pool", "audit", "{world}", "--max-keys", "all"], r"--max-keys: expected an integer"),
+    ("cli-audit-unreachable", ["pool", "audit", MC], r"cannot reach the Mooncake master"),
+    ("cli-audit-admin-url", ["pool", "audit", MC + "&admin=ftp://h"], r"admin='ftp://h'.*http://HOST:PORT"),
+    ("cli-audit-memcache-unreachable", ["pool", "audit", "memcache://?meta_service_url=tcp://127.0.0.1:1"],
+     r"cannot reach the MemCache MetaService"),
     # ---- memcache
     ("cli-memcache-no-action", ["memcache"], r"required: ACTION"),
     ("cli-meta-url-scheme", ["memcache", "meta", "--url", "http://127.0.0.1:15000"], r"tcp://127.0.0.1:15000"),
@@ -410,11 +422,13 @@ def cli_results(world, tmp_path_factory):
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_bad_cli_input(world, cli_results, case):
-    """One line on stderr, nothing on stdout, a non-zero exit, no traceback, and no work done:
-    no pool created, nothing written."""
+    """One line on stderr, nothing on stdout, exit 2 (1 where a named pool or service is missing),
+    no traceback, and no work done: no pool created, nothing written."""
     argv, r, missing, out_dir = cli_results[case[0]]
     pattern = case[2]
-    assert r.returncode != 0, argv
+    # exit 2: bad arguments or configuration; 1: the work failed (the named pool or service is not there)
+    absent = re.search(r"pool '[^']*' does not exist|cannot reach", r.stderr)
+    assert r.returncode == (1 if absent else 2), (argv, r.stderr)
     assert "Traceback" not in r.stderr + r.stdout, r.stderr
     assert r.stdout == "", r.stdout
     lines = r.stderr.strip().splitlines()
@@ -428,7 +442,7 @@ def test_bad_cli_input(world, cli_results, case):
 def test_cli_table_covers_every_command():
     commands = cli_commands()
     assert {("doctor",), ("demo",), ("bench", "load"), ("pool", "create"), ("pool", "info"), ("pool", "destroy"),
-            ("memcache", "meta"), ("memcache", "local-conf")} <= commands
+            ("pool", "audit"), ("memcache", "meta"), ("memcache", "local-conf")} <= commands
     covered = set()
     for _, args, _ in CLI_CASES:
         covered |= {tuple(args[:n]) for n in (1, 2)}

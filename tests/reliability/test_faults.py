@@ -1,5 +1,9 @@
 """Fault injection: every scenario serves every request, uses no wrong KV byte and loses no data.
 
+Data lost is measured, never assumed: after each scenario every page (object) it was told is
+stored is read back from the pool and compared with its source (``_rel.lost_pages``, and
+``pool_objects_lost`` for the raw-pool scenarios); docs/reliability.md defines the figure.
+
 * mooncake_master SIGKILLed in the middle of loads and write-backs, restarted on the same ports;
 * processes SIGKILLed at random points (and at each critical phase) of puts and gets on the shm pool;
 * the shm pool full while readers hold pins (layer-wise reads in other processes);
@@ -23,7 +27,8 @@ from kvdirect.stores._testing import FlakyStore
 from kvdirect.stores.base import NO_SPACE, OK
 from kvdirect.stores.shm import destroy_pool
 
-from _rel import CI, Device, Driver, make_cache, report, run_bounded, tokens_of, uniq, wait_for_file
+from _rel import (CI, Device, Driver, StoredPages, lost_pages, make_cache, report, run_bounded, tokens_of, uniq,
+                  wait_for_file)
 
 CTX = multiprocessing.get_context("fork")
 
@@ -48,6 +53,22 @@ def sl1(buf: np.ndarray) -> ScatterList:
     s = ScatterList(np.array([[buf.ctypes.data]], np.uint64), np.array([[buf.nbytes]], np.uint64))
     object.__setattr__(s, "_keep", buf)
     return s
+
+
+def pool_objects_lost(store, required=()) -> dict:
+    """Read back every object in the pool (``k{seed}`` keys hold obj_content(seed)) and every key in
+    ``required`` (told stored, never evictable: pinned). data_lost = objects present whose bytes differ
+    from their source or cannot be read whole, plus required keys that are absent."""
+    present = [k for k, _ in store.list_objects() if k.startswith("k")]
+    wrong = 0
+    for k in present:
+        st, data = store.get_bytes_status(k)
+        if st == OK:
+            wrong += int(np.frombuffer(data, np.uint8).tobytes() != obj_content(int(k[1:])).tobytes())
+        elif st != 1:  # anything but NOT_FOUND (evicted or removed since listed): not delivered whole
+            wrong += 1
+    missing = int((~store.exists(list(required))).sum()) if required else 0
+    return {"objects_checked": len(present), "required_missing": missing, "data_lost": wrong + missing}
 
 
 def _check_get(store, seed) -> int:
@@ -124,6 +145,9 @@ def test_shm_sigkill_at_random_points_many_times(tmp_path):
             assert p.exitcode == 0
         surv_bad = sum(r[0] for r in results)
         surv_ops = sum(r[1] for r in results)
+        # every object the kills left in the pool, read back: none differs from what was put
+        loss = pool_objects_lost(store)
+        assert loss["objects_checked"] > 0 and loss["data_lost"] == 0, loss
         # recovery: the whole pool is usable again (dead reservations and pins reclaimed)
         keys = [f"fill{j}" for j in range(blocks)]
         zero = np.zeros(4096, np.uint8)  # one page, the source of every fill object (kept alive)
@@ -142,7 +166,8 @@ def test_shm_sigkill_at_random_points_many_times(tmp_path):
         report("shm_sigkill", kills=kills, kills_by_point=phases, survivor_ops=surv_ops,
                wrong_objects_read=parent_bad + surv_bad, recoveries=s["recoveries"],
                reaped_writes=s["reaped_writes"], reaped_pins=s["reaped_pins"],
-               leaked_blocks_after_recovery=blocks - s["free_blocks"], deadlocks=0)
+               leaked_blocks_after_recovery=blocks - s["free_blocks"], deadlocks=0,
+               data_lost=loss["data_lost"], objects_checked=loss["objects_checked"])
     finally:
         store.close()
         destroy_pool(name, missing_ok=True)
@@ -174,7 +199,9 @@ def _pin_reader(name, keys, seeds, pieces, q, pinned_ev, done_ev):
     q.put((pinned.tolist(), final.tolist(), bad))
 
 
-def test_pool_full_while_readers_hold_pins():
+def pool_full_scenario() -> dict:
+    """The shm pool filled 3x over while 2 reader processes hold pins; returns the figures
+    (tests/reliability/test_reliability_doc.py recomputes the doc's claims with it)."""
     name = uniq("relfull")
     store = open_store(f"shm://{name}?size=1MiB&block=4KiB&pins=64")
     try:
@@ -213,12 +240,20 @@ def test_pool_full_while_readers_hold_pins():
         assert other == 0 and s["evictions"] > 0 and s["pins"] == 0 and s["writing"] == 0
         # pinned objects survived the pressure (readers were mid-read); afterwards they are ordinary
         assert still.all()
-        report("shm_full_with_pins", pinned_objects=len(pinned_seeds), puts_ok=int(written),
-               puts_no_space=int(no_space), evictions=s["evictions"], wrong_objects_read=0,
-               pins_left=s["pins"])
+        # read back: the pinned objects (told stored, never evictable) and everything else still there
+        loss = pool_objects_lost(store, required=[f"k{k}" for k in pinned_seeds])
+        return dict(pinned_objects=len(pinned_seeds), puts_ok=int(written), puts_no_space=int(no_space),
+                    evictions=s["evictions"], wrong_objects_read=sum(r[2] for r in res), pins_left=s["pins"],
+                    data_lost=loss["data_lost"], objects_checked=loss["objects_checked"])
     finally:
         store.close()
         destroy_pool(name, missing_ok=True)
+
+
+def test_pool_full_while_readers_hold_pins():
+    f = pool_full_scenario()
+    assert f["data_lost"] == 0 and f["wrong_objects_read"] == 0 and f["objects_checked"] > 0, f
+    report("shm_full_with_pins", **f)
 
 
 def _multi(seeds) -> ScatterList:
@@ -232,21 +267,22 @@ def _multi(seeds) -> ScatterList:
 # ---------------------------------------------------------------------------------------------
 # a store failing for a fraction of keys, through the cache manager
 
-@pytest.mark.parametrize("mode", ["error", "timeout"])
-def test_flaky_store_pages_are_misses_never_used(mode):
+def flaky_store_scenario(mode: str, n_req: int) -> dict:
+    """Requests through KVDirectCache over a store failing 25% of keys; returns the scenario's figures
+    (tests/reliability/test_reliability_doc.py recomputes the doc's claims with it)."""
     P = 4
     name = uniq("relflaky")
     inner = open_store(f"shm://{name}?size=16MiB&block=4KiB")
     flaky = FlakyStore(inner, fail_rate=0.25, seed=3, mode=mode, garbage=True, put_lands=(mode == "timeout"))
+    stored = StoredPages(flaky)  # what the cache is told was stored
     dev = Device(P, slots=2048)
     # a back-off of 1 us: the store is retried on the next request, so how many loads the run
     # makes does not depend on how fast this machine serves requests
-    cache = make_cache(dev, flaky, retry_initial_s=1e-6, retry_max_s=1e-6)
+    cache = make_cache(dev, stored, retry_initial_s=1e-6, retry_max_s=1e-6)
     drv = Driver(cache, dev)
     try:
         docs = [tokens_of(P * 12 + 3, s) for s in range(10)]
         rng = random.Random(5)
-        n_req = 120 if CI else 300
         for i in range(n_req):
             base = docs[rng.randrange(len(docs))]
             cut = rng.randrange(P, len(base))
@@ -256,15 +292,51 @@ def test_flaky_store_pages_are_misses_never_used(mode):
                 cache.evict(rng.randrange(P, 30 * P))
         cache.flush()
         st = cache.stats()
-        assert drv.wrong_bytes == 0
-        assert drv.served == n_req
         assert flaky.injected["get"] > 0 and flaky.injected["put"] > 0
         assert st["loaded_pages"] > 0 and st["load_failed_pages"] > 0, st
         assert cache.index._check() == ""
-        report(f"flaky_store_{mode}", requests_served=drv.served, wrong_kv_bytes=drv.wrong_bytes, data_lost=0,
-               injected_failures=dict(flaky.injected), loaded_pages=st["loaded_pages"],
-               load_failed_pages=st["load_failed_pages"], stored_pages=st["stored_pages"],
-               store_failed_pages=st["store_failed_pages"])
+        # every page the cache counts as stored, read back from the pool itself (not through the
+        # failing wrapper): the pool evicted nothing, so a missing page would be a lost one
+        assert inner.stats()["evictions"] == 0
+        loss = lost_pages(inner, stored.stored, drv.pages, P)
+        assert 0 < loss["pages_checked"] <= st["stored_pages"], loss
+        return dict(requests_served=drv.served, wrong_kv_bytes=drv.wrong_bytes, data_lost=loss["data_lost"],
+                    pages_checked=loss["pages_checked"], injected_failures=dict(flaky.injected),
+                    loaded_pages=st["loaded_pages"], load_failed_pages=st["load_failed_pages"],
+                    stored_pages=st["stored_pages"], store_failed_pages=st["store_failed_pages"])
+    finally:
+        cache.close()
+        destroy_pool(name, missing_ok=True)
+
+
+@pytest.mark.parametrize("mode", ["error", "timeout"])
+def test_flaky_store_pages_are_misses_never_used(mode):
+    n_req = 120 if CI else 300
+    f = flaky_store_scenario(mode, n_req)
+    assert f["wrong_kv_bytes"] == 0 and f["data_lost"] == 0 and f["requests_served"] == n_req, f
+    report(f"flaky_store_{mode}", **f)
+
+
+def test_data_lost_counts_missing_and_wrong_pages():
+    """The measure itself: a page removed behind the cache's back and a page overwritten with other
+    bytes are both counted; a page read back as written is not."""
+    P = 4
+    name = uniq("rellost")
+    inner = open_store(f"shm://{name}?size=4MiB&block=4KiB")
+    stored = StoredPages(inner)
+    dev = Device(P)
+    cache = make_cache(dev, stored)
+    try:
+        drv = Driver(cache, dev)
+        drv.serve(tokens_of(P * 6 + 1, 1))
+        cache.flush()
+        assert lost_pages(inner, stored.stored, drv.pages, P) == {"pages_checked": 6, "missing": 0, "wrong": 0,
+                                                                  "data_lost": 0}
+        keys = sorted(stored.stored)
+        inner._pool.remove([keys[0]])  # not through the wrapper: the cache still counts it stored
+        assert inner.put_bytes(keys[1], inner.get_bytes(keys[2]))  # a page of other tokens, right size
+        assert lost_pages(inner, stored.stored, drv.pages, P) == {"pages_checked": 6, "missing": 1, "wrong": 1,
+                                                                  "data_lost": 2}
     finally:
         cache.close()
         destroy_pool(name, missing_ok=True)
@@ -281,7 +353,8 @@ def test_mooncake_master_killed_and_restarted():
     svc = start_mooncake_master(store_params=dict(segment="32MiB", buffer="16MiB", timeout=0.5))
     ports = dict(rpc_port=svc.ports["rpc"], http_port=svc.ports["http"], metrics_port=svc.ports["metrics"])
     dev = Device(P, slots=256)  # 64 pages for 12 documents of 10: most requests load or recompute
-    cache = make_cache(dev, svc.store_url, allow_no_store=False, retry_initial_s=0.2, retry_max_s=1.0)
+    stored = StoredPages(open_store(svc.store_url))  # what the cache is told was stored (closed by the cache)
+    cache = make_cache(dev, stored, allow_no_store=False, retry_initial_s=0.2, retry_max_s=1.0)
     drv = Driver(cache, dev)
     docs = [tokens_of(P * 10 + 2, 100 + s) for s in range(12)]
     rng = random.Random(11)
@@ -315,6 +388,8 @@ def test_mooncake_master_killed_and_restarted():
         assert outage["computed_tokens"] > 0
         # ---- restart on the same ports: a fresh master with an empty pool
         svc2 = start_mooncake_master(**ports, store_params=dict(segment="32MiB", buffer="16MiB", timeout=0.5))
+        # pages stored from here on are in the new master's pool; the ones before went with the old master
+        stored.epoch = 1
         t_up = time.monotonic()
         deadline = t_up + 60
         while time.monotonic() < deadline:
@@ -327,10 +402,15 @@ def test_mooncake_master_killed_and_restarted():
         st = cache.stats()
         assert st["stored_pages"] > mid["stored_pages"], "write-backs did not resume after the master returned"
         assert st["loaded_pages"] > mid["loaded_pages"], "loads did not resume after the master returned"
-        assert drv.wrong_bytes == 0 and drv.data_lost == 0
+        cache.flush()
+        # every page stored since the restart, read back from the new master's pool
+        loss = lost_pages(stored.inner, stored.stored, drv.pages, P, epochs={1})
+        gone = sum(1 for e in stored.stored.values() if e == 0)
+        assert drv.wrong_bytes == 0 and loss["pages_checked"] > 0 and loss["data_lost"] == 0, loss
         assert cache.index._check() == ""
         report("mooncake_master_sigkill", requests_served=drv.served, wrong_kv_bytes=drv.wrong_bytes,
-               data_lost=drv.data_lost, kills=1, outage_requests=outage["requests"],
+               data_lost=loss["data_lost"], pages_checked=loss["pages_checked"], pages_gone_with_master=gone,
+               kills=1, outage_requests=outage["requests"],
                outage_seconds=round(outage["seconds"], 2), outage_recomputed_tokens=outage["computed_tokens"],
                outage_loaded_tokens=outage["loaded_tokens"],
                seconds_to_resume=round(time.monotonic() - t_up, 2),
@@ -374,6 +454,9 @@ def test_memcache_init_failure_runs_without_pool(tmp_path, caplog):
         for i in range(20):
             drv.serve(tokens_of(P * 6 + 1, i % 5))
         assert drv.wrong_bytes == 0 and drv.served == 20 and drv.device_hit_tokens > 0
+        st = cache.stats()
         cache.close()
-        report("memcache_init_failure", requests_served=drv.served, wrong_kv_bytes=0, data_lost=0,
-               error=msg.splitlines()[0][:160])
+        # no pool: no page was ever reported stored, so none can be lost (0 of 0 pages)
+        assert st["stored_pages"] == 0
+        report("memcache_init_failure", requests_served=drv.served, wrong_kv_bytes=drv.wrong_bytes,
+               data_lost=0, pages_checked=0, error=msg.splitlines()[0][:160])

@@ -139,7 +139,9 @@ class PoolMachine(RuleBasedStateMachine):
         if hasattr(self, "s"):
             s = self.s.stats()
             assert s["pins"] == 0 and s["writing"] == 0
-            assert s["used"] <= s["capacity"] and s["objects"] >= 0
+            assert s["used"] <= s["capacity"]
+            listed = dict(self.s.list_objects())  # the object records agree with the header's counters
+            assert s["objects"] == len(listed) and s["object_bytes"] == sum(listed.values())
             assert s["free_blocks"] + s["used"] // BLOCK == s["blocks"]
 
 

@@ -46,7 +46,29 @@ def test_cited_tests_exist():
 
 def test_render_uses_every_figure_it_is_given():
     figs = {"shm_full_with_pins": dict(pinned_objects=8, puts_ok=123457, puts_no_space=0, evictions=99,
-                                       wrong_objects_read=0, pins_left=0)}
+                                       wrong_objects_read=0, pins_left=0, data_lost=3, objects_checked=4321)}
     text = report.render(figs)
-    assert "123,457 puts OK" in text and "all 8 pinned objects" in text
+    assert "123,457 puts OK" in text and "all 8 pinned objects" in text and "3 of 4,321 objects" in text
     assert "mooncake_master_sigkill: not run" in text  # a scenario without figures says so
+
+
+def test_doc_names_the_commit_it_was_measured_at():
+    run = report.load_figures(report.FIGURES)["_run"]
+    assert re.fullmatch(r"`[0-9a-f]{12}`( \+ uncommitted changes)?", run["commit"]), run.get("commit")
+    assert f"at commit {run['commit']}." in DOC
+
+
+def test_doc_claims_hold_when_recomputed():
+    """Not only a re-render: run a scenario now and check the doc's invariant figures against it
+    (the shm pool filled 3x over under pins: wrong objects read, data lost, pinned objects, pins left)."""
+    sys.path.insert(0, str(ROOT / "tests" / "reliability"))
+    from test_faults import pool_full_scenario
+
+    stored = report.load_figures(report.FIGURES)["shm_full_with_pins"]
+    now = pool_full_scenario()
+    for k in ("wrong_objects_read", "data_lost", "pinned_objects", "pins_left"):
+        assert now[k] == stored[k], (k, now[k], stored[k])
+    assert now["objects_checked"] > 0 and now["evictions"] > 0
+    row = report.FAULTS["shm_full_with_pins"](stored)
+    assert f"{stored['data_lost']} of {stored['objects_checked']:,} objects" in row and "| " + " | ".join(
+        str(c) for c in row) + " |" in DOC

@@ -55,17 +55,20 @@ class Engine:
     params: object = None
     cache: object = None
     served: list = field(default_factory=list)
+    dtype: object = None         # the pool's KV dtype (SGLang's kv_cache_dtype); None: float32 / bfloat16 (MLA)
+    quant_method: object = None  # SGLang's KV quantization recipe (MHA), e.g. an FP4 one
 
     def __post_init__(self):
         server_args()
         P = self.page_size
         if self.kind == "mha":
-            self.kvpool = MHATokenToKVPool(size=self.size, page_size=P, dtype=torch.float32, head_num=HEADS,
-                                           head_dim=DIM, layer_num=LAYERS, device="cpu",
-                                           enable_memory_saver=False)
+            extra = {} if self.quant_method is None else {"quant_method": self.quant_method}
+            self.kvpool = MHATokenToKVPool(size=self.size, page_size=P, dtype=self.dtype or torch.float32,
+                                           head_num=HEADS, head_dim=DIM, layer_num=LAYERS, device="cpu",
+                                           enable_memory_saver=False, **extra)
         else:
-            self.kvpool = MLATokenToKVPool(size=self.size, page_size=P, dtype=torch.bfloat16, kv_lora_rank=16,
-                                           qk_rope_head_dim=8, layer_num=LAYERS, device="cpu",
+            self.kvpool = MLATokenToKVPool(size=self.size, page_size=P, dtype=self.dtype or torch.bfloat16,
+                                           kv_lora_rank=16, qk_rope_head_dim=8, layer_num=LAYERS, device="cpu",
                                            enable_memory_saver=False)
         if P == 1:
             self.allocator = TokenToKVPoolAllocator(self.size, torch.float32, "cpu", self.kvpool, need_sort=False)

@@ -60,6 +60,18 @@ def test_factory_builds_cache_from_build_context(pool_url, P):
     cache.shutdown()
 
 
+def test_factory_orders_transfers_after_the_forward_stream(pool_url):
+    """SGLang's overlap scheduler forwards on ``model_runner.forward_stream`` while the cache
+    is called on the scheduler's stream: the factory hands that stream to kvdirect, whose
+    compute events then cover it too (on CPU the copies are synchronous: nothing recorded)."""
+    from types import SimpleNamespace
+
+    stream = torch.cpu.Stream()
+    cache = build(Engine(4), tp_worker=SimpleNamespace(model_runner=SimpleNamespace(forward_stream=stream)))
+    assert cache.kv.forward_stream is stream
+    cache.shutdown()
+
+
 @pytest.mark.parametrize("flag,word", [("is_hybrid_swa", "SWA"), ("is_hybrid_ssm", "Mamba"),
                                        ("enable_hierarchical_cache", "hierarchical")])
 def test_unsupported_models_refused_at_start_up(pool_url, flag, word):
@@ -202,6 +214,71 @@ def test_namespaces_isolated_on_device_and_in_pool(pool_url):
     r = b.serve(np.concatenate([t, [1]]), extra_key="lora-a")
     assert r["host_hit"] == 40 and r["loaded"] == 40
     a.cache.shutdown(), b.cache.shutdown()
+
+
+# ---- identity: what changes the KV bytes must change the keys -----------------------------
+def _shares(a, b, tokens) -> int:
+    """Tokens server b loads from the pool after server a served `tokens` and wrote them back."""
+    a.serve(tokens)
+    a.cache.kv.flush()
+    return b.serve(np.concatenate([tokens, [7]]))["host_hit"]
+
+
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+def test_fp8_formats_never_share_pages(pool_url, kind):
+    """SGLang stores e4m3fn, e5m2 and e4m3fnuz KV alike as uint8: the logical dtype keys the pages."""
+    dtypes = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz]
+    engines = [Engine(4, kind, dtype=d) for d in dtypes]
+    assert {e.kvpool.store_dtype for e in engines} == {torch.uint8}
+    caches = [build(e) for e in engines]
+    prefixes = {c.kv.fingerprint.key_prefix for c in caches}
+    assert len(prefixes) == 3, prefixes
+    assert [c.kv.fingerprint.dtype for c in caches] == ["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz"]
+    t = toks(40, 11)
+    assert _shares(engines[0], engines[1], t) == 0
+    assert _shares(engines[1], engines[2], toks(40, 12)) == 0
+    same = Engine(4, kind, dtype=torch.float8_e4m3fn)     # control: the same format shares
+    build(same)
+    assert same.serve(np.concatenate([t, [7]]))["host_hit"] == 40
+    for c in [*caches, same.cache]:
+        c.shutdown()
+
+
+def test_fp4_kv_with_separate_scales_is_refused(pool_url):
+    """SGLang's FP4 KV keeps per-block scales in separate buffers: refused at start-up, in one line."""
+    from sglang.srt.layers.quantization.fp4_kv_cache_quant_method import FP4MXBlock16KVCacheMethod
+
+    e = Engine(4, dtype=torch.float4_e2m1fn_x2, quant_method=FP4MXBlock16KVCacheMethod())
+    assert e.kvpool.k_scale_buffer is not None
+    with pytest.raises(ConfigError) as ei:
+        build(e)
+    msg = str(ei.value)
+    assert "scale buffers" in msg and "fp4_mx_block16" in msg and "k_scale_buffer" in msg and "\n" not in msg
+
+
+def test_model_override_args_enter_the_identity(pool_url):
+    """--json-model-override-args changes the model: servers differing only in it share no page."""
+    import copy
+
+    from driver import server_args
+
+    def ctx_args(overrides):
+        sa = copy.copy(server_args())
+        sa.json_model_override_args = overrides
+        return sa
+
+    a, b, c = Engine(4), Engine(4), Engine(4)
+    build(a, server_args=ctx_args('{"rope_theta": 20000}'))
+    build(b, server_args=ctx_args("{}"))
+    build(c, server_args=ctx_args('{"rope_theta":  20000}'))   # the same override, spelled otherwise
+    assert a.cache.kv.config.model != b.cache.kv.config.model
+    assert b.cache.kv.config.model == "test/tiny-model"          # no override: the identity is unchanged
+    assert a.cache.kv.config.model == c.cache.kv.config.model
+    t = toks(40, 13)
+    assert _shares(a, b, t) == 0
+    assert c.serve(np.concatenate([t, [7]]))["host_hit"] == 40
+    for e in (a, b, c):
+        e.cache.shutdown()
 
 
 # ---- what SGLang's own radix cache tests check --------------------------------------------

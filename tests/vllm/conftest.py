@@ -47,18 +47,32 @@ def _env():
     return env
 
 
-def _kill_group(p) -> None:
-    """End an engine and anything it started (its own session), whether or not it exited."""
+def _kill_group(p, files=None) -> dict:
+    """End an engine and anything it started (its own session), whether or not it exited, then
+    remove the /dev/shm files its processes made (vLLM's ``psm_*`` message queues): only those,
+    never by prefix (another user's engine would lose its queues). Returns the files seen and
+    those removed."""
+    if files is not None:
+        files.note()
     try:
         os.killpg(p.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     p.wait()
+    if files is None:
+        return {}
+    deadline = time.monotonic() + 10
+    while files.pids() and time.monotonic() < deadline:  # killed processes may take a moment to go
+        time.sleep(0.05)
+    seen = sorted(f for f in files.seen if Path(f).name.startswith(files.prefixes))
+    return {"seen": seen, "removed": files.remove()}
 
 
 def run_engines(jobs: dict, *, timeout: int = ENGINE_TIMEOUT_S, expect_fail: bool = False) -> dict:
     """Run independent engine processes (name -> job, see driver.py), at most MAX_PARALLEL at
     once; returns name -> result dict (or, expect_fail, name -> EngineFailed with its stderr)."""
+    from kvdirect.procshm import ShmFiles
+
     pending, running, results = list(jobs.items()), {}, {}
     with tempfile.TemporaryDirectory(prefix="kvd-vllm-") as d:
         try:
@@ -72,12 +86,13 @@ def run_engines(jobs: dict, *, timeout: int = ENGINE_TIMEOUT_S, expect_fail: boo
                     p = subprocess.Popen([sys.executable, str(HERE / "driver.py"), str(wd / "job.json"),
                                           str(wd / "out.json")], stdout=subprocess.DEVNULL, stderr=err,
                                          env=_env(), cwd=wd, start_new_session=True)
-                    running[name] = (p, wd, err, time.monotonic())
-                for name, (p, wd, err, t0) in list(running.items()):
+                    running[name] = (p, wd, err, time.monotonic(), ShmFiles(p.pid))
+                for name, (p, wd, err, t0, files) in list(running.items()):
                     rc = p.poll()
                     if rc is None and time.monotonic() - t0 < timeout:
+                        files.note()
                         continue
-                    _kill_group(p)
+                    removed = _kill_group(p, files)
                     err.close()
                     del running[name]
                     stderr = (wd / "stderr").read_text(errors="replace")
@@ -94,10 +109,11 @@ def run_engines(jobs: dict, *, timeout: int = ENGINE_TIMEOUT_S, expect_fail: boo
                                              f"{stderr[-3000:]}")
                     else:
                         results[name] = json.loads(out.read_text())
+                        results[name]["shm"] = removed
                 time.sleep(0.2)
         finally:
-            for p, _, err, _ in running.values():
-                _kill_group(p)
+            for p, _, err, _, files in running.values():
+                _kill_group(p, files)
                 err.close()
     return results
 

@@ -11,9 +11,12 @@ objects directly. Job keys (all optional but ``model`` and ``phases``):
   ``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``
 * ``kv``: null, ``{"connector": "kvdirect", "extra": {...}, "role": "kv_both"}``,
   ``{"connector": "example", "path": DIR}`` or ``{"connector": "lmcache", "port": P}``
-* ``fault``: wrap the kvdirect store in the project's FlakyStore
-  (``{"fail_rate": .., "ops": ["get"], "seed": .., "mode": "error"}``)
-* ``phases``: list of ``{"prompts": [[ids]], "max_tokens": n, "mode": "batch" |
+* ``fault``: wrap the kvdirect store in the project's FlakyStore (tests/vllm/faulty_kvdirect.py)
+  (``{"fail_rate": .., "ops": ["get"], "seed": .., "mode": "error" | "timeout" | "evict",
+  "delay_s": .., "delay_rate": .., "deadline_s": .., "seed_per_rank": bool}``), or a list of such
+  (nested, the first innermost)
+* ``phases``: list of ``{"prompts": [[ids]], "max_tokens": n, "n": samples per prompt (top-1
+  sampling: greedy tokens), "mode": "batch" |
   "sequential" (one request at a time, wall time per request = TTFT with max_tokens 1)
   | "abort" (abort ``abort`` of the requests after ``abort_after_steps`` steps)}``
 * ``dump_pages``: hash the KV bytes of the blocks kvdirect saved / loaded and of
@@ -39,7 +42,9 @@ def _kv_config(job):
 
     c = kv["connector"]
     if c == "kvdirect":
-        return KVTransferConfig(kv_connector="KVDirectConnector", kv_connector_module_path="kvdirect.vllm",
+        # with faults: the same connector, from a test-only module that wraps its store (faulty_kvdirect)
+        module = "faulty_kvdirect" if job.get("fault") else "kvdirect.vllm"
+        return KVTransferConfig(kv_connector="KVDirectConnector", kv_connector_module_path=module,
                                 kv_role=kv.get("role", "kv_both"), kv_connector_extra_config=kv.get("extra", {}))
     if c == "example":
         return KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both",
@@ -52,18 +57,22 @@ def _kv_config(job):
     raise ValueError(f"unknown connector {c!r}")
 
 
-def _install_fault(fault):
-    from kvdirect.stores._testing import FlakyStore
-    from kvdirect.vllm import settings
+def _install_fault(faults):
+    """The job's faults reach every process that loads the connector (TP workers the executor
+    spawns too): through the environment, read by the test-only module faulty_kvdirect."""
+    os.environ["KVDIRECT_TEST_FAULTS"] = json.dumps(faults)
+    import faulty_kvdirect  # noqa: F401 - this process (in-process engine) wraps its stores now
 
-    real = settings.open_pool
 
-    def flaky_open(cfg):
-        inner = real(cfg)
-        return FlakyStore(inner, fail_rate=fault.get("fail_rate", 0.3), seed=fault.get("seed", 0),
-                          fail_ops=tuple(fault.get("ops", ("get",))), mode=fault.get("mode", "error"))
-
-    settings.open_pool = flaky_open
+def _injected(store) -> dict:
+    """Injected failures of every FlakyStore layer, by mode."""
+    out = {}
+    while hasattr(store, "injected"):
+        for k, v in store.injected.items():
+            key = f"{store.mode}:{k}" if k != "timeout" else "timeout"
+            out[key] = out.get(key, 0) + v
+        store = store.inner
+    return out
 
 
 def _engine_parts(llm):
@@ -143,13 +152,19 @@ def run(job: dict) -> dict:
     _LLM["llm"] = llm
     result: dict = {"start_s": time.perf_counter() - t0, "phases": []}
     for ph in job["phases"]:
-        sp = SamplingParams(max_tokens=ph.get("max_tokens", 4), temperature=0.0, ignore_eos=True)
+        # n > 1: vLLM refuses greedy sampling, so sample with top_k=1 (the same tokens, without
+        # depending on the random stream, which a step recomputed after a failed load advances)
+        n = ph.get("n", 1)
+        sp = SamplingParams(max_tokens=ph.get("max_tokens", 4), temperature=0.0 if n == 1 else 1.0, ignore_eos=True,
+                            n=n, top_k=-1 if n == 1 else 1)
         prompts = [TokensPrompt(prompt_token_ids=p) for p in ph["prompts"]]
         mode = ph.get("mode", "batch")
         res = {"outputs": [], "cached_tokens": [], "wall_ms": []}
         if mode == "batch":
             outs = llm.generate(prompts, sp, use_tqdm=False)
             res["outputs"] = [list(o.outputs[0].token_ids) for o in outs]
+            if sp.n > 1:
+                res["samples"] = [[list(c.token_ids) for c in o.outputs] for o in outs]
             res["cached_tokens"] = [o.num_cached_tokens for o in outs]
         elif mode == "sequential":
             for p in prompts:
@@ -177,13 +192,12 @@ def run(job: dict) -> dict:
         else:
             raise ValueError(f"unknown mode {mode!r}")
         result["phases"].append(res)
-    # let held requests drain: a few empty steps deliver pending save completions
+    # let held requests drain: empty steps deliver pending save completions (and the release of
+    # blocks a timed-out get was still writing)
     core, sched = _engine_parts(llm)
     if core is not None:
-        for _ in range(200):
-            conn = sched.get_kv_connector() if sched is not None else None
-            if sched is None or len(sched.requests) == 0:
-                break
+        deadline = time.monotonic() + 30
+        while sched is not None and len(sched.requests) and time.monotonic() < deadline:
             core.step() if hasattr(core, "step") else None
             time.sleep(0.01)
     result["metrics"] = _metrics(llm)
@@ -196,6 +210,10 @@ def run(job: dict) -> dict:
             s = conn.scheduler
             result["sched_stats"] = dict(s.stats)
             result["sched_state"] = {"requests": len(s._reqs), "loads": len(s._loads)}
+            import dataclasses
+
+            result["fingerprints"] = [{f.name: getattr(fp, f.name) for f in dataclasses.fields(fp)}
+                                      for fp in s.fingerprints or ()]  # per TP rank
     try:
         from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
@@ -206,12 +224,16 @@ def run(job: dict) -> dict:
                 w.flush()
                 result["worker_stats"] = {k: v for k, v in w.stats.items()}
                 result["layout_kind"] = w.fingerprint.layout_kind
+                import dataclasses
+
+                result["fingerprint"] = {f.name: getattr(w.fingerprint, f.name)
+                                         for f in dataclasses.fields(w.fingerprint)}
                 result["worker_state"] = {"inflight_pages": w._inflight_pages, "inflight": dict(w._inflight),
-                                          "saving": sorted(w._saving), "finishing": sorted(w._finishing)}
+                                          "late": sorted(w._late), "finishing": sorted(w._finishing)}
                 if job.get("dump_pages"):
                     result["pages"] = _dump_pages(wc, job["kv"]["extra"]["store"])
                 if hasattr(w.store, "injected"):
-                    result["injected"] = dict(w.store.injected)
+                    result["injected"] = _injected(w.store)
     except Exception as e:  # noqa: BLE001
         result["introspection_error"] = repr(e)
     return result

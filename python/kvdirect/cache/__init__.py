@@ -32,8 +32,11 @@ per-key TIMEOUT status; slots and staging buffers such a call may still touch
 are held until the store is quiet.
 
 Device work is ordered explicitly (``transfer``): the store or the gather waits
-for the compute stream's event; a scatter has completed before its staging
-buffer is reused and before its pages count as loaded.
+for the compute event recorded when the engine called ``load``,
+``load_layerwise`` or ``write_back`` (on the calling thread's current stream,
+and on ``forward_stream`` when the engine forwards on a stream that is not
+current there); a scatter has completed before its staging buffer is reused and
+before its pages count as loaded.
 
 Modules (each path is its own unit; ``KVDirectCache`` coordinates them):
 

@@ -2,8 +2,6 @@
 keys (each page hashed once in its lifetime), page-set marks, and node locks."""
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 
 from kvdirect import keys as _keys
@@ -60,24 +58,40 @@ def mark(fn, tokens, namespace, pages: np.ndarray) -> int:
     return fn(tokens, first, m.size, namespace=namespace, mask=m)
 
 
+class NodeHandle(int):
+    """A match's index node handle: an int wherever a handle goes, that also counts the
+    locks taken through it, so ``load`` moves exactly this request's locks onto its new node.
+
+    The count lives on the object, one per match. Keyed by ``id()`` of plain ints it went
+    wrong: ``MatchResult.node`` is a fresh int on every access (a freed one's id is soon another
+    handle's, and a count left under it moved a lock the request never took), and small ints are
+    shared objects (two requests on one node shared a count, and one load moved both locks)."""
+
+    locks = 0
+
+
 class NodeLocks:
-    """Index node locks with a count per handle, so a lock can follow its request's node."""
+    """Index node locks; locks taken through a ``NodeHandle`` are counted on it, so a lock can
+    follow its request's node. Plain int handles lock the index only (nothing follows them)."""
 
     def __init__(self, index: PrefixIndex):
         self.index = index
-        self._locked: collections.Counter = collections.Counter()
 
     def lock(self, node) -> None:
         self.index.lock(node)
-        self._locked[id(node)] += 1
+        if isinstance(node, NodeHandle):
+            node.locks += 1
 
     def unlock(self, node) -> None:
         self.index.unlock(node)
-        self._locked[id(node)] -= 1
-        if self._locked[id(node)] <= 0:
-            del self._locked[id(node)]
+        if isinstance(node, NodeHandle) and node.locks > 0:
+            node.locks -= 1
 
-    def move(self, old, new) -> None:
-        for _ in range(self._locked.get(id(old), 0)):
+    def move(self, old, new: int) -> NodeHandle:
+        """The handle of node ``new`` holding the locks taken through ``old`` (none leave other
+        handles of the same node); the new node is locked before the old one is unlocked."""
+        new = NodeHandle(new)
+        for _ in range(old.locks if isinstance(old, NodeHandle) else 0):
             self.lock(new)
             self.unlock(old)
+        return new

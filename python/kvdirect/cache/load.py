@@ -59,7 +59,7 @@ def load(p: CacheParts, m: CacheMatch, slots) -> int:
     if n_pages:
         keys, page_slots = load_pages(p, m, slots, n_pages)
         try:
-            status = p.transfer.get(keys, page_slots)
+            status = p.transfer.get(keys, page_slots, p.transfer.compute_event())
             p.health.recovered()
         except STORE_FAILURES as e:
             p.health.failed("get", e)
@@ -98,8 +98,8 @@ def finish_load(p: CacheParts, m: CacheMatch, slots: np.ndarray, n_pages: int, s
                                          in_pool_first=dev_pages)
         if already > m.device_len:  # another request inserted meanwhile: keep its slots
             p.free_slots(all_slots[m.device_len:already])
-        p.locks.move(m.node, r.node)
-        m.node, m.device_len, m.device_slots = r.node, r.device_len, r.device_slots
+        m.node = p.locks.move(m.node, r.node)  # one handle object: the request's locks follow it
+        m.device_len, m.device_slots = r.device_len, r.device_slots
         p.stats.add(loaded_pages=n_ok, loaded_bytes=n_ok * p.layout.page_bytes)
     if n_pages:
         with p.stats.lock:
@@ -116,6 +116,10 @@ class LayerwiseLoad:
     Layer completions come from the store (ranged reads of each page object,
     direct path), from one device event per layer (staged path: the scatter of
     layer ``l`` has completed), or all at once (stores that only get whole objects).
+
+    The reader runs on its own thread, but the compute event it orders after is
+    recorded here, on the engine's thread that starts the load (see
+    :mod:`kvdirect.cache.transfer`).
     """
 
     def __init__(self, parts: CacheParts, m: CacheMatch, slots):
@@ -135,6 +139,7 @@ class LayerwiseLoad:
                 e.set()
             return
         self._keys, self._page_slots = load_pages(parts, m, self.slots, self.n_pages)
+        self._ready = parts.transfer.compute_event()  # the engine's work queued before this load
         self._thread = threading.Thread(target=self._run, name="kvdirect-layerwise", daemon=True)
         self._thread.start()
 
@@ -147,12 +152,12 @@ class LayerwiseLoad:
         piecewise = getattr(p.store, "open_read", None) if not p.transfer.stage else None
         try:
             if p.transfer.stage:
-                self.status[:] = p.transfer.get_layers(self._keys, self._page_slots, self._layer_done)
+                self.status[:] = p.transfer.get_layers(self._keys, self._page_slots, self._layer_done, self._ready)
             elif piecewise is None:  # whole objects: every layer completes at once
-                self.status[:] = p.transfer.get(self._keys, self._page_slots)
+                self.status[:] = p.transfer.get(self._keys, self._page_slots, self._ready)
             else:
                 obj = np.full(self.n_pages, p.layout.page_bytes, dtype=np.uint64)
-                p.transfer.before_direct_write()
+                p.transfer.before_direct_write(self._ready)
                 with piecewise(self._keys, obj) as rd:
                     alive = first_failure(rd.status)
                     for layer in range(len(self._events)):  # layer l is the next bytes of every page object

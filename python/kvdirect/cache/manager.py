@@ -17,6 +17,7 @@ pages cannot be moved to that store fails here, naming the device and the fix.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import numpy as np
@@ -46,8 +47,12 @@ class KVDirectCache:
     def __init__(self, layout, store: Store | str | None = None, *, page_size: int | None = None,
                  free_slots: Callable[[np.ndarray], None] | None = None,
                  config: CacheConfig | None = None, namespace_seed: Callable | None = None,
-                 tp_rank: int = 0, tp_size: int = 1, tp_reduce_min: Callable[[int], int] | None = None):
+                 tp_rank: int = 0, tp_size: int = 1, tp_reduce_min: Callable[[int], int] | None = None,
+                 forward_stream=None):
         self.config = config or CacheConfig()
+        # the engine's forward stream when it is not current on the thread that calls the cache
+        # (SGLang's overlap scheduler): transfers also follow the work queued there
+        self.forward_stream = forward_stream
         if not self.config.model:
             raise ConfigError(
                 "KVDirectCache needs the model identity: set CacheConfig(model=...) (\"model\" in "
@@ -67,7 +72,7 @@ class KVDirectCache:
         stats = CacheStats(self.config.latency_window)
         quarantine = Quarantine(self.store, self.free_slots)
         try:
-            transfer = (Transfer(self.store, layout, self.config, self._ops, quarantine)
+            transfer = (Transfer(self.store, layout, self.config, self._ops, quarantine, forward_stream)
                         if self.store is not None else None)
         except BaseException:
             self.store.close()
@@ -118,19 +123,24 @@ class KVDirectCache:
             return None
 
     # ---- load path -------------------------------------------------------------
-    def match(self, tokens, namespace: str | None = None, *, exclude_last: bool = False) -> CacheMatch:
+    def match(self, tokens, namespace: str | None = None, *, exclude_last: bool = False,
+              pool: bool = True) -> CacheMatch:
         """Longest cached prefix of ``tokens``: on device (``device_len``) and further in the
         pool (``pool_len``). One index match plus at most one batched existence query.
 
         ``exclude_last=True`` keeps the last token out of the match, so at least one
         token is left to compute even at 100% reuse (an engine needs the last prompt
-        token's logits): the match then covers whole pages of ``tokens[:-1]``."""
-        return match(self._p, tokens, namespace, exclude_last)
+        token's logits): the match then covers whole pages of ``tokens[:-1]``.
+        ``pool=False`` matches device pages only (``pool_len`` 0, no store query): for an
+        instance that writes pages back but never loads them (a PD decode node)."""
+        return match(self._p, tokens, namespace, exclude_last, pool)
 
     def lock(self, node) -> None:
+        """Pin the matched path; pass ``m.node`` (its locks follow ``m`` through ``load``)."""
         self._p.locks.lock(node)
 
     def unlock(self, node) -> None:
+        """Undo one ``lock``; after a load, of ``m.node`` as the load left it."""
         self._p.locks.unlock(node)
 
     def load(self, m: CacheMatch, slots) -> int:
@@ -142,7 +152,9 @@ class KVDirectCache:
         Returns the tokens loaded (page aligned). Stops at the first page that
         failed; every slot not holding a loaded page is given back through
         ``free_slots``. Loaded pages join the index as device-resident; ``m`` is
-        updated (device_len, device_slots, node — the lock moves with it)."""
+        updated (device_len, device_slots, node — the locks taken with
+        ``lock(m.node)`` move with it, and only those: other requests' locks on the same
+        node stay where they are)."""
         return _load.load(self._p, m, slots)
 
     def load_layerwise(self, m: CacheMatch, slots) -> _load.LayerwiseLoad:
@@ -172,9 +184,18 @@ class KVDirectCache:
         return self._wb.apply()
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait for every in-flight write and apply it (shutdown, tests)."""
+        """Wait for every in-flight write and apply it (shutdown, tests). With TP every rank
+        must call it: the writes are applied once every rank has finished them."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._wb.wait_idle(timeout)
         self.poll()
+        while self._wb.tp and self._wb.jobs:
+            # another rank's writes (or a timed-out put's clean-up) are still running; the
+            # polls are collectives: every rank leaves after the same number of them
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self._wb.jobs)} write jobs not finished on every TP rank")
+            time.sleep(0.005)
+            self.poll()
 
     # ---- eviction and sizes -------------------------------------------------------
     def evict(self, num_tokens: int) -> int:
@@ -212,7 +233,7 @@ class KVDirectCache:
         d = self._p.stats.snapshot()
         d["inflight_pages"] = self._wb.inflight_pages
         d["quarantined_slots"] = self._p.quarantine.held_slots
-        d["pending_completions"] = len(self._wb.done)
+        d["pending_completions"] = self._wb.pending
         d["store"] = None if self.store is None else self.store.scheme
         d["mode"] = self.mode
         d.update(self._p.transfer.stats() if self._p.transfer is not None else

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvdirect.cache.health import STORE_FAILURES
+from kvdirect.cache.indexing import NodeHandle
 from kvdirect.cache.inputs import as_tokens
 from kvdirect.cache.parts import CacheParts
 
@@ -19,7 +20,7 @@ class CacheMatch:
     device_len: int          # tokens resident on device, from the start
     device_slots: np.ndarray  # int64 slots of those tokens
     pool_len: int            # further tokens available in the pool
-    node: object             # index handle (lock/unlock)
+    node: NodeHandle         # index handle (an int) for lock/unlock; counts the locks taken through it
     loaded_len: int = 0      # tokens load() brought in
     _digests: np.ndarray | None = None  # page digests [pages from 0 .. device+pool), uint8 x 32
     _index_pool_pages: int = 0          # pool pages the index knew without asking the store
@@ -38,7 +39,8 @@ def _exists_prefix(p: CacheParts, digests: np.ndarray) -> int:
         return 0
 
 
-def match(p: CacheParts, tokens, namespace: str | None, exclude_last: bool = False) -> CacheMatch:
+def match(p: CacheParts, tokens, namespace: str | None, exclude_last: bool = False,
+          pool: bool = True) -> CacheMatch:
     t = as_tokens(tokens)
     n_all = len(t)
     if exclude_last and n_all:
@@ -48,9 +50,9 @@ def match(p: CacheParts, tokens, namespace: str | None, exclude_last: bool = Fal
     dev_pages, idx_pool_pages = r.device_len // P, r.pool_len // P
     known = dev_pages + idx_pool_pages
     full = len(t) // P
-    if not p.health.available():
-        idx_pool_pages = 0  # the pool is unreachable: its pages are misses for now
-    query = (p.health.available() and full - known >= max(p.config.min_query_pages, 1))
+    if not (pool and p.health.available()):
+        idx_pool_pages = 0  # device only, or the pool is unreachable: its pages are misses for now
+    query = pool and p.health.available() and full - known >= max(p.config.min_query_pages, 1)
     upto = min(full, known + p.config.max_query_pages) if query else known
     digests = None
     found = 0
@@ -72,5 +74,5 @@ def match(p: CacheParts, tokens, namespace: str | None, exclude_last: bool = Fal
         pool_pages = max(0, min(pool_pages, agreed - dev_pages))
     p.stats.add(match_calls=1, device_hit_tokens=r.device_len, pool_hit_tokens=pool_pages * P,
                 miss_tokens=n_all - r.device_len - pool_pages * P)
-    return CacheMatch(t, namespace, r.device_len, r.device_slots, pool_pages * P, r.node,
+    return CacheMatch(t, namespace, r.device_len, r.device_slots, pool_pages * P, NodeHandle(r.node),
                       _digests=digests, _index_pool_pages=idx_pool_pages)

@@ -1,9 +1,19 @@
 """The ordered transfer path between device pages and the pool, one for every device.
 
+*Compute events.* Every transfer is ordered after a *compute event*
+(:meth:`Transfer.compute_event`): recorded on the engine's thread at the moment
+the engine hands the work over (``load``, ``load_layerwise``, ``write_back``;
+the vLLM worker's ``wait_for_save``), on that thread's current stream (CUDA and
+the simulated device keep one current stream per host thread) and on the
+engine's forward stream when it gave one (SGLang's overlap scheduler forwards
+on a stream that is not current where the cache is called). A background thread
+(layer-wise reader, writer threads) never records one itself: its current
+stream is not the engine's, and an event there orders nothing.
+
 *Direct*: the store reads and writes the device pages itself (``Store.get`` /
 ``put`` on the layout's scatter list). Before a put reads the pages, the host
-waits for the compute stream's event that produced them; before a get writes
-slots, the host waits for the work queued on the compute stream so far (it may
+waits for the compute event of the work that produced them; before a get writes
+slots, the host waits for the compute event of the work queued so far (it may
 still use those slots: an earlier owner's kernels), which costs a host wait on
 asynchronous devices and nothing on CPU.
 
@@ -13,9 +23,9 @@ launch layer (:mod:`kvdirect.device`) gathers and scatters them on a transfer
 stream. The order is the same for every device (CPU, CUDA, Ascend, the
 simulated device):
 
-* write-back: the transfer stream waits for the compute stream's event, then
-  gathers; the host waits for the gather before the store reads the buffer;
-* load: the transfer stream waits for the compute stream (earlier work may still
+* write-back: the transfer stream waits for the compute event, then gathers;
+  the host waits for the gather before the store reads the buffer;
+* load: the transfer stream waits for the compute event (earlier work may still
   read the slots being refilled); the store fills the buffer; the scatter runs;
   the host waits for the scatter before the buffer is reused and before any page
   counts as loaded. Layer-wise: one scatter and one event per layer, and layer
@@ -54,9 +64,10 @@ def _status(st) -> np.ndarray:
 
 
 class Transfer:
-    def __init__(self, store, layout, config, ops: DeviceOps, quarantine: Quarantine):
+    def __init__(self, store, layout, config, ops: DeviceOps, quarantine: Quarantine, forward_stream=None):
         self.store, self.layout, self.config, self.ops = store, layout, config, ops
         self.quarantine = quarantine
+        self.forward_stream = forward_stream if ops.asynchronous else None
         self.stage = config.stage if config.stage is not None else (
             layout.device != "cpu" and not store.supports_device_memory)
         if not self.stage and not (store.supports_device_memory or ops.host_addressable):
@@ -89,33 +100,39 @@ class Transfer:
             pass
 
     def compute_event(self):
-        """An event on the compute stream that produced the pages (CPU: none)."""
-        return self.ops.compute_event()
+        """The compute event of the work the engine has queued so far (CPU: none). Call it on
+        the engine's thread when it hands work over, never on a background thread: the
+        calling thread's current stream, plus the forward stream when one was given."""
+        ev = self.ops.compute_event()
+        if ev is None or self.forward_stream is None:
+            return ev
+        return (ev, self.ops.record(self.forward_stream))
 
     # ---- pool -> device ----------------------------------------------------------------
-    def get(self, keys: list, page_slots: np.ndarray) -> np.ndarray:
-        """Load whole page objects; per-key status. Stops at the first failed page."""
+    def get(self, keys: list, page_slots: np.ndarray, ready) -> np.ndarray:
+        """Load whole page objects after ``ready`` (a compute event); per-key status.
+        Stops at the first failed page."""
         if not self.stage:
-            self.before_direct_write()
+            self.before_direct_write(ready)
             return _status(self.store.get(keys, self.layout.plan(page_slots, per_token=False)))
-        return self._get_staged(keys, page_slots, None)
+        return self._get_staged(keys, page_slots, None, ready)
 
-    def before_direct_write(self) -> None:
-        """The store is about to write device slots itself: wait for the work queued on the
-        compute stream so far (it may still read or write those slots)."""
+    def before_direct_write(self, ready) -> None:
+        """The store is about to write device slots itself: wait for ``ready``, the compute
+        event of the work queued before the load (it may still read or write those slots)."""
         if self.ops.asynchronous:
-            self._sync(self.ops.compute_event())
+            self._sync(ready)
 
-    def get_layers(self, keys: list, page_slots: np.ndarray, on_layer) -> np.ndarray:
+    def get_layers(self, keys: list, page_slots: np.ndarray, on_layer, ready) -> np.ndarray:
         """Staged load with per-layer completion: ``on_layer(l, pages)`` once layer ``l``
         of the first ``pages`` pages is on the device (for the final chunk of pages)."""
-        return self._get_staged(keys, page_slots, on_layer)
+        return self._get_staged(keys, page_slots, on_layer, ready)
 
-    def _get_staged(self, keys, page_slots, on_layer) -> np.ndarray:
+    def _get_staged(self, keys, page_slots, on_layer, ready) -> np.ndarray:
         n, layers = len(keys), self.layout.num_layers
         status = np.full(n, UNAVAILABLE, dtype=np.int32)
         s = self._load_stream
-        self._wait(s, self.ops.compute_event())
+        self._wait(s, ready)
         done = 0
         with _Lease(self, s) as lease:
             for lo, hi, host in self._chunks(lease.buf, n):
@@ -146,7 +163,8 @@ class Transfer:
 
     # ---- device -> pool ----------------------------------------------------------------
     def put(self, keys: list, page_slots: np.ndarray, event) -> np.ndarray:
-        """Store whole page objects after ``event`` (the compute stream's); per-key status."""
+        """Store whole page objects after ``event`` (the compute event recorded when the
+        engine handed them over); per-key status."""
         if not self.stage:
             self._sync(event)  # the store reads the pages: the compute stream must have written them
             return _status(self.store.put(keys, self.layout.plan(page_slots, per_token=False)))

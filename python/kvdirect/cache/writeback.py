@@ -1,20 +1,34 @@
 """Asynchronous write-back: pin new full pages, put them on writer threads, apply
 completions on the scheduler thread.
 
-Writer threads only enqueue their results; ``apply`` (called from
+Writer threads only record their results on the job; ``apply`` (called from
 ``KVDirectCache.poll``) marks pages in the pool or unpins them, so the index
 sees a single writer. A page counts as stored only after its whole put
-returned OK. A put that timed out may still read its pages: they stay pinned
-until the store is quiet, then the late object is removed (it may be torn).
+returned OK. A put that timed out may still read its pages: its job completes
+only once the store is quiet and the late object is removed (it may be torn);
+its pages stay pinned until then.
 
-Ordering: the job carries an event recorded on the compute stream when
-``write_back`` was called; the transfer path makes the store (direct) or the
-gather (staged) wait for it before reading the pages.
+Tensor parallelism: every rank pins and writes its own pages and unpins them
+when its job is applied; SGLang admits requests by the evictable size, so ranks
+that applied different jobs would admit and evict differently (and one could
+enter a collective another skips). With ``tp_reduce`` every ``write_back`` call
+is one job on every rank (possibly empty, in the same order everywhere) and
+``apply`` applies only the leading jobs every rank has completed (all-reduce
+MIN, as SGLang's HiCache does with its write acknowledgements); a job that
+failed on any rank is applied as failed on every rank, so the ranks' indexes
+keep the same pages pinned and in the pool. ``apply`` is then a collective
+whenever jobs are queued: it must be called in the same sequence on every rank
+(the scheduler's calls are).
+
+Ordering: the job carries the compute event recorded when ``write_back`` was
+called (see :mod:`kvdirect.cache.transfer`); the store (direct) or the gather
+(staged) waits for it before reading the pages.
 
 Tensor parallelism with MLA: every rank holds the same page bytes under the same
-keys, so rank 0 alone writes them (``CacheParts.writes``); the other ranks insert
-the pages into their index and leave their pool state unknown (their matches ask
-the store, where rank 0's pages are).
+keys, so rank 0 alone writes them (``CacheParts.writes``). The other ranks pin the
+same pages in a mirror job that needs no put and is applied when the ranks agree
+(so every rank unpins them together); it leaves the pages' pool state unknown,
+and a later match on that rank asks the store, where rank 0's pages are.
 
 Errors: store failures unpin the pages and back off; any other error in a
 writer thread (a bug, a configuration error) unpins the pages and is raised
@@ -23,6 +37,7 @@ from ``poll``.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,16 +52,34 @@ from kvdirect.cache.parts import CacheParts
 from kvdirect.errors import ConfigError, KVDirectError
 from kvdirect.stores.base import OK, TIMEOUT
 
+_NO_PAGES = np.empty(0, dtype=np.int64)
 
-@dataclass
+
+@dataclass(eq=False)
 class WriteJob:
     tokens: np.ndarray
     namespace: str | None
     pages: np.ndarray        # page indices (from 0) being written
     keys: list
     page_slots: np.ndarray   # first device slot of each page
-    event: object = None     # compute-stream event the transfer waits on before reading the pages
+    event: object = None     # compute event the transfer waits on before reading the pages
     t0: float = field(default_factory=time.perf_counter)
+    # set by the writer thread; read by apply() once ``done``
+    status: np.ndarray | None = None
+    existed: int = 0
+    err: BaseException | None = None
+    done: bool = False
+    mirror: bool = False     # pins what another TP rank writes (see WriteBack._mirror); no put
+
+    @property
+    def ok(self) -> bool:
+        """Every page stored."""
+        return self.err is None and (self.status is None or bool((self.status == OK).all()))
+
+
+def _empty_job() -> WriteJob:
+    """A write_back call that writes nothing on this rank (TP: every call is a job)."""
+    return WriteJob(_NO_PAGES, None, _NO_PAGES, [], _NO_PAGES, done=True)
 
 
 class WriteBack:
@@ -54,12 +87,24 @@ class WriteBack:
         self.p = parts
         self.executor = ThreadPoolExecutor(max_workers=parts.config.writer_threads,
                                            thread_name_prefix="kvdirect-put")
-        self.done: collections.deque = collections.deque()  # finished (job, status, existed, err)
+        self.jobs: collections.deque = collections.deque()  # submitted, not applied (in order)
         self.inflight_pages = 0
         self._cv = threading.Condition()
+        self.tp = parts.tp_reduce is not None
 
     # ---- scheduler thread --------------------------------------------------------
     def submit(self, tokens, slots, namespace) -> int:
+        job = None
+        try:
+            already, job = self._submit(tokens, slots, namespace)
+        finally:
+            if job is not None or self.tp:  # TP: one job per call on every rank, in call order
+                self.jobs.append(job or _empty_job())
+        if job is not None and not job.mirror:
+            self.executor.submit(self._run, job)
+        return already
+
+    def _submit(self, tokens, slots, namespace):
         p = self.p
         t = as_tokens(tokens)
         s = as_slots(slots)
@@ -71,15 +116,17 @@ class WriteBack:
         check_token_slots(p.layout, s[: full * P], "write_back")
         prefix = t[: full * P]
         already, r = p.index.insert_path(prefix, s[: full * P], namespace)  # r: the path, as match sees it
-        if not (p.config.write_back and p.writes and full and p.health.available()):
-            return already
+        if not (p.config.write_back and full and (p.health.available() or not p.writes)):
+            return already, None
         states = p.index.path_states(r.node)[0][:full]
         todo = np.flatnonzero(states == UNKNOWN)
         if not todo.size:
-            return already
+            return already, None
+        if not p.writes:
+            return already, self._mirror(prefix, namespace, todo)
         if not self._reserve(len(todo)):
             p.stats.add(dropped_writeback_pages=len(todo))
-            return already
+            return already, None
         digests = p.keys.digests(prefix, namespace, r.node, full, full)
         pinned = mark(p.index.mark_writing, prefix, namespace, todo)
         if pinned != len(todo):  # cannot happen on the single scheduler thread
@@ -87,8 +134,21 @@ class WriteBack:
         page_slots = r.device_slots[todo * P]
         job = WriteJob(prefix.copy(), namespace, todo.astype(np.int64),
                        p.keys.pool_keys(digests[todo]), page_slots, p.transfer.compute_event())
-        self.executor.submit(self._run, job)
-        return already
+        return already, job
+
+    def _mirror(self, prefix, namespace, todo: np.ndarray) -> WriteJob | None:
+        """A rank that does not write (MLA under TP: rank 0 writes the pages every rank holds)
+        pins the pages rank 0 writes and unpins them when the ranks agree that job is done, so
+        every rank keeps the same pages pinned (see the module docstring). It never learns
+        whether rank 0's put landed, so it leaves them unknown (a later match asks the store).
+        Without the TP agreement it neither pins nor writes."""
+        if not self.tp:
+            return None
+        p = self.p
+        pinned = mark(p.index.mark_writing, prefix, namespace, todo)
+        if pinned != len(todo):  # cannot happen on the single scheduler thread
+            raise KVDirectError(f"internal: pinned {pinned} of {len(todo)} pages")
+        return WriteJob(prefix.copy(), namespace, todo.astype(np.int64), [], _NO_PAGES, done=True, mirror=True)
 
     def _reserve(self, n: int) -> bool:
         """Bound in-flight pages: 'drop' refuses, 'wait' applies completions until room."""
@@ -104,51 +164,90 @@ class WriteBack:
                     return False
                 self._cv.wait(timeout=0.05)
             self.p.quarantine.release()
-            self.apply()
+            if not self.tp:  # TP: apply is a collective, called only where every rank calls it
+                self.apply()
 
     def apply(self) -> int:
-        """Apply finished writes to the index; returns how many jobs were applied."""
+        """Apply finished writes to the index; returns how many jobs were applied.
+        With TP, only the leading jobs every rank has finished (see the module docstring)."""
+        if not self.jobs:
+            return 0
+        if not self.tp:
+            done = [j for j in self.jobs if j.done]
+            if done:
+                self.jobs = collections.deque(j for j in self.jobs if not j.done)
+            for job in done:
+                self._apply(job, failed_elsewhere=False)
+            return len(done)
         p = self.p
         n = 0
-        while self.done:
-            job, status, existed, err = self.done.popleft()
+        for job in self.jobs:
+            if not job.done:
+                break
             n += 1
-            pages = job.pages
-            if err is not None:
-                mark(p.index.mark_write_failed, job.tokens, job.namespace, pages)
-                if not isinstance(err, STORE_FAILURES):
-                    raise err  # a bug or a configuration error, never a store failure
-                p.health.failed("put", err)
-                p.stats.add(store_failed_pages=len(pages))
-                continue
-            ok = status == OK
-            late = status == TIMEOUT  # the put may still be reading the pages: keep them pinned
+        n = p.reduce(n)  # finished on every rank
+        if n == 0:
+            return 0
+        ok = 0
+        for job in itertools.islice(self.jobs, n):
+            if not job.ok:
+                break
+            ok += 1
+        ok = p.reduce(ok)  # stored on every rank
+        take = ok + 1 if ok < n else ok  # job ``ok`` failed on some rank: failed on every rank
+        for i in range(take):
+            self._apply(self.jobs.popleft(), failed_elsewhere=i == ok)
+        return take
+
+    def _apply(self, job: WriteJob, failed_elsewhere: bool) -> None:
+        p = self.p
+        pages = job.pages
+        if not pages.size:
+            return
+        if job.mirror:
+            mark(p.index.mark_write_failed, job.tokens, job.namespace, pages)  # unpin, pool state unknown
+            return
+        if job.err is not None:
+            mark(p.index.mark_write_failed, job.tokens, job.namespace, pages)
+            if not isinstance(job.err, STORE_FAILURES):
+                raise job.err  # a bug or a configuration error, never a store failure
+            p.health.failed("put", job.err)
+            p.stats.add(store_failed_pages=len(pages))
+            return
+        status = job.status
+        ok = status == OK
+        if failed_elsewhere:  # another rank's half of these pages is missing: nobody marks them
+            mark(p.index.mark_write_failed, job.tokens, job.namespace, pages)
+        else:
             mark(p.index.mark_in_pool, job.tokens, job.namespace, pages[ok])
-            mark(p.index.mark_write_failed, job.tokens, job.namespace, pages[~ok & ~late])
-            if late.any():
-                p.quarantine.defer(lambda job=job, idx=np.flatnonzero(late): self._drop_late(job, idx))
-            written = int(ok.sum()) - existed
-            with p.stats.lock:
-                c = p.stats.c
-                c["stored_pages"] += written
-                c["stored_bytes"] += written * p.layout.page_bytes
-                c["skipped_existing_pages"] += existed
-                c["store_failed_pages"] += int((~ok).sum())
-                p.stats.store_ms.append((time.perf_counter() - job.t0) * 1e3)
-            if (~ok).any():
-                p.health.failed("put_status", f"{int((~ok).sum())} of {len(ok)} pages not stored")
-            else:
-                p.health.recovered()
-        return n
+            mark(p.index.mark_write_failed, job.tokens, job.namespace, pages[~ok])
+        written = int(ok.sum()) - job.existed
+        with p.stats.lock:
+            c = p.stats.c
+            c["stored_pages"] += written
+            c["stored_bytes"] += written * p.layout.page_bytes
+            c["skipped_existing_pages"] += job.existed
+            c["store_failed_pages"] += int((~ok).sum())
+            p.stats.store_ms.append((time.perf_counter() - job.t0) * 1e3)
+        if (~ok).any():
+            p.health.failed("put_status", f"{int((~ok).sum())} of {len(ok)} pages not stored")
+        else:
+            p.health.recovered()
 
     def _drop_late(self, job: WriteJob, idx: np.ndarray) -> None:
-        """A put that completed after its timeout may hold torn bytes: drop it, then unpin."""
+        """A put that completed after its timeout may hold torn bytes: drop it; then the
+        job is done (its pages, pinned until now, are unpinned when it is applied)."""
         p = self.p
         try:
             p.store.remove([job.keys[i] for i in idx])
         except STORE_FAILURES as e:
             p.health.failed("remove", e)
-        mark(p.index.mark_write_failed, job.tokens, job.namespace, job.pages[idx])
+        job.done = True
+
+    @property
+    def pending(self) -> int:
+        """Finished jobs not applied yet."""
+        return sum(1 for j in self.jobs if j.done and j.pages.size)
 
     def wait_idle(self, timeout: float | None = None) -> None:
         """Block until no write is in flight (TimeoutError after ``timeout`` seconds)."""
@@ -166,8 +265,9 @@ class WriteBack:
 
     # ---- writer threads ------------------------------------------------------------
     def _run(self, job: WriteJob) -> None:
-        """Skip pages the pool has, put the rest (after the compute stream's event)."""
+        """Skip pages the pool has, put the rest (after the job's compute event)."""
         p = self.p
+        late = _NO_PAGES
         try:
             status = np.zeros(len(job.keys), dtype=np.int32)
             have = np.asarray(p.store.exists(job.keys), dtype=bool)
@@ -175,9 +275,14 @@ class WriteBack:
             if todo.size:
                 keys = job.keys if todo.size == len(job.keys) else [job.keys[i] for i in todo]
                 status[todo] = p.transfer.put(keys, job.page_slots[todo], job.event)
-            self.done.append((job, status, int(have.sum()), None))
+            job.status, job.existed = status, int(have.sum())
+            late = np.flatnonzero(status == TIMEOUT)
         except BaseException as e:  # noqa: BLE001 - reported on the scheduler thread by apply()
-            self.done.append((job, None, 0, e))
+            job.err = e
+        if late.size:  # the put may still be reading the pages: done once the store is quiet
+            p.quarantine.defer(lambda: self._drop_late(job, late))
+        else:
+            job.done = True
         with self._cv:
             self.inflight_pages -= len(job.keys)
             self._cv.notify_all()

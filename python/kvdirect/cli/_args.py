@@ -91,6 +91,13 @@ def store_url(text: str) -> str:
     return text
 
 
+def pool_target(text: str) -> str:
+    """A store URL with a known scheme, or the name of an shm pool."""
+    if "://" in text:
+        return store_url(text)
+    return pool_name(text)
+
+
 def tcp_url(text: str) -> str:
     """tcp://HOST:PORT."""
     from kvdirect.errors import KVDirectError

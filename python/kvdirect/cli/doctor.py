@@ -1,4 +1,9 @@
-"""`kvdirect doctor`: what this installation was built with and what it can see."""
+"""`kvdirect doctor`: what this installation was built with and what it can see.
+
+Exit status 1 when a store client that is installed cannot be used (a system library
+missing, a broken install): the report is printed as usual and one line on stderr
+names what is broken. A client that is not installed is no error (exit 0).
+"""
 from __future__ import annotations
 
 import json
@@ -21,11 +26,29 @@ def collect() -> dict:
         "backends_built": [b for b in ("cpu", "cuda", "ascend") if info.get(b)],
         "devices": {"cuda": vars(cuda), "npu": vars(npu)},
         "stores": {
-            "shm": {"available": True, "detail": "embedded (built in)"},
-            "mooncake": vars(runtime.store_client("mooncake.store")),
-            "memcache": vars(runtime.store_client("memcache_hybrid")),
+            "shm": {"available": True, "detail": "embedded (built in)", "state": "ok"},
+            "mooncake": _store("mooncake.store"),
+            "memcache": _store("memcache_hybrid"),
         },
     }
+
+
+#: client_import states of a client that is installed but cannot be used
+BROKEN = ("missing_library", "broken")
+
+
+def _store(module: str) -> dict:
+    from kvdirect import runtime
+
+    ci = runtime.client_import(module)
+    ok = ci.state == "ok"
+    return {"available": ok, "detail": ci.message if ok else f"not importable: {ci.message}", "state": ci.state}
+
+
+def problems(d: dict) -> list[str]:
+    """Installed store clients that cannot be used, one phrase each."""
+    return [f"{name} ({v['detail'].removeprefix('not importable: ')})" for name, v in d["stores"].items()
+            if v.get("state") in BROKEN]
 
 
 def _yn(b: bool) -> str:
@@ -58,7 +81,12 @@ def render(d: dict) -> str:
 
 def run(args) -> int:
     d = collect()
+    bad = problems(d)
+    d["problems"] = bad
     print(json.dumps(d, indent=2) if args.json else render(d))
+    if bad:
+        print(f"{args.prog}: error: installed store client cannot be used: {'; '.join(bad)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -54,7 +54,8 @@ class DeviceOps:
         return None
 
     def compute_event(self):
-        """An event recorded now on the engine's current (compute) stream."""
+        """An event recorded now on the calling thread's current stream (device streams are
+        current per host thread: call this on the engine's forward thread)."""
         return None
 
     def record(self, stream):
@@ -63,16 +64,17 @@ class DeviceOps:
 
     # Streams and events of every asynchronous kind (torch's CUDA/NPU, the simulated
     # device) offer ``stream.wait_event(ev)`` and ``ev.synchronize()``; synchronous
-    # kinds record no events (None), so there is nothing to wait for.
+    # kinds record no events (None), so there is nothing to wait for. ``event`` may be
+    # a tuple of events (a compute event on two streams): all of them.
     def wait(self, stream, event) -> None:
         """Work launched on ``stream`` from now on starts after ``event`` (device side)."""
-        if event is not None:
-            stream.wait_event(event)
+        for ev in _events(event):
+            stream.wait_event(ev)
 
     def synchronize(self, event) -> None:
         """Block the calling thread until ``event`` has completed."""
-        if event is not None:
-            event.synchronize()
+        for ev in _events(event):
+            ev.synchronize()
 
     # ---- copies (launched on ``stream``) -----------------------------------------
     def to_host(self, page_slots: np.ndarray, host: HostBuffer, stream) -> None:
@@ -88,6 +90,12 @@ class DeviceOps:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.device})"
+
+
+def _events(event) -> tuple:
+    if event is None:
+        return ()
+    return tuple(e for e in event if e is not None) if isinstance(event, tuple) else (event,)
 
 
 def layer_segments(layout, page_slots: np.ndarray, host_addr: int, layer: int):

@@ -3,7 +3,13 @@
 ``SimDevice`` behaves like a GPU/NPU as far as ordering goes: work launched on a
 stream runs later, after a delay, on that stream's own thread; streams run
 independently of each other; events mark a point in a stream, ``wait_event``
-makes a stream wait for another's event, ``synchronize`` blocks the host. Its
+makes a stream wait for another's event, ``synchronize`` blocks the host.
+As in CUDA (and torch_npu), the *current* stream is per host thread: every
+thread starts on the device's default stream, and ``with dev.stream(s):`` makes
+``s`` current on the calling thread only. An engine that computes on its own
+stream (SGLang's forward stream, vLLM's) makes it current on its forward
+thread; an event recorded on any other thread lands on that thread's current
+stream and orders nothing with respect to the engine's work. Its
 "device memory" is ordinary host memory (numpy arrays from :meth:`SimDevice.empty`)
 that only stream work should touch, so any missing synchronisation shows up as
 stale bytes: a gather read before the compute stream wrote the pages, a host
@@ -19,6 +25,7 @@ the tests see the bug class.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -104,7 +111,8 @@ class SimDevice:
         self._rng_lock = threading.Lock()
         self._memory: list = []
         self.errors: list = []
-        self._streams = [SimStream(self, "compute")]
+        self._streams = [SimStream(self, "default")]
+        self._current = threading.local()  # the current stream of each host thread
         self.launched = 0
 
     def _delay(self) -> float:
@@ -118,9 +126,24 @@ class SimDevice:
         self._memory.append(a)
         return a
 
-    def current_stream(self) -> SimStream:
-        """The engine's compute stream."""
+    @property
+    def default_stream(self) -> SimStream:
         return self._streams[0]
+
+    def current_stream(self) -> SimStream:
+        """The calling thread's current stream (the default stream unless the thread made
+        another current with :meth:`stream`)."""
+        return getattr(self._current, "stream", None) or self._streams[0]
+
+    @contextlib.contextmanager
+    def stream(self, stream: SimStream):
+        """Make ``stream`` current on the calling thread (like ``torch.cuda.stream``)."""
+        before = getattr(self._current, "stream", None)
+        self._current.stream = stream
+        try:
+            yield stream
+        finally:
+            self._current.stream = before
 
     def new_stream(self, name: str = "transfer") -> SimStream:
         s = SimStream(self, f"{name}{len(self._streams)}")
@@ -128,7 +151,8 @@ class SimDevice:
         return s
 
     def launch(self, fn, stream: SimStream | None = None) -> None:
-        """Launch ``fn`` (a kernel: reads/writes device memory) on a stream (default: compute)."""
+        """Launch ``fn`` (a kernel: reads/writes device memory) on a stream (default: the
+        calling thread's current stream)."""
         self.launched += 1
         (stream or self.current_stream()).launch(fn)
 

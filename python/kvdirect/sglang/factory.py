@@ -44,8 +44,9 @@ def check_supported(ctx) -> None:
 
 def model_identity(ctx, config: CacheConfig) -> str:
     """The model identity in kvdirect's page keys: ``config.model`` when set, else the
-    served model name (or ``--model-path``), its revision, the weight quantization and
-    a digest of its ``config.json`` (see :func:`kvdirect.config.model_identity`)."""
+    served model name (or ``--model-path``), its revision, the weight quantization, a
+    digest of its ``config.json`` and one of ``--json-model-override-args`` (see
+    :func:`kvdirect.config.model_identity`)."""
     if config.model:
         return config.model
     sa = ctx.server_args
@@ -59,7 +60,7 @@ def model_identity(ctx, config: CacheConfig) -> str:
     cfg = Path(path) / "config.json" if path else None
     return _model_identity(str(name), revision=getattr(sa, "revision", None),
                            quantization=getattr(sa, "quantization", None) or getattr(mc, "quantization", None),
-                           config_file=cfg)
+                           config_file=cfg, overrides=getattr(sa, "json_model_override_args", None))
 
 
 def _tp_reduce(ctx):
@@ -76,6 +77,23 @@ def _tp_reduce(ctx):
     return torch_dist_min(group)
 
 
+def decode_node(ctx) -> bool:
+    """A PD decode node (``--disaggregation-mode decode``, its radix cache enabled with
+    ``--disaggregation-decode-enable-radix-cache``). SGLang promises a decode node's host
+    hits to the prefill node and fills them only through HiCache's load-back, so kvdirect
+    runs there offload only: device hits, write-back of prompt and generated pages, no
+    pool hits (the prefill node loads those)."""
+    return getattr(ctx.server_args, "disaggregation_mode", None) == "decode"
+
+
+def forward_stream(ctx):
+    """The model runner's forward stream. SGLang's overlap scheduler forwards on it while
+    the cache is called on the scheduler's own stream: every transfer also follows the
+    work queued there (SGLang's HiCache fences its loads and writes on the same stream)."""
+    runner = getattr(getattr(ctx, "tp_worker", None), "model_runner", None)
+    return getattr(runner, "forward_stream", None)
+
+
 def build_cache(ctx, *, config: CacheConfig | None = None, store=None):
     """The ``register_radix_cache_backend`` factory: TreeCacheBuildContext -> cache."""
     from kvdirect.sglang.pools import layout_from_pool
@@ -88,13 +106,16 @@ def build_cache(ctx, *, config: CacheConfig | None = None, store=None):
     kvcache = params.token_to_kv_pool_allocator.get_kvcache()
     layout = layout_from_pool(kvcache, params.page_size)
     cache = KVDirectRadixCache(params, layout, config=config, store=store, tp_rank=ctx.tp_rank,
-                               tp_size=ctx.tp_size, tp_reduce_min=_tp_reduce(ctx))
+                               tp_size=ctx.tp_size, tp_reduce_min=_tp_reduce(ctx),
+                               forward_stream=forward_stream(ctx), offload_only=decode_node(ctx))
     if config.layerwise:
         if ctx.tp_size > 1:
             raise ConfigError("kvdirect \"layerwise\": true is not supported with tensor parallelism yet "
                               "(ranks would have to agree on every layer); drop it or use --tp-size 1")
         cache.enable_layerwise(kvcache)
-    log.info("kvdirect prefix cache: %r, store=%s, model=%s, tp=%d/%d, layerwise=%s", layout,
+    log.info("kvdirect prefix cache: %r, store=%s, model=%s, tp=%d/%d, layerwise=%s%s", layout,
              cache.kv.store.scheme if cache.kv.store is not None else None, config.model,
-             ctx.tp_rank, ctx.tp_size, config.layerwise)
+             ctx.tp_rank, ctx.tp_size, config.layerwise,
+             ", PD decode node: offload only (writes pages back, reports no pool hits)"
+             if cache.offload_only else "")
     return cache

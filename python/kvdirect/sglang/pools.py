@@ -19,6 +19,14 @@ Supported (SGLang 0.5.23):
 ``NPUMLATokenToKVPool``   split MLA K (nope) / V (rope) ``[layers, pages + pad,
                           page_size, 1, dim]`` -> ``KVLayout.from_ascend(is_mla=True)``
 ========================  =====================================================
+
+The layout's dtype is the pool's **logical** KV dtype (``kvcache.dtype``), not the
+storage dtype of its buffers: SGLang stores every fp8 format (e4m3fn, e5m2,
+e4m3fnuz) as ``uint8`` (``store_dtype``), and servers with different fp8 formats
+must not read each other's pages (the dtype enters the layout fingerprint).
+Quantized KV caches that keep scales in separate buffers (SGLang's FP4 recipes:
+``k_scale_buffer`` / ``v_scale_buffer`` / ``kv_scale_buffer``) are refused: a page
+moved without its scales would be wrong KV.
 """
 from __future__ import annotations
 
@@ -41,18 +49,43 @@ def _per_layer(buf, what: str) -> list:
     return [buf[i] for i in range(buf.shape[0])]
 
 
+SCALE_BUFFERS = ("k_scale_buffer", "v_scale_buffer", "native_k_scale_buffer", "native_v_scale_buffer",
+                 "kv_scale_buffer")
+
+
+def kv_dtype(kvcache) -> str | None:
+    """The pool's logical KV dtype name (``float8_e5m2`` for an fp8 pool stored as uint8); None when
+    the pool does not say (then the buffers' dtype is used)."""
+    dt = getattr(kvcache, "dtype", None)
+    return None if dt is None else str(dt).removeprefix("torch.")
+
+
+def _refuse_separate_scales(kvcache, name: str) -> None:
+    scales = [a for a in SCALE_BUFFERS if getattr(kvcache, a, None) is not None]
+    dtype = kv_dtype(kvcache) or ""
+    if scales or "float4" in dtype:
+        recipe = getattr(getattr(kvcache, "quant_method", None), "name", None) or dtype
+        raise ConfigError(
+            f"kvdirect does not move the separate scale buffers of SGLang's quantized KV cache ({name}, "
+            f"{recipe}{': ' + ', '.join(scales) if scales else ''}): pages without their scales would be wrong "
+            "KV; use --kv-cache-dtype auto, fp8_e4m3 or fp8_e5m2, or drop --radix-cache-backend kvdirect")
+
+
 def layout_from_pool(kvcache, page_size: int):
     """The :class:`kvdirect.KVLayout` of an SGLang KV pool object."""
     from kvdirect.layout import KVLayout
 
     name = type(kvcache).__name__
+    if name in SUPPORTED_POOLS:
+        _refuse_separate_scales(kvcache, name)
+    dtype = kv_dtype(kvcache)
     if name in MHA_POOLS:
         if getattr(kvcache, "use_hnd", False):
             raise ConfigError("kvdirect does not support SGLANG_USE_HND_KVCACHE (HND layout); unset it")
         return KVLayout.from_mha(_per_layer(kvcache.k_buffer, "k_buffer"),
-                                 _per_layer(kvcache.v_buffer, "v_buffer"), page_size=page_size)
+                                 _per_layer(kvcache.v_buffer, "v_buffer"), page_size=page_size, dtype=dtype)
     if name in MLA_POOLS:
-        return KVLayout.from_mla(_per_layer(kvcache.kv_buffer, "kv_buffer"), page_size=page_size)
+        return KVLayout.from_mla(_per_layer(kvcache.kv_buffer, "kv_buffer"), page_size=page_size, dtype=dtype)
     if name in NPU_MHA_POOLS:
         # FIA mode rebinds k_buffer to per-layer [P*ps, 1, H, D] views; the contiguous
         # all-layer [layers, pages + 1, page_size, H, D] tensors stay available for IO.
@@ -61,13 +94,13 @@ def layout_from_pool(kvcache, page_size: int):
         else:
             k, v = kvcache.k_buffer, kvcache.v_buffer
         return KVLayout.from_ascend(_per_layer(k, "k_buffer"), _per_layer(v, "v_buffer"),
-                                    page_size=page_size)
+                                    page_size=page_size, dtype=dtype)
     if name in NPU_MLA_POOLS:
         if getattr(kvcache, "dsa_kv_cache_store_fp8", False):
             raise ConfigError("kvdirect does not support the NPU DSA fp8 KV store")
         return KVLayout.from_ascend(_per_layer(kvcache.k_buffer, "k_buffer (nope)"),
                                     _per_layer(kvcache.v_buffer, "v_buffer (rope)"),
-                                    page_size=page_size, is_mla=True)
+                                    page_size=page_size, is_mla=True, dtype=dtype)
     raise ConfigError(
         f"kvdirect cannot read the KV layout of SGLang's {name}; supported pools: "
         f"{', '.join(SUPPORTED_POOLS)}. Run without --radix-cache-backend kvdirect for this model.")

@@ -8,7 +8,7 @@ How SGLang's scheduler drives a prefix cache, and what this class does:
     pages come back as ``device_prefix_len`` / ``last_device_node``; pool
     pages as ``host_hit_length``, which makes the scheduler call
     ``init_load_back`` when it admits the request.
-``init_load_back`` (admission)
+``init_load_back`` (admission; never on a PD decode node, see ``offload_only``)
     allocates device slots from SGLang's allocator (evicting if needed) and
     reads the pool pages straight into them (:meth:`KVDirectCache.load`). The
     scheduler requires all promised tokens or none: a partial load reports 0
@@ -115,7 +115,8 @@ class KVDirectRadixCache(BasePrefixCache):
     """SGLang prefix cache whose index, pool loads and write-backs are kvdirect's."""
 
     def __init__(self, params, layout, *, config: CacheConfig | None = None, store=None,
-                 tp_rank: int = 0, tp_size: int = 1, tp_reduce_min=None):
+                 tp_rank: int = 0, tp_size: int = 1, tp_reduce_min=None, forward_stream=None,
+                 offload_only: bool = False):
         self.disable = params.disable
         self.req_to_token_pool = params.req_to_token_pool
         self.token_to_kv_pool_allocator = params.token_to_kv_pool_allocator
@@ -127,9 +128,12 @@ class KVDirectRadixCache(BasePrefixCache):
         dev = getattr(self.token_to_kv_pool_allocator, "device", "cpu")
         self.device = torch.device(dev) if isinstance(dev, (str, torch.device)) else torch.device("cpu")
         self.config = config or CacheConfig.from_env()
+        # a PD decode node: pool hits are never reported (SGLang would promise them to the
+        # prefill node and only HiCache fills them), pages are still written back
+        self.offload_only = bool(offload_only)
         self.kv = KVDirectCache(layout, store, page_size=self.page_size, free_slots=self._free_slots,
                                 config=self.config, tp_rank=tp_rank, tp_size=tp_size,
-                                tp_reduce_min=tp_reduce_min)
+                                tp_reduce_min=tp_reduce_min, forward_stream=forward_stream)
         self._epoch = 0
         self._markers: dict[Any, tuple[CacheMatch, int]] = {}
         self._empty = torch.empty((0,), dtype=torch.int64, device=self.device)
@@ -214,7 +218,7 @@ class KVDirectRadixCache(BasePrefixCache):
         tokens, ns = self._key_tokens(params.key)
         if len(tokens) == 0:
             return self._result(self.root_node)
-        m = self.kv.match(tokens, ns)
+        m = self.kv.match(tokens, ns, pool=not self.offload_only)
         node = self._node(tokens[: m.device_len], ns, m.node, m.device_slots)
         if not node.is_root:
             self._handed.add(node)

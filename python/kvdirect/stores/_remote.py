@@ -15,6 +15,9 @@
   status codes with a small table, without a Python loop over keys.
 * :func:`tcp_reachable` is the fast pre-flight check that turns "service not
   running" into an immediate, actionable StoreError.
+* :func:`http_key_list` reads a pool's key list from its master's admin HTTP
+  server (``/get_all_keys``: Mooncake's master and MemCache's MetaService both
+  answer it), for operator tools only.
 """
 from __future__ import annotations
 
@@ -186,3 +189,23 @@ def check_batch(keys, scatter):
     if len(scatter) != len(keys):
         raise ConfigError(f"{len(keys)} keys but {len(scatter)} scatter rows")
     return keys, scatter
+
+
+def http_key_list(admin: str, what: str, timeout_s: float = 30.0) -> list[str]:
+    """Keys from ``ADMIN/get_all_keys`` (one key per line); StoreError naming ``what`` when there is no answer."""
+    import urllib.error
+    import urllib.request
+
+    from kvdirect.errors import StoreError
+
+    url = admin.rstrip("/") + "/get_all_keys"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            body = r.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise StoreError(f"cannot list the {what}'s keys at {url}: {e}") from None
+    try:
+        text = body.decode("ascii")
+    except UnicodeDecodeError:
+        raise StoreError(f"{url} answered something that is not a key list (non-ASCII bytes)") from None
+    return [k for k in text.splitlines() if k]

@@ -6,10 +6,19 @@ Used by reliability tests (never by production code)::
 
 * ``fail_rate``: probability that a key of an affected put / get fails, or that an affected
   exists call cannot answer (seeded, reproducible).
-* ``mode``: ``"error"`` (status IO_ERROR) or ``"timeout"`` (status TIMEOUT).
+* ``mode``: ``"error"`` (status IO_ERROR), ``"timeout"`` (status TIMEOUT) or, for gets,
+  ``"evict"``: the failing keys are removed from the pool just before the get (an eviction
+  between the caller's existence query and its get), which then misses them (NOT_FOUND)
+  and leaves their destination untouched.
 * ``fail_ops``: which of ``put``, ``get``, ``exists`` are affected.
-* ``delay_s`` / ``delay_ops``: sleep before each affected call (slow store; e.g. puts still
-  in flight while the cache manager wants to evict their pages).
+* ``delay_s`` / ``delay_ops`` / ``delay_rate``: sleep before each affected call, or before
+  that fraction of them (slow store; e.g. puts still in flight while the cache manager wants
+  to evict their pages).
+* ``deadline_s``: put and get run under the remote stores' deadline
+  (:class:`kvdirect.stores._remote.DeadlineRunner`): a call slower than this returns
+  TIMEOUT for every key while it keeps running, as a Mooncake or MemCache client call
+  does; a get that timed out still writes its destination when it returns. ``quiesce()``
+  waits for such calls, as on those stores.
 * ``garbage``: a failed get also scribbles 0xA5 over the failed keys' destination
   segments, as a real transport may leave partial bytes behind: a caller that uses a
   failed page serves visibly wrong KV.
@@ -20,7 +29,8 @@ Used by reliability tests (never by production code)::
 
 Failures follow the store contract (kvdirect.stores.base): an exists that fails raises
 StoreError for the whole call (a pool that cannot answer), never "absent".
-``injected`` counts injected failures per operation (keys for put / get, calls for exists).
+``injected`` counts injected failures per operation (keys for put / get, calls for exists;
+with ``deadline_s``, ``timeout``: calls that passed the deadline).
 """
 from __future__ import annotations
 
@@ -34,24 +44,31 @@ from kvdirect.errors import StoreError
 from kvdirect.stores import base
 from kvdirect.stores.base import ScatterList, Store
 
-_MODES = {"error": base.IO_ERROR, "timeout": base.TIMEOUT}
+_MODES = {"error": base.IO_ERROR, "timeout": base.TIMEOUT, "evict": base.NOT_FOUND}
 
 
 class FlakyStore(Store):
     def __init__(self, inner: Store, fail_rate: float = 0.0, delay_s: float = 0.0, seed: int = 0,
                  fail_ops=("put", "get", "exists"), mode: str = "error", delay_ops=None, garbage: bool = True,
-                 put_lands: bool = False):
+                 put_lands: bool = False, deadline_s: float = 0.0, delay_rate: float = 1.0):
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
         if not 0.0 <= fail_rate <= 1.0:
             raise ValueError(f"fail_rate must be in [0, 1], got {fail_rate}")
         self.inner = inner
         self.fail_rate, self.delay_s, self.mode = float(fail_rate), float(delay_s), mode
+        self.delay_rate = float(delay_rate)
         self.fail_ops = frozenset(fail_ops)
         self.delay_ops = self.fail_ops if delay_ops is None else frozenset(delay_ops)
         self.garbage, self.put_lands = garbage, put_lands
         self.down = False
         self.injected = {"put": 0, "get": 0, "exists": 0}
+        self._runner = None
+        if deadline_s > 0:
+            from kvdirect.stores._remote import DeadlineRunner
+
+            self._runner = DeadlineRunner(deadline_s, name="kvd-flaky")
+            self.injected["timeout"] = 0  # calls that passed the deadline
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self.scheme = inner.scheme
@@ -69,6 +86,10 @@ class FlakyStore(Store):
 
     def _delay(self, op: str) -> None:
         if self.delay_s > 0 and op in self.delay_ops:
+            if self.delay_rate < 1.0:
+                with self._lock:
+                    if self._rng.random() >= self.delay_rate:
+                        return
             time.sleep(self.delay_s)
 
     @staticmethod
@@ -95,10 +116,32 @@ class FlakyStore(Store):
             raise StoreError(f"exists: injected {'timeout' if self.mode == 'timeout' else 'error'}")
         return np.asarray(self.inner.exists(keys), bool)
 
+    def _deadline(self, fn, keys, scatter) -> np.ndarray:
+        """``fn(keys, scatter)`` under the deadline (TIMEOUT for every key when it passes)."""
+        if self._runner is None:
+            return fn(keys, scatter)
+        from kvdirect.stores._remote import CallTimeout, CallUnavailable
+
+        try:
+            return self._runner.call(fn, keys, scatter)
+        except CallTimeout:
+            with self._lock:
+                self.injected["timeout"] += 1
+            return np.full(len(keys), base.TIMEOUT, np.int32)
+        except CallUnavailable:
+            return np.full(len(keys), base.UNAVAILABLE, np.int32)
+
+    def quiesce(self, timeout_s: float | None = None) -> bool:
+        """No call that timed out is still running (always, without ``deadline_s``)."""
+        return True if self._runner is None else self._runner.quiesce(timeout_s)
+
     def put(self, keys, scatter: ScatterList) -> np.ndarray:
         keys = base.check_keys(keys)
         if self.down:
             return np.full(len(keys), base.UNAVAILABLE, np.int32)
+        return self._deadline(self._put, keys, scatter)
+
+    def _put(self, keys, scatter: ScatterList) -> np.ndarray:
         self._delay("put")
         fail = self._failing("put", len(keys))
         st = np.full(len(keys), _MODES[self.mode], np.int32)
@@ -113,8 +156,15 @@ class FlakyStore(Store):
         keys = base.check_keys(keys)
         if self.down:
             return np.full(len(keys), base.UNAVAILABLE, np.int32)
+        return self._deadline(self._get, keys, scatter)
+
+    def _get(self, keys, scatter: ScatterList) -> np.ndarray:
         self._delay("get")
         fail = self._failing("get", len(keys))
+        if self.mode == "evict":
+            if fail.any():  # evicted after the caller's exists: the get misses them
+                self.inner.remove([keys[i] for i in np.flatnonzero(fail)])
+            return np.asarray(self.inner.get(keys, scatter), np.int32)
         st = np.asarray(self.inner.get(keys, scatter), np.int32).copy()
         if fail.any():
             st[fail] = _MODES[self.mode]
@@ -141,6 +191,9 @@ class FlakyStore(Store):
         return dict(self.inner.stats(), injected=dict(self.injected), down=self.down)
 
     def close(self) -> None:
+        if self._runner is not None:
+            self._runner.quiesce(None)  # a late call must not outlive the inner store
+            self._runner.shutdown()
         self.inner.close()
 
 

@@ -49,17 +49,24 @@ call               failure is reported as
                    deliver the object whole (timed out, corrupt, busy).
 =================  ===========================================================
 
+Operator tools (``kvdirect pool audit``, :mod:`kvdirect.audit`; never the serving
+path): ``list_objects()`` enumerates the pool's objects, where the store can
+(StoreError where it cannot), and ``check_objects(keys)`` reads objects whole and
+says, per key, whether a checksum vouched for the content (the shm pool keeps
+one per object; Mooncake and MemCache objects carry none, so there a check proves
+an object readable and whole, not its bytes right).
+
 Bad input (keys, scatter lists, empty objects) is a ``ConfigError`` on every call.
 """
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from kvdirect.errors import ConfigError
+from kvdirect.errors import ConfigError, StoreError
 
 MAX_KEY_BYTES = 255
 
@@ -106,6 +113,22 @@ class ScatterList:
 
     def take(self, idx) -> "ScatterList":
         return ScatterList(self.addrs[idx], self.sizes[idx])
+
+
+@dataclass
+class ObjectChecks:
+    """What :meth:`Store.check_objects` found, per key: ``status`` (int32: OK, CORRUPT, NOT_FOUND,
+    BUSY, UNAVAILABLE...), ``checked`` (bool: a checksum was compared, so OK means the bytes are
+    those written), ``sizes`` (uint64 object sizes, 0 when unknown) and ``detail`` (index -> why)."""
+
+    status: np.ndarray
+    checked: np.ndarray
+    sizes: np.ndarray
+    detail: dict
+
+    @classmethod
+    def empty(cls, n: int) -> "ObjectChecks":
+        return cls(np.zeros(n, np.int32), np.zeros(n, bool), np.zeros(n, np.uint64), {})
 
 
 def check_keys(keys: Sequence[str]) -> list[str]:
@@ -191,6 +214,33 @@ class Store(abc.ABC):
 
     def stats(self) -> dict:
         return {}
+
+    # -- operator tools (audit), never on the serving path ---------------------
+    def list_objects(self) -> Iterator[tuple[str, int | None]]:
+        """Every object in the pool as ``(key, size in bytes)`` (size None where the listing does not
+        say). Objects put or removed while the listing runs may be seen or missed; one present
+        throughout is seen once. StoreError when this store cannot enumerate its objects."""
+        raise StoreError(f"{self.scheme or type(self).__name__} stores cannot list their objects")
+
+    def check_objects(self, keys: Sequence[str], drop_corrupt: bool = False) -> "ObjectChecks":
+        """Read each object whole (for an audit). This default reads through ``get_bytes``: an object
+        delivered whole is OK with ``checked`` False (no checksum vouches for its bytes); a key gone
+        since it was listed is NOT_FOUND; a failed read is UNAVAILABLE with the store's message.
+        Stores that keep checksums override this (the shm pool verifies them in place)."""
+        keys = check_keys(keys)
+        out = ObjectChecks.empty(len(keys))
+        for i, k in enumerate(keys):
+            try:
+                data = self.get_bytes(k)
+            except StoreError as e:
+                out.status[i] = UNAVAILABLE
+                out.detail[i] = str(e)
+                continue
+            if data is None:
+                out.status[i] = NOT_FOUND
+            else:
+                out.sizes[i] = len(data)
+        return out
 
     def close(self) -> None:
         pass

@@ -12,7 +12,11 @@ can also be given (or overridden) as a parameter: ``meta_service_url``,
 ``host``: host memory, H2G / G2H), ``timeout`` (seconds per call, default 30),
 ``init_timeout`` (default 120), ``verify`` (0/1, default 1: check each object's
 stored size with ``batch_get_key_info`` before a get), ``check`` (0/1: probe the
-MetaService before init).
+MetaService before init), ``admin`` (the MetaService's HTTP server, its
+``ock.mmc.meta_service.metrics_url``): ``list_objects`` (operator tools,
+``kvdirect pool audit``) reads the key list there (``/get_all_keys``). Checked on
+these machines against a real MetaService with no client attached (the client
+needs CANN), i.e. with an empty key list only.
 
 Semantics: ``batch_put_from_layers`` / ``batch_get_into_layers`` return one int
 per key, 0 = done, anything else failed (MemCache already reports a duplicate
@@ -47,8 +51,8 @@ import numpy as np
 from kvdirect import runtime
 from kvdirect.errors import ConfigError, StoreError
 from kvdirect.stores import base
-from kvdirect.stores._remote import (CallTimeout, CallUnavailable, DeadlineRunner, Regions, check_batch, map_codes,
-                                     tcp_reachable)
+from kvdirect.stores._remote import (CallTimeout, CallUnavailable, DeadlineRunner, Regions, check_batch,
+                                     http_key_list, map_codes, tcp_reachable)
 from kvdirect.stores.base import ScatterList, Store
 from kvdirect.stores.url import StoreURL
 
@@ -172,10 +176,11 @@ class MemcacheStore(Store):
 
     def __init__(self, fields: dict | None = None, *, device_id: int = 0, memory: str = "device",
                  timeout_s: float = 30.0, init_timeout_s: float = 120.0, verify_size: bool = True, workers: int = 4,
-                 check: bool = True, client=None, module=None):
+                 check: bool = True, client=None, module=None, admin: str | None = None):
         if memory not in MEMORY_KINDS:
             raise ConfigError(f"memory must be one of {MEMORY_KINDS}, got {memory!r}")
         self.memory, self.device_id, self.verify_size = memory, int(device_id), bool(verify_size)
+        self.admin = admin
         self.supports_device_memory = memory == "device"
         self._module = module if module is not None else import_module()
         self.dir = directions(self._module)
@@ -392,6 +397,14 @@ class MemcacheStore(Store):
         why = "the key exists" if rc == 1 else f"is_exist: {rc} ({base.status_name(status([rc])[0])})"
         raise StoreError(f"MemCache get({key[:40]!r}) delivered nothing ({why})")
 
+    def list_objects(self):
+        """Keys from the MetaService's HTTP server (``admin=``; sizes unknown: None)."""
+        if not self.admin:
+            raise StoreError("MemCache clients cannot list keys: give admin=http://HOST:PORT (the MetaService's "
+                             "ock.mmc.meta_service.metrics_url) in the store URL")
+        for key in http_key_list(self.admin, "MemCache MetaService", self._runner.timeout_s or 30.0):
+            yield key, None
+
     def stats(self) -> dict:
         d = dict(self._counts, failed_by_status=dict(self._counts["failed_by_status"]))
         d.update(scheme=self.scheme, memory=self.memory, device_id=self.device_id,
@@ -443,7 +456,10 @@ def parse(u: StoreURL) -> tuple[dict, dict]:
         fields.update(read_conf(conf))
     kw = dict(device_id=_num(u, "device", 0, int), memory=u.pop("memory", "device") or "device",
               timeout_s=_num(u, "timeout", 30.0), init_timeout_s=_num(u, "init_timeout", 120.0),
-              verify_size=_flag(u, "verify", True), workers=_num(u, "workers", 4, int), check=_flag(u, "check", True))
+              verify_size=_flag(u, "verify", True), workers=_num(u, "workers", 4, int), check=_flag(u, "check", True),
+              admin=u.pop("admin", None) or None)
+    if kw["admin"] and not kw["admin"].startswith(("http://", "https://")):
+        raise ConfigError(f"admin={kw['admin']!r} in {u.raw!r}: the MetaService's HTTP server as http://HOST:PORT")
     if kw["memory"] not in MEMORY_KINDS:
         raise ConfigError(f"memory={kw['memory']!r} in {u.raw!r}: use device or host")
     fields.update(u.params)  # the rest are LocalConfig fields (checked against the real class at open)

@@ -11,7 +11,11 @@ local transfer buffer, ``local`` the address other clients reach it at,
 seconds of every store call (0: none). Optional: ``workers`` (threads running
 calls, default 4), ``require_registered`` (0/1, see below), ``device_memory``
 (0/1: the transport reads accelerator memory directly; default 0),
-``check`` (0/1: probe master and metadata server before setup, default 1).
+``check`` (0/1: probe master and metadata server before setup, default 1),
+``admin`` (the master's admin HTTP server, its ``--metrics_port``; default
+``http://MASTER_HOST:9003``, Mooncake's default): ``list_objects`` (operator
+tools, ``kvdirect pool audit``) reads the key list there (``/get_all_keys``), as
+the client itself cannot list keys.
 
 Semantics (how Mooncake's integer results become kvdirect statuses):
 
@@ -63,8 +67,8 @@ import numpy as np
 from kvdirect import runtime
 from kvdirect.errors import ConfigError, StoreError
 from kvdirect.stores import base
-from kvdirect.stores._remote import (CallTimeout, CallUnavailable, DeadlineRunner, Regions, check_batch, map_codes,
-                                     tcp_reachable)
+from kvdirect.stores._remote import (CallTimeout, CallUnavailable, DeadlineRunner, Regions, check_batch,
+                                     http_key_list, map_codes, tcp_reachable)
 from kvdirect.stores.base import ScatterList, Store
 from kvdirect.stores.url import StoreURL, parse_size
 
@@ -77,6 +81,8 @@ INSTALL_HINT = ('pip install "kvdirect[mooncake]" (mooncake-transfer-engine-non-
 # Mooncake ErrorCode (mooncake-store/include/types.h) -> kvdirect status
 MC_OK = 0
 MC_OBJECT_ALREADY_EXISTS = -705
+#: mooncake_master's default --metrics_port: its admin HTTP server (/get_all_keys, /metrics)
+DEFAULT_ADMIN_PORT = 9003
 _CODES = {
     0: base.OK,
     -1: base.IO_ERROR,            # INTERNAL_ERROR
@@ -142,8 +148,9 @@ class MooncakeStore(Store):
     def __init__(self, master: str, metadata: str, *, protocol: str = "tcp", segment: int = 4 << 30,
                  buffer: int = 128 << 20, local: str = "127.0.0.1", device: str = "", timeout_s: float = 5.0,
                  workers: int = 4, require_registered: bool | None = None, device_memory: bool = False,
-                 check: bool = True, client=None):
+                 check: bool = True, client=None, admin: str | None = None):
         self.master, self.metadata, self.protocol = master, metadata, protocol
+        self.admin = admin or f"http://{master.rpartition(':')[0]}:{DEFAULT_ADMIN_PORT}"
         self.segment, self.buffer, self.local, self.device = int(segment), int(buffer), local, device
         self.require_registered = (protocol != "tcp") if require_registered is None else bool(require_registered)
         self.supports_device_memory = bool(device_memory)
@@ -369,6 +376,13 @@ class MooncakeStore(Store):
         why = f"the object has {size} bytes" if size >= 0 else f"get_size: {size}"
         raise StoreError(f"Mooncake get({key[:40]!r}) delivered nothing ({why}; master {self.master})")
 
+    def list_objects(self):
+        """Keys from the master's admin server (``admin=``; sizes unknown: None). The client API has no
+        listing call."""
+        for key in http_key_list(self.admin, f"Mooncake master {self.master} (admin= in the store URL: its "
+                                             "--metrics_port)", self._runner.timeout_s or 30.0):
+            yield key, None
+
     def stats(self) -> dict:
         d = dict(self._counts, failed_by_status=dict(self._counts["failed_by_status"]))
         d.update(scheme=self.scheme, master=self.master, protocol=self.protocol, registered_regions=len(self._regions),
@@ -424,6 +438,9 @@ def open_url(u: StoreURL) -> MooncakeStore:
               buffer=parse_size(u.pop("buffer", "128MiB")), local=u.pop("local", "127.0.0.1") or "127.0.0.1",
               device=u.pop("device", "") or "", timeout_s=timeout_s, workers=workers,
               require_registered=_flag(u, "require_registered", None),
-              device_memory=_flag(u, "device_memory", False), check=_flag(u, "check", True))
+              device_memory=_flag(u, "device_memory", False), check=_flag(u, "check", True),
+              admin=u.pop("admin", None) or None)
+    if kw["admin"] and not kw["admin"].startswith(("http://", "https://")):
+        raise ConfigError(f"admin={kw['admin']!r} in {u.raw!r}: the master's admin server as http://HOST:PORT")
     u.reject_unknown()
     return MooncakeStore(f"{u.host}:{u.port}", metadata, **kw)

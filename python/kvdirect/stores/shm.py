@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from kvdirect.errors import ConfigError, StoreError
-from kvdirect.stores.base import (BUSY, CORRUPT, INVALID_ARGUMENT, NO_ROOM, NOT_FOUND, OK, ScatterList, Store,
-                                  check_object, status_name)
+from kvdirect.stores.base import (BUSY, CORRUPT, INVALID_ARGUMENT, NO_ROOM, NOT_FOUND, OK, ObjectChecks,
+                                  ScatterList, Store, check_object, status_name)
 from kvdirect.stores.url import StoreURL, parse_size
 
 DEFAULT_SIZE = 1 << 30
@@ -128,6 +128,36 @@ class ShmStore(Store):
     def get_bytes_status(self, key: str) -> tuple[int, bytes | None]:
         """Like get_bytes, plus the status (NOT_FOUND, CORRUPT, BUSY...) of a miss."""
         return self._pool.get_bytes(key)
+
+    # -- operator tools (kvdirect.audit) ----------------------------------------
+    def list_objects(self, batch: int = 4096):
+        """Published objects as (key, size), in record order; the lock is held for one batch of
+        records at a time (csrc/shm/shm_pool.h: Pool::list)."""
+        cursor = 0
+        while True:
+            cursor, objs = self._pool.list(cursor, int(batch))
+            for key, size, _ in objs:
+                yield key, size
+            if cursor == 0:
+                return
+
+    def check_objects(self, keys: Sequence[str], drop_corrupt: bool = False) -> ObjectChecks:
+        """Recompute each object's checksum in place (nothing copied out; ignores checksum=off):
+        CORRUPT objects stay in the pool unless ``drop_corrupt``; ``checked`` is False for objects
+        written without a checksum (their content is unverified)."""
+        st, checked, sizes = self._pool.verify(keys, bool(drop_corrupt))
+        detail = {int(i): "checksum mismatch" if checked[i] else "damaged object record"
+                  for i in np.flatnonzero(st == CORRUPT)}
+        detail.update({int(i): "pin table full (too many concurrent readers)" for i in np.flatnonzero(st == BUSY)})
+        return ObjectChecks(st, checked, sizes, detail)
+
+    def object_extents(self, key: str) -> list[tuple[int, int]]:
+        """(file offset, length) of each block of ``key``'s bytes in the pool file, in object order:
+        for tools and tests that inspect or damage the file directly. StoreError when absent."""
+        st, ext = self._pool.object_extents(key)
+        if st != OK:
+            raise StoreError(f"shm pool {self.name!r}: no extents for {key[:40]!r}: {status_name(st)}")
+        return ext
 
     def stats(self) -> dict:
         s = dict(self._pool.stats())

@@ -25,10 +25,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+import numpy as np
+
 from kvdirect import keys as _keys
 from kvdirect.errors import ConfigError
-from kvdirect.layout import KVLayout
 from kvdirect.vllm import settings
+from kvdirect.vllm import stats as _stats
 from kvdirect.vllm.plan import StepPlan, WorkerReport
 from kvdirect.vllm.scheduler import SchedulerSide
 from kvdirect.vllm.worker import WorkerSide
@@ -64,6 +66,26 @@ def _tp() -> tuple[int, int]:
     return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
 
 
+def _tp_min():
+    """``agree(x) -> elementwise minimum of x over the TP group`` (gloo, the group's CPU side),
+    or None with one rank. Every rank calls it in the same step with the same plan."""
+    from vllm.distributed.parallel_state import get_tp_group
+
+    group = get_tp_group()
+    if group.world_size == 1:
+        return None
+
+    def agree(x):
+        import torch
+        import torch.distributed as dist
+
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group.cpu_group)
+        return t.numpy()
+
+    return agree
+
+
 class KVDirectConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -77,7 +99,10 @@ class KVDirectConnector(KVConnectorBase_V1):
         self.store = settings.open_pool(self.config)
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
-        self._saves_seen: set[str] = set()  # worker without a store: requests the scheduler may hold
+        self._held: set[str] = set()  # worker without a store: held requests to report finished
+        self._no_store_errors: set[int] = set()
+        self._agree = None
+        self._stats = _stats.Deltas()
         self._handshake: KVDirectHandshake | None = None
         if role == KVConnectorRole.SCHEDULER:
             if getattr(ktc, "kv_load_failure_policy", "recompute") != "recompute":
@@ -137,16 +162,14 @@ class KVDirectConnector(KVConnectorBase_V1):
             names.append(name)
             tensors.append(t)
         fmt = self._object_format(names[0], tensors[0])
-        layout = KVLayout.from_blocks(tensors, num_blocks=int(tensors[0].shape[self._block_dim(tensors[0])]),
-                                      page_size=self.block_size, object_format=fmt,
-                                      kv_heads=int(spec.num_kv_heads), head_dim=int(spec.head_size),
-                                      v_head_dim=int(getattr(spec, "head_size_v", spec.head_size)),
-                                      block_dim=self._block_dim(tensors[0]))
+        block_dim = self._block_dim(tensors[0])
+        layout = settings.blocks_layout(self._vllm_config, spec, tensors, num_blocks=int(tensors[0].shape[block_dim]),
+                                        block_size=self.block_size, object_format=fmt, block_dim=block_dim)
         rank, size = _tp()
         fp = _keys.LayoutFingerprint.from_layout(layout, model=self.config.model, tp_rank=rank, tp_size=size)
         # layer names map to their position; shared layers to the layer that owns the tensor
         layer_names = names + [n for n in group.layer_names if n not in names]
-        self.worker = WorkerSide(self.config, self.store, layout, names, fp, rank=rank)
+        self.worker = WorkerSide(self.config, self.store, layout, names, fp, rank=rank, agree=self._tp_agree())
         for n in layer_names[len(names):]:
             t = kv_caches[n]
             self.worker.layer_of[n] = names.index(seen[t.data_ptr()])
@@ -177,6 +200,11 @@ class KVDirectConnector(KVConnectorBase_V1):
         shape = "x".join(str(int(s)) for s in t.shape[self._block_dim(t) + 1:])
         return f"vllm/{backend}/{isa}/{cache_dtype}/{shape}"
 
+    def _tp_agree(self):
+        if self._agree is None:
+            self._agree = _tp_min() or (lambda x: x)
+        return self._agree
+
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
         return self._handshake
 
@@ -185,8 +213,12 @@ class KVDirectConnector(KVConnectorBase_V1):
             self.worker.handle_preemptions(kv_connector_metadata.plan.preempted)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        plan = self._get_connector_metadata().plan
         if self.worker is not None:
-            self.worker.start_load(self._get_connector_metadata().plan)
+            self.worker.start_load(plan)
+        else:  # this worker serves without the pool (allow_no_store): its loads fail
+            if plan.loads:
+                self._no_store_errors.update(np.concatenate([r.block_ids for r in plan.loads]).tolist())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self.worker is not None:
@@ -200,20 +232,45 @@ class KVDirectConnector(KVConnectorBase_V1):
             return
         plan = self._get_connector_metadata().plan
         if self.worker is not None:
-            self.worker.finish_loads()
+            self.worker.hold(plan.held)
+            self.worker.finish_loads()  # loads known good (on every TP rank) before any save
             self.worker.submit_saves(plan)
         else:  # this worker serves without the pool (allow_no_store): nothing to wait for
-            self._saves_seen.update(r.req_id for r in plan.saves)
+            self._held.update(plan.held)
+            runs = [r for r in plan.loads if len(r)]
+            if runs:  # the other ranks agree on failed loads here: take part (every page failed)
+                self._tp_agree()(np.zeros(len(runs), dtype=np.int64))
 
     def get_finished(self, finished_req_ids: set[str]):
         if self.worker is None:
-            done = self._saves_seen & set(finished_req_ids or ())
-            self._saves_seen -= done
+            done, self._held = self._held, set()
             return (done or None), None
         return (self.worker.get_finished(finished_req_ids) or None), None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self.worker.take_load_errors() if self.worker is not None else set()
+        if self.worker is None:
+            out, self._no_store_errors = self._no_store_errors, set()
+            return out
+        return self.worker.take_load_errors()
+
+    # ---- operability: vLLM's KV connector stats (logged per interval) and Prometheus ---
+    def get_kv_connector_stats(self):
+        if self.scheduler is not None:
+            data = self._stats.take(self.scheduler.stats, _stats.SCHEDULER_COUNTERS)
+        elif self.worker is not None:
+            data = self._stats.take(self.worker.stats, _stats.WORKER_COUNTERS,
+                                    pending_save_pages=self.worker.pending_save_pages())
+        else:
+            return None
+        return _stats.KVDirectConnectorStats(data=data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
+        return _stats.KVDirectConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return _stats.KVDirectPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def build_connector_worker_meta(self):
         if self.worker is None:

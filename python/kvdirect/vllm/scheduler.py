@@ -6,18 +6,24 @@ scheduler outputs are read by attribute), so it is unit-tested without vLLM.
 * Match (``get_num_new_matched_tokens``): one ``PrefixIndex.match`` of the prompt
   (pages the index already knows are in the pool) plus at most one batched
   ``Store.exists`` for the pages after them, over every TP rank's keys at once.
-  Block-aligned; never claims the last prompt token (vLLM must compute one).
-  Repeated calls for one request give the same answer and change no request
-  state; what the pool confirmed is remembered in the index (a cache, not a claim).
+  Every whole prompt page the pool holds is claimed, capped at the request's
+  length - 1 tokens (vLLM must compute one): a prompt of whole pages whose pages
+  are all in the pool loads every page, the last one's final token is then
+  recomputed by the forward (``PageRun.recompute_tail``). Repeated calls for one
+  request give the same answer and change no request state; what the pool
+  confirmed is remembered in the index (a cache, not a claim).
 * Loads: ``update_state_after_alloc`` turns the hit into (pages, blocks) for the
   worker; ``build_step`` hands them out once.
 * Saves: every step, each scheduled request's prompt pages that became fully
-  computed and that the pool is not known to hold are planned for saving. A
-  request that had saves planned is held when it finishes (``request_finished``
-  -> True) until the workers report its saves acknowledged (``finished_sending``).
-* Worker reports: acknowledged pages (on every TP rank) enter the index; a failed
-  load makes those pages unknown again and re-plans their save after vLLM
-  recomputes them.
+  computed and that the pool is not known to hold are planned for saving, with
+  the request's earlier blocks (``prior_blocks``) so that a worker can withhold
+  pages computed on top of a block whose load failed. A request that had saves
+  planned, or whose timed-out gets may still write its blocks, is held when it
+  finishes (``request_finished`` -> True, announced to the workers in
+  ``StepPlan.held``) until every worker reports it done (``finished_sending``).
+* Worker reports: pages acknowledged by every TP rank (a bit per rank) enter the
+  index; a failed load makes those pages unknown again, and a failed load or a
+  withheld save re-plans the pages' save once vLLM has recomputed them.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from kvdirect.cache.stats import CacheStats
 from kvdirect.config import CacheConfig
 from kvdirect.errors import ConfigError, KVDirectError
 from kvdirect.index import PrefixIndex
+from kvdirect.vllm.lora import adapter_identity
 from kvdirect.vllm.plan import PageRun, StepPlan, WorkerReport
 
 log = logging.getLogger("kvdirect.vllm")
@@ -41,14 +48,20 @@ _EMPTY_DIGESTS = np.zeros((0, 32), dtype=np.uint8)
 
 def request_namespace(request) -> tuple[str | None, bytes | None] | None:
     """(index namespace, key seed) for a request, or None when its KV is not a function
-    of its token ids alone (multimodal inputs, prompt embeddings): such requests are
-    neither loaded nor saved."""
+    of its token ids alone (multimodal inputs, prompt embeddings) or of what can be
+    identified (a LoRA adapter without its files): such requests are neither loaded
+    nor saved."""
     if getattr(request, "prompt_token_ids", None) is None or getattr(request, "mm_features", None):
         return None
     if getattr(request, "prompt_embeds", None) is not None:
         return None
     lora = getattr(request, "lora_request", None)
-    lora_name = None if lora is None else f"lora:{getattr(lora, 'lora_name', None)}:{getattr(lora, 'lora_int_id', '')}"
+    lora_name = None
+    if lora is not None:  # the adapter's files, not vLLM's name and id (kvdirect.vllm.lora)
+        ident = adapter_identity(lora)
+        if ident is None:
+            return None
+        lora_name = f"lora:{ident}"
     salt = getattr(request, "cache_salt", None) or None
     if lora_name is None and salt is None:
         return None, None
@@ -62,13 +75,14 @@ class _Req:
     tokens: np.ndarray       # prompt token ids
     namespace: str | None
     digests: np.ndarray      # uint8 [full prompt pages, 32]
-    acks: np.ndarray         # int32 [pages]: ranks that acknowledged the page (tp_size = in pool)
+    acks: np.ndarray         # int64 [pages]: bit r set = TP rank r acknowledged the page
     indexed: int = 0         # leading pages inserted into the index
     save_next: int = 0       # first page not yet planned for saving
     known_pool: int = 0      # leading pages the pool was known to hold when the request was admitted
     saves_planned: bool = False
+    late_load: bool = False  # a timed-out get may still write its blocks (held at finish until quiet)
     finished: bool = False
-    hit: tuple[int, int] | None = None  # (num_computed_tokens given, pool pages) of the last match
+    hit: tuple[int, int, int] | None = None  # (num_computed_tokens given, pool pages, tokens claimed)
 
 
 class SchedulerSide:
@@ -85,10 +99,13 @@ class SchedulerSide:
         self._reqs: dict[str, _Req] = {}
         self._unsupported: set[str] = set()
         self._loads: dict[str, PageRun] = {}
+        self._held: set[str] = set()  # held at finish since the last plan (StepPlan.held)
+        self._all_ranks = (1 << self.tp_size) - 1
         self._health = StoreHealth(store, config, CacheStats(config.latency_window))
         self.stats = dict.fromkeys(("match_calls", "query_keys", "queries", "index_hit_pages", "query_hit_pages",
-                                    "load_pages", "load_failed_requests", "save_pages_planned",
-                                    "saved_pages_acked", "save_failed_pages", "held_requests"), 0)
+                                    "hit_requests", "hit_tokens", "load_pages", "load_failed_requests",
+                                    "save_pages_planned", "saved_pages_acked", "save_failed_pages",
+                                    "late_load_requests", "held_requests"), 0)
 
     # ---- layouts from the workers ------------------------------------------------
     def set_fingerprints(self, fps: dict[int, dict]) -> None:
@@ -124,7 +141,7 @@ class SchedulerSide:
         tokens = np.asarray(request.prompt_token_ids, dtype=np.int64)
         n = len(tokens) // self.P
         digests = _keys.page_digests(tokens[: n * self.P], self.P, namespace_seed=seed) if n else _EMPTY_DIGESTS
-        st = _Req(request, tokens, namespace, digests, np.zeros(n, dtype=np.int32))
+        st = _Req(request, tokens, namespace, digests, np.zeros(n, dtype=np.int64))
         self._reqs[rid] = st
         return st
 
@@ -135,20 +152,22 @@ class SchedulerSide:
 
     # ---- match ---------------------------------------------------------------------
     def num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
-        if not self.load_enabled:
+        if not (self.load_enabled or self.save_enabled):
             return 0
-        st = self._state(request)
-        if st is None:
+        st = self._state(request)  # also without loads (kv_producer): the request's pages are saved
+        if st is None or not self.load_enabled:
             return 0
         P = self.P
-        limit = min((int(request.num_tokens) - 1) // P, len(st.digests))  # never the last token
+        cap = int(request.num_tokens) - 1  # never the last token: vLLM computes at least one
+        limit = min(-(-cap // P), len(st.digests))  # whole pages that hold a claimable token
         if limit * P <= num_computed_tokens:
             st.hit = None
             return 0
         self.stats["match_calls"] += 1
         pages = self._pool_pages(st, limit)
-        st.hit = (int(num_computed_tokens), pages)  # remembered for after_alloc (overwritten per call)
-        return max(0, pages * P - int(num_computed_tokens))
+        claim = min(pages * P, cap)
+        st.hit = (int(num_computed_tokens), pages, claim)  # for after_alloc (overwritten per call)
+        return max(0, claim - int(num_computed_tokens))
 
     def _pool_pages(self, st: _Req, limit: int) -> int:
         """Leading pages [0, limit) the pool holds: the index first, one exists query after."""
@@ -196,26 +215,32 @@ class SchedulerSide:
         if num_external_tokens <= 0 or hit is None:
             self._loads.pop(request.request_id, None)
             return
-        computed, pages = hit
-        first = computed // self.P
-        n = min(int(num_external_tokens) // self.P, pages - first)
-        if n <= 0 or (computed % self.P) or computed + num_external_tokens != (first + n) * self.P:
+        computed, pages, claim = hit
+        P = self.P
+        end = computed + int(num_external_tokens)
+        if computed % P or not computed < end <= claim:
             # vLLM would treat these tokens as loaded: fail loudly rather than serve unloaded blocks
             raise KVDirectError(f"kvdirect: vLLM allocated {num_external_tokens} external tokens after "
-                                f"{computed} computed; expected whole pages up to {pages * self.P}")
+                                f"{computed} computed; the pool hit covers tokens {computed}..{claim}")
+        first, n = computed // P, -(-end // P) - computed // P  # pages holding a loaded token
         blocks = np.asarray(block_ids[first:first + n], dtype=np.int64)
         if len(blocks) != n:
             raise ConfigError(f"kvdirect: request {request.request_id} has {len(block_ids)} blocks, "
                               f"needs {first + n} for its pool hit")
-        self._loads[request.request_id] = PageRun(request.request_id, first, st.digests[first:first + n], blocks)
+        # a hit ending inside a page: the forward writes the rest of that page (the same tokens' KV)
+        self._loads[request.request_id] = PageRun(request.request_id, first, st.digests[first:first + n], blocks,
+                                                  recompute_tail=bool(end % P))
         self.stats["load_pages"] += n
+        self.stats["hit_requests"] += 1
+        self.stats["hit_tokens"] += int(num_external_tokens)
 
     # ---- per step ----------------------------------------------------------------------
     def build_step(self, scheduler_output) -> StepPlan:
         so = scheduler_output
         preempted = frozenset(getattr(so, "preempted_req_ids", None) or ())
-        plan = StepPlan(preempted=preempted,
+        plan = StepPlan(preempted=preempted, held=frozenset(self._held),
                         fingerprint_digests=tuple(fp.digest for fp in self.fingerprints or ()))
+        self._held.clear()
         scheduled = getattr(so, "num_scheduled_tokens", {}) or {}
         for rid in list(self._loads):
             if rid in scheduled:
@@ -239,22 +264,26 @@ class SchedulerSide:
             ids = block_state.get_block_ids(rid) if block_state is not None else None
             if ids is None:
                 continue
-            blocks = np.asarray(ids[0][lo:full], dtype=np.int64)
-            if len(blocks) != full - lo:
+            req_blocks = np.asarray(ids[0][:full], dtype=np.int64)
+            if len(req_blocks) != full:
                 continue
-            plan.saves.append(PageRun(rid, lo, st.digests[lo:full], blocks))
+            # the pages were computed reading the request's earlier blocks: the worker withholds
+            # them when one of those blocks did not load
+            plan.saves.append(PageRun(rid, lo, st.digests[lo:full], req_blocks[lo:], prior_blocks=req_blocks[:lo]))
             st.save_next = full
             st.saves_planned = True
             self.stats["save_pages_planned"] += full - lo
         return plan
 
     def request_finished(self, request) -> bool:
-        """True: hold the request's blocks until the workers report its saves done."""
+        """True: hold the request's blocks until every worker reports it done (its saves
+        acknowledged, no timed-out get still writing its blocks)."""
         rid = request.request_id
         st = self._reqs.get(rid)
         self._loads.pop(rid, None)
-        if st is not None and st.saves_planned:
+        if st is not None and (st.saves_planned or st.late_load):
             st.finished = True
+            self._held.add(rid)
             self.stats["held_requests"] += 1
             return True
         self._forget(rid)
@@ -269,17 +298,17 @@ class SchedulerSide:
                 self.stats["save_failed_pages"] += int((~ok).sum())
                 if st is None:
                     continue
-                st.acks[a.first_page:a.first_page + len(ok)] += ok.astype(np.int32)
+                st.acks[a.first_page:a.first_page + len(ok)] |= ok.astype(np.int64) << a.rank
                 touched.add(a.req_id)
             for rid in touched:
                 st = self._reqs[rid]
-                whole = st.acks >= self.tp_size
+                whole = st.acks == self._all_ranks  # every rank stored its part (a rank acking twice is one)
                 whole[: st.known_pool] = True
                 run = int(np.argmin(whole)) if not whole.all() else len(whole)
                 before = st.indexed
                 self._index_upto(st, run)
                 self.stats["saved_pages_acked"] += max(0, st.indexed - before)
-            for rid, page in report.load_failures:
+            for rid, page in sorted(set(report.load_failures)):  # TP ranks agree: one report each
                 self.stats["load_failed_requests"] += 1
                 st = self._reqs.get(rid)
                 if st is None:
@@ -290,6 +319,15 @@ class SchedulerSide:
                 if st.indexed > page:
                     self.index.mark_not_in_pool(st.tokens, page, st.indexed - page, namespace=st.namespace)
                     st.indexed = page
+            for rid, page in set(report.withheld):
+                st = self._reqs.get(rid)
+                if st is not None:  # planned again once vLLM has recomputed the pages
+                    st.save_next = min(st.save_next, page)
+            for rid in set(report.late_loads):
+                st = self._reqs.get(rid)
+                if st is not None and not st.late_load:
+                    st.late_load = True
+                    self.stats["late_load_requests"] += 1
         for rid in finished_sending or ():
             st = self._reqs.get(rid)
             if st is not None and st.finished:

@@ -39,8 +39,10 @@ def cache_config(vllm_config) -> CacheConfig:
 
 
 def model_identity(vllm_config) -> str:
-    """Served model name (else the model path or hub id), revision, quantization and a
-    digest of ``config.json`` (local folder, or the hub cache without any download)."""
+    """Served model name (else the model path or hub id), revision, quantization, a
+    digest of ``config.json`` (local folder, or the hub cache without any download) and
+    one of ``hf_overrides`` (a function there cannot be identified: refused, set
+    ``"model"`` in ``kv_connector_extra_config``)."""
     mc = vllm_config.model_config
     name = getattr(mc, "served_model_name", None) or getattr(mc, "model", None)
     if isinstance(name, (list, tuple)):
@@ -61,8 +63,44 @@ def model_identity(vllm_config) -> str:
             cfg_file = hit if isinstance(hit, str) else None
         except Exception:  # noqa: BLE001 - no hub client or no cache: identity without the digest
             cfg_file = None
-    return _model_identity(str(name), revision=revision,
-                           quantization=getattr(mc, "quantization", None), config_file=cfg_file)
+    try:
+        return _model_identity(str(name), revision=revision, quantization=getattr(mc, "quantization", None),
+                               config_file=cfg_file, overrides=getattr(mc, "hf_overrides", None) or None)
+    except ConfigError as e:
+        raise ConfigError(PREFIX + f"hf_overrides: {e}") from None
+
+
+#: vLLM cache_dtype -> the logical KV dtype where the storage dtype hides it (fp8 KV is kept as uint8)
+FP8_CACHE_DTYPES = {"fp8_e5m2": "float8_e5m2", "fp8_inc": "float8_e4m3fn"}
+
+
+def kv_dtype(vllm_config) -> str | None:
+    """The logical KV dtype of ``cache_config.cache_dtype`` for the layout fingerprint: the fp8
+    format (vLLM stores e4m3, e4m3fnuz and e5m2 alike as uint8; ``fp8``/``fp8_e4m3`` is the
+    platform's e4m3 variant, fnuz on some ROCm GPUs). None where the storage dtype already
+    says it (``auto``: the model dtype; the cache_dtype name is in the object format too)."""
+    cd = str(getattr(vllm_config.cache_config, "cache_dtype", "auto") or "auto")
+    if cd in FP8_CACHE_DTYPES:
+        return FP8_CACHE_DTYPES[cd]
+    if cd in ("fp8", "fp8_e4m3"):
+        try:
+            from vllm.platforms import current_platform
+
+            return str(current_platform.fp8_dtype()).removeprefix("torch.")
+        except ImportError:  # outside vLLM (tests of this module): vLLM's default
+            return "float8_e4m3fn"
+    return None
+
+
+def blocks_layout(vllm_config, spec, tensors, *, num_blocks: int, block_size: int, object_format: str,
+                  block_dim: int):
+    """The KVLayout of vLLM's per-layer KV tensors (what the worker moves), with the logical KV dtype."""
+    from kvdirect.layout import KVLayout
+
+    return KVLayout.from_blocks(tensors, num_blocks=num_blocks, page_size=block_size, object_format=object_format,
+                                kv_heads=int(spec.num_kv_heads), head_dim=int(spec.head_size),
+                                v_head_dim=int(getattr(spec, "head_size_v", spec.head_size)),
+                                dtype=kv_dtype(vllm_config), block_dim=block_dim)
 
 
 def check_supported(vllm_config, kv_cache_config) -> None:
