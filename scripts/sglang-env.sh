@@ -28,6 +28,9 @@
 #   HiCache's L3 Mooncake backend (the demo's baseline).
 # - datasets: imported by SGLang's load generator (`python -m sglang.bench_serving`,
 #   bench/bench_sglang_serving.py), whatever the dataset.
+# - sglang-router (SGLang's load balancer, `--pd-disaggregation --mini-lb`) and
+#   prometheus_client (imported by SGLang's Mooncake PD transfer backend): the
+#   prefill/decode disaggregation test (tests/e2e_sglang/test_pd.py).
 # - kvdirect is installed non-editable (a wheel built from the checkout), so no
 #   editable import hook shadows another kvdirect put on PYTHONPATH.
 set -euo pipefail
@@ -50,6 +53,7 @@ recipe=(
   "fastapi uvicorn uvloop python-multipart jsonschema xgrammar==0.2.7 soundfile==0.13.1 einops python-dateutil<3"
   "mooncake-transfer-engine-non-cuda==0.3.13.post1"
   "datasets==5.2.0"
+  "sglang-router==0.3.2 prometheus_client"
   "pytest scikit-build-core>=0.10 pybind11>=2.12 cmake ninja"
 )
 recipe_digest=$(printf '%s\n' "$python" "${recipe[@]}" | sha256sum | cut -c1-16)
@@ -109,6 +113,7 @@ from importlib.metadata import entry_points, version
 assert version("sglang") == "0.5.23", version("sglang")
 for m in ("sglang.srt.mem_cache.registry", "sglang.srt.mem_cache.radix_cache", "fastapi", "uvicorn",
           "uvloop", "jsonschema", "xgrammar", "soundfile", "einops", "mooncake.store", "kvdirect._core",
+          "sglang_router.launch_router", "prometheus_client",
           "kvdirect.sglang"):
     importlib.import_module(m)
 import kvdirect

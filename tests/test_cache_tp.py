@@ -168,3 +168,97 @@ def test_tp_ranks_apply_the_same_write_completions(tmp_path):
     assert seen0[0][1] == 0 and seen0[1][1] == 0
     assert seen0[2][1] == 8 * P and seen0[2][2] == [1] * 8   # IN_POOL everywhere
     assert seen0[3][2] == [0] * 4                              # UNKNOWN everywhere (failed on rank 1)
+
+
+# ---- MLA: one copy of each page, written by rank 0 only -------------------------------------
+def _mla_rank(rank, world, init, url, q):
+    import threading
+
+    import torch.distributed as dist
+
+    from kvdirect import KVLayout
+    from kvdirect.cache import KVDirectCache, torch_dist_min
+    from kvdirect.config import CacheConfig
+    from kvdirect.stores import open_store
+    from kvdirect.stores._testing import FlakyStore
+
+    class Counting(FlakyStore):
+        """Counts the store calls this rank makes; puts wait at a gate (a slow write)."""
+
+        def __init__(self, inner):
+            super().__init__(inner)
+            self.calls = {"exists": 0, "put": 0, "put_keys": 0}
+            self.gate = threading.Event()
+
+        def exists(self, keys):
+            self.calls["exists"] += 1
+            return super().exists(keys)
+
+        def put(self, keys, scatter):
+            self.calls["put"] += 1
+            self.calls["put_keys"] += len(keys)
+            self.gate.wait(60)
+            return super().put(keys, scatter)
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        # MLA: every rank holds the same latent per token (72 = kv_lora_rank 64 + rope 8)
+        kv = [np.random.default_rng(layer).standard_normal((SLOTS, 1, 72)).astype(np.float32)
+              for layer in range(LAYERS)]
+        cfg = CacheConfig(store=None, model="tp-mla-model")
+        store = Counting(open_store(url))
+        writer = KVDirectCache(KVLayout.from_mla(kv, page_size=P), store, config=cfg, tp_rank=rank,
+                               tp_size=world, tp_reduce_min=torch_dist_min())
+        toks = np.random.default_rng(3).integers(0, 9999, 8 * P).astype(np.int32)
+        writer.write_back(toks, np.arange(8 * P))
+        dist.barrier()
+        writer.poll()  # rank 0's put waits at its gate: every rank keeps the pages pinned
+        seen = [writer.evictable_size]
+        store.gate.set()
+        writer.flush(30)
+        r = writer.index.match(toks, None)
+        seen += [writer.evictable_size, writer.index.path_states(r.node)[0][:8].tolist()]
+        dist.barrier()
+        write_calls = dict(store.calls)
+        # a fresh cache on each rank (another server) finds the pages and loads rank 0's bytes
+        kv2 = [np.zeros((SLOTS, 1, 72), np.float32) for _ in range(LAYERS)]
+        reader = KVDirectCache(KVLayout.from_mla(kv2, page_size=P), url, config=cfg, tp_rank=rank,
+                               tp_size=world, tp_reduce_min=torch_dist_min())
+        m = reader.match(toks)
+        pool_len = m.pool_len
+        loaded = reader.load(m, np.arange(100, 100 + pool_len))
+        same = all(np.array_equal(kv2[i][100:100 + loaded], kv[i][:loaded]) for i in range(LAYERS))
+        q.put((rank, write_calls, writer.stats()["stored_pages"], seen, pool_len, loaded, same))
+        reader.close()
+        writer.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tp_mla_pages_are_written_by_rank_0_only(tmp_path):
+    """MLA pages are the same on every TP rank and stored once (keys without the rank):
+    rank 0 puts them; the other ranks make no store call to write them, but pin the same
+    pages until the ranks agree the write is done (the same evictable size everywhere).
+    Before, every rank checked and put the same pages (which rank's put landed was a race)."""
+    url = f"shm://kvd-tp-mla-{uuid.uuid4().hex[:8]}?size=32MiB"
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_mla_rank, args=(r, 2, f"file://{tmp_path}/pg", url, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    from kvdirect.stores.shm import destroy_pool
+    destroy_pool(url.split("//")[1].split("?")[0], missing_ok=True)
+    assert [p.exitcode for p in procs] == [0, 0]
+    (_, calls0, stored0, seen0, pool0, load0, same0), (_, calls1, stored1, seen1, pool1, load1, same1) = \
+        sorted(q.get(timeout=5) for _ in range(2))
+    assert calls0["put_keys"] == 8 and stored0 == 8, calls0
+    assert calls1 == {"exists": 0, "put": 0, "put_keys": 0} and stored1 == 0, \
+        f"TP rank 1 wrote MLA pages that rank 0 writes: {calls1}"
+    # pinned on both ranks while rank 0 writes, unpinned on both after; rank 1 leaves the
+    # pool state unknown (its matches ask the store)
+    assert seen0[:2] == seen1[:2] == [0, 8 * P], (seen0, seen1)
+    assert seen0[2] == [1] * 8 and seen1[2] == [0] * 8, (seen0, seen1)
+    assert pool0 == pool1 == 8 * P and load0 == load1 == 8 * P
+    assert same0 and same1

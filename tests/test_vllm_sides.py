@@ -578,6 +578,44 @@ def test_a_save_only_instance_saves(pool):
     w.close()
 
 
+def test_pages_of_generated_tokens_are_saved_as_decoding_fills_them(pool):
+    """Multi-turn: the pages a request's generated tokens fill are saved too (vLLM's
+    ``all_token_ids``), so the next turn (prompt + answer + a new message), on another
+    instance, loads the previous answer's pages. Before, only prompt pages were saved."""
+    prompt = np.arange(100, 100 + 2 * P + 5).tolist()
+    answer = np.arange(1500, 1500 + P).tolist()
+    src = kv_blocks(3)
+    w, fp = worker(pool, src)
+    s = scheduler(pool, fp)
+    req = request("a", prompt)
+    req.all_token_ids = list(prompt)
+    s.num_new_matched_tokens(req, 0)
+    s.after_alloc(req, [], 0)
+    blocks = {"a": [4, 5, 6, 7]}
+    plan, _, _ = run_step(s, w, sched_output(new=[("a", 0, len(prompt))], blocks=blocks))
+    assert [(r.first_page, len(r)) for r in plan.saves] == [(0, 2)]
+    # decode: step k feeds the k-th generated token back (its KV is computed in that step)
+    saves = []
+    for k in range(P):
+        req.all_token_ids = prompt + answer[: k + 1]
+        req.num_tokens = len(req.all_token_ids)
+        plan, _, _ = run_step(s, w, sched_output(cached=[("a", len(prompt) + k, 1)], blocks=blocks))
+        saves += [(k, r.first_page, r.block_ids.tolist()) for r in plan.saves]
+    # page 2 (tokens 2P .. 3P-1: 5 prompt tokens, then generated ones) is whole after step P - 6
+    assert saves == [(P - 6, 2, [6])]
+    conversation = prompt + answer[: P - 5]
+    key = keys_of(fp, conversation, [2])
+    assert pool_page(pool, key[0]) == block_bytes(src, 6)
+    assert s.request_finished(req)
+    run_step(s, w, sched_output())
+    assert not s._reqs
+    w.close()
+    # the next turn on another instance: the answer's page comes from the pool
+    s2 = scheduler(pool, fp)
+    turn2 = conversation + np.arange(1800, 1800 + 20).tolist()
+    assert s2.num_new_matched_tokens(request("b", turn2), 0) == 3 * P
+
+
 def test_preempted_request_saves_finish_before_its_blocks_are_reused(pool):
     src = kv_blocks(5)
     slow = FlakyStore(open_store(pool), delay_s=0.3, fail_ops=("put",), delay_ops=("put",))

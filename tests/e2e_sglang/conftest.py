@@ -6,7 +6,9 @@ namespaces they create), send token ids to ``/generate`` and compare greedy
 outputs. Every server is stopped and every pool, master and SGLang /dev/shm file
 they made is removed at teardown, also when a test fails. ``standin/`` holds the
 import-only ``sgl_kernel`` module (see its docstring); a call into it fails the
-test that started the server.
+test that started the server. ``testplugin/`` is a TEST-ONLY SGLang plugin (an MLA
+dispatch for ``torch_native``, a record of the shm store's puts), put on a server's
+path only by tests that ask for it (``testplugin=True``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 STANDIN = HERE / "standin"
+TESTPLUGIN = HERE / "testplugin"  # TEST-ONLY SGLang plugin (see its docstring); on a server's path only when asked
 sys.path.insert(0, str(HERE))
 
 try:  # outside the SGLang environment these run through tests/test_sglang_plugin.py
@@ -78,6 +81,8 @@ class Farm:
         env = dict(kw.pop("env", {}) or {})
         env["KVDIRECT_SGL_KERNEL_CALLS"] = str(self.calls)
         path = [*kw.pop("more_path", []), STANDIN]  # e.g. a test-only sitecustomize folder
+        if kw.pop("testplugin", False):  # the test-only SGLang plugin (MLA on torch_native)
+            path.append(TESTPLUGIN)
         s = Server(sys.executable, model or self.model, pythonpath=path, env=env,
                    log_dir=str(self.workdir), **kw)
         self.servers.append(s)
@@ -160,6 +165,21 @@ def module_pools():
     p = Pools()
     yield p
     p.destroy()
+
+
+# ---- tensor parallelism on CPU -------------------------------------------------
+#: ``--tp-size 2`` on a CPU-only machine (SGLang 0.5.23): one OpenMP core per rank (otherwise
+#: ``numa_utils.py`` asserts ranks <= NUMA nodes); an NCCL library path that does not load (the
+#: SGLang environment's torch is a CUDA build shipping pip's libnccl, so SGLang would try NCCL on
+#: CPU tensors: "Expected a cuda device, but got: cpu"; without it the ranks all-reduce over gloo).
+#: ``--max-total-tokens`` is always given (each rank would otherwise size its KV for all memory).
+TP2 = dict(args=["--tp-size", "2"],
+           env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1", "SGLANG_NCCL_SO_PATH": "/nonexistent/libnccl-kvdirect-tests.so"})
+
+
+def tp2(**kw) -> dict:
+    """Server arguments for ``--tp-size 2`` merged with ``kw`` (``args`` and ``env`` are joined)."""
+    return dict(kw, args=[*TP2["args"], *kw.get("args", ())], env={**TP2["env"], **kw.get("env", {})})
 
 
 # ---- prompts -----------------------------------------------------------------

@@ -71,7 +71,7 @@ def check_first_requests(server, wl: Workload, references, device_ref=None) -> i
         if device_ref is not None and shared:
             ref = client.generate(device_ref.url, ids, OUTPUT_LEN, logprobs=True)
             assert cached_tokens(ref["meta_info"])["device"] == want
-            assert r["output_logprobs"] == ref["output_logprobs"], \
+            assert r["logprobs"] == ref["logprobs"], \
                 f"reuse {reuse}: logprobs after a pool load differ from the prefix-on-device ones"
         pool += hit["pool"]
     return pool

@@ -8,7 +8,8 @@ connector), so the test can read vLLM's scheduler, block pool and the connector
 objects directly. Job keys (all optional but ``model`` and ``phases``):
 
 * ``dtype``, ``block_size``, ``prefix_caching``, ``num_blocks`` (small KV space),
-  ``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``
+  ``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``, ``tensor_parallel_size``
+* ``env``: environment variables set before vLLM starts (e.g. ``VLLM_CPU_OMP_THREADS_BIND``)
 * ``kv``: null, ``{"connector": "kvdirect", "extra": {...}, "role": "kv_both"}``,
   ``{"connector": "example", "path": DIR}`` or ``{"connector": "lmcache", "port": P}``
 * ``fault``: wrap the kvdirect store in the project's FlakyStore (tests/vllm/faulty_kvdirect.py)
@@ -210,6 +211,7 @@ _LLM: dict = {}
 
 
 def run(job: dict) -> dict:
+    os.environ.update(job.get("env") or {})  # before vLLM reads it (its worker processes inherit it)
     if not job.get("multiprocess"):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if job.get("fault"):

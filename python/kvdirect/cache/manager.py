@@ -81,9 +81,17 @@ class KVDirectCache:
             config=self.config, layout=layout, page_size=self.page_size, index=self.index,
             keys=PageKeys(self.index, self.page_size, self.fingerprint), locks=NodeLocks(self.index),
             stats=stats, health=StoreHealth(self.store, self.config, stats), quarantine=quarantine,
-            store=self.store, transfer=transfer, free_slots=self.free_slots, tp_reduce=tp_reduce_min)
+            store=self.store, transfer=transfer, free_slots=self.free_slots, tp_reduce=tp_reduce_min,
+            writes=self.writes_pages(self.fingerprint, tp_rank))
         self._wb = WriteBack(self._p)
         self._closed = False
+
+    @staticmethod
+    def writes_pages(fingerprint, tp_rank: int) -> bool:
+        """Whether this TP rank puts pages. MLA pages are identical on every rank (one latent
+        per token, keys without the rank): rank 0 alone writes them, the others load them.
+        Otherwise each rank writes its own heads under its own keys."""
+        return not (fingerprint.is_mla and tp_rank != 0)
 
     def _open_store(self, store) -> Store | None:
         if store is None:

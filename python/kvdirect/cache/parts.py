@@ -30,6 +30,9 @@ class CacheParts:
     transfer: Transfer | None  # None without a store
     free_slots: Callable[[np.ndarray], None]
     tp_reduce: Callable[[int], int] | None
+    # this rank puts its pages; False on TP ranks other than 0 when every rank holds the same
+    # page bytes under the same keys (MLA: one latent per token, not split across ranks)
+    writes: bool = True
 
     def reduce(self, n: int) -> int:
         """TP ranks agree on a count: the smallest wins (identity without TP)."""

@@ -24,6 +24,12 @@ Ordering: the job carries the compute event recorded when ``write_back`` was
 called (see :mod:`kvdirect.cache.transfer`); the store (direct) or the gather
 (staged) waits for it before reading the pages.
 
+Tensor parallelism with MLA: every rank holds the same page bytes under the same
+keys, so rank 0 alone writes them (``CacheParts.writes``). The other ranks pin the
+same pages in a mirror job that needs no put and is applied when the ranks agree
+(so every rank unpins them together); it leaves the pages' pool state unknown,
+and a later match on that rank asks the store, where rank 0's pages are.
+
 Errors: store failures unpin the pages and back off; any other error in a
 writer thread (a bug, a configuration error) unpins the pages and is raised
 from ``poll``.
@@ -63,6 +69,7 @@ class WriteJob:
     existed: int = 0
     err: BaseException | None = None
     done: bool = False
+    mirror: bool = False     # pins what another TP rank writes (see WriteBack._mirror); no put
 
     @property
     def ok(self) -> bool:
@@ -93,7 +100,7 @@ class WriteBack:
         finally:
             if job is not None or self.tp:  # TP: one job per call on every rank, in call order
                 self.jobs.append(job or _empty_job())
-        if job is not None:
+        if job is not None and not job.mirror:
             self.executor.submit(self._run, job)
         return already
 
@@ -109,12 +116,14 @@ class WriteBack:
         check_token_slots(p.layout, s[: full * P], "write_back")
         prefix = t[: full * P]
         already, r = p.index.insert_path(prefix, s[: full * P], namespace)  # r: the path, as match sees it
-        if not (p.config.write_back and full and p.health.available()):
+        if not (p.config.write_back and full and (p.health.available() or not p.writes)):
             return already, None
         states = p.index.path_states(r.node)[0][:full]
         todo = np.flatnonzero(states == UNKNOWN)
         if not todo.size:
             return already, None
+        if not p.writes:
+            return already, self._mirror(prefix, namespace, todo)
         if not self._reserve(len(todo)):
             p.stats.add(dropped_writeback_pages=len(todo))
             return already, None
@@ -126,6 +135,20 @@ class WriteBack:
         job = WriteJob(prefix.copy(), namespace, todo.astype(np.int64),
                        p.keys.pool_keys(digests[todo]), page_slots, p.transfer.compute_event())
         return already, job
+
+    def _mirror(self, prefix, namespace, todo: np.ndarray) -> WriteJob | None:
+        """A rank that does not write (MLA under TP: rank 0 writes the pages every rank holds)
+        pins the pages rank 0 writes and unpins them when the ranks agree that job is done, so
+        every rank keeps the same pages pinned (see the module docstring). It never learns
+        whether rank 0's put landed, so it leaves them unknown (a later match asks the store).
+        Without the TP agreement it neither pins nor writes."""
+        if not self.tp:
+            return None
+        p = self.p
+        pinned = mark(p.index.mark_writing, prefix, namespace, todo)
+        if pinned != len(todo):  # cannot happen on the single scheduler thread
+            raise KVDirectError(f"internal: pinned {pinned} of {len(todo)} pages")
+        return WriteJob(prefix.copy(), namespace, todo.astype(np.int64), [], _NO_PAGES, done=True, mirror=True)
 
     def _reserve(self, n: int) -> bool:
         """Bound in-flight pages: 'drop' refuses, 'wait' applies completions until room."""
@@ -181,6 +204,9 @@ class WriteBack:
         p = self.p
         pages = job.pages
         if not pages.size:
+            return
+        if job.mirror:
+            mark(p.index.mark_write_failed, job.tokens, job.namespace, pages)  # unpin, pool state unknown
             return
         if job.err is not None:
             mark(p.index.mark_write_failed, job.tokens, job.namespace, pages)

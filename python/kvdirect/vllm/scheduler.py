@@ -14,8 +14,10 @@ scheduler outputs are read by attribute), so it is unit-tested without vLLM.
   confirmed is remembered in the index (a cache, not a claim).
 * Loads: ``update_state_after_alloc`` turns the hit into (pages, blocks) for the
   worker; ``build_step`` hands them out once.
-* Saves: every step, each scheduled request's prompt pages that became fully
-  computed and that the pool is not known to hold are planned for saving, with
+* Saves: every step, each scheduled request's pages that became fully computed
+  and that the pool is not known to hold are planned for saving: prompt pages, and
+  pages of generated tokens as decoding fills them (so the next turn of a
+  conversation, on any instance, finds its previous answer in the pool), with
   the request's earlier blocks (``prior_blocks``) so that a worker can withhold
   pages computed on top of a block whose load failed. A request that had saves
   planned, or whose timed-out gets may still write its blocks, is held when it
@@ -72,9 +74,9 @@ def request_namespace(request) -> tuple[str | None, bytes | None] | None:
 @dataclass
 class _Req:
     request: object
-    tokens: np.ndarray       # prompt token ids
+    tokens: np.ndarray       # token ids: the prompt, then generated tokens of whole computed pages
     namespace: str | None
-    digests: np.ndarray      # uint8 [full prompt pages, 32]
+    digests: np.ndarray      # uint8 [full pages of ``tokens``, 32]
     acks: np.ndarray         # int64 [pages]: bit r set = TP rank r acknowledged the page
     indexed: int = 0         # leading pages inserted into the index
     save_next: int = 0       # first page not yet planned for saving
@@ -83,6 +85,7 @@ class _Req:
     late_load: bool = False  # a timed-out get may still write its blocks (held at finish until quiet)
     finished: bool = False
     hit: tuple[int, int, int] | None = None  # (num_computed_tokens given, pool pages, tokens claimed)
+    seed: bytes | None = None  # namespace seed of the page digests
 
 
 class SchedulerSide:
@@ -141,9 +144,29 @@ class SchedulerSide:
         tokens = np.asarray(request.prompt_token_ids, dtype=np.int64)
         n = len(tokens) // self.P
         digests = _keys.page_digests(tokens[: n * self.P], self.P, namespace_seed=seed) if n else _EMPTY_DIGESTS
-        st = _Req(request, tokens, namespace, digests, np.zeros(n, dtype=np.int64))
+        st = _Req(request, tokens, namespace, digests, np.zeros(n, dtype=np.int64), seed=seed)
         self._reqs[rid] = st
         return st
+
+    def _extend(self, st: _Req, upto: int) -> None:
+        """Generated tokens: extend the request's tokens and page digests to the whole pages of
+        its first ``upto`` tokens (vLLM's ``all_token_ids``: prompt + output so far). Called
+        when a page beyond the known ones has been computed, once per page."""
+        P = self.P
+        ids = getattr(st.request, "all_token_ids", None)
+        if ids is None:
+            return
+        pages = min(int(upto), len(ids)) // P
+        have = len(st.digests)
+        if pages <= have:
+            return
+        new = np.asarray(ids[len(st.tokens): pages * P], dtype=np.int64)
+        tokens = np.concatenate([st.tokens, new]) if len(st.tokens) < pages * P else st.tokens
+        tail = _keys.page_digests(tokens[have * P: pages * P], P, namespace_seed=st.seed,
+                                  prior=st.digests[-1].tobytes() if have else None)
+        st.tokens = tokens
+        st.digests = np.concatenate([st.digests, tail])
+        st.acks = np.concatenate([st.acks, np.zeros(pages - have, dtype=np.int64)])
 
     def _forget(self, rid: str) -> None:
         self._reqs.pop(rid, None)
@@ -257,7 +280,10 @@ class SchedulerSide:
             st = self._reqs.get(rid)
             if st is None or rid not in computed:
                 continue
-            full = min(int(computed[rid]) + int(n_sched), len(st.tokens)) // self.P
+            upto = int(computed[rid]) + int(n_sched)  # tokens whose KV exists after this step
+            if upto // self.P > len(st.digests):
+                self._extend(st, upto)  # decoding filled a page of generated tokens
+            full = min(upto, len(st.tokens)) // self.P
             lo = max(st.save_next, st.known_pool)
             if full <= lo:
                 continue

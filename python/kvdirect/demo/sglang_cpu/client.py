@@ -4,7 +4,7 @@ Prompts are token ids (``input_ids``), decoding is greedy, and every request
 runs to ``max_new_tokens`` (``ignore_eos``). Streaming is used so that the time
 to the first token is measured by the client.
 
-Run as a script it reads ``{"url": ..., "requests": [[ids...], ...], "max_new_tokens": n}``
+Run as a script it reads ``{"url": ..., "requests": [[ids...], ...], "max_new_tokens": n, "logprobs": bool}``
 on stdin and prints the results as JSON: the tests use that to talk to a server
 inside a network namespace (``ip netns exec NS python -m kvdirect.demo.sglang_cpu.client``).
 """
@@ -26,11 +26,11 @@ def _conn(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
 def generate(url: str, input_ids, max_new_tokens: int = 4, timeout: float = 300, *,
              logprobs: bool = False) -> dict:
     """One greedy request; returns ``output_ids``, ``meta_info`` (of the last chunk),
-    ``ttft_s`` (first streamed chunk) and ``latency_s``; ``logprobs=True`` adds
-    ``output_logprobs`` (the log-probability of each output token)."""
+    ``ttft_s`` (first streamed chunk) and ``latency_s``. ``logprobs=True`` also returns
+    ``logprobs``: each output token's log-probability (SGLang's ``output_token_logprobs``)."""
     req = {"input_ids": [int(t) for t in input_ids], "stream": True,
            "sampling_params": {"temperature": 0, "max_new_tokens": int(max_new_tokens), "ignore_eos": True}}
-    if logprobs:
+    if logprobs:  # output tokens only (no prompt logprobs, no top-k)
         req.update(return_logprob=True, logprob_start_len=-1, top_logprobs_num=0)
     body = json.dumps(req)
     conn, base = _conn(url, timeout)
@@ -63,10 +63,11 @@ def generate(url: str, input_ids, max_new_tokens: int = 4, timeout: float = 300,
     out = last.get("output_ids")
     if out is None:
         raise RuntimeError(f"/generate gave no output_ids: {sorted(last)}")
-    res = {"output_ids": list(out), "meta_info": last.get("meta_info", {}), "ttft_s": ttft, "latency_s": latency}
+    meta = last.get("meta_info", {})
+    result = {"output_ids": list(out), "meta_info": meta, "ttft_s": ttft, "latency_s": latency}
     if logprobs:
-        res["output_logprobs"] = [float(x[0]) for x in res["meta_info"].get("output_token_logprobs") or []]
-    return res
+        result["logprobs"] = [float(x[0]) for x in meta.get("output_token_logprobs") or ()]
+    return result
 
 
 def disconnect_after_first_chunk(url: str, input_ids, max_new_tokens: int, timeout: float = 300) -> None:
@@ -119,7 +120,8 @@ def main() -> int:
     results = []
     for ids in job["requests"]:
         try:
-            results.append(generate(job["url"], ids, job.get("max_new_tokens", 4)))
+            results.append(generate(job["url"], ids, job.get("max_new_tokens", 4),
+                                    logprobs=job.get("logprobs", False)))
         except Exception as e:  # reported per request; the caller decides
             results.append({"error": f"{type(e).__name__}: {e}"})
     json.dump(results, sys.stdout)

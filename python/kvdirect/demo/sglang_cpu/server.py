@@ -177,18 +177,19 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     # ---- requests --------------------------------------------------------------
-    def generate(self, input_ids, max_new_tokens: int = 4, timeout: float = 300) -> dict:
+    def generate(self, input_ids, max_new_tokens: int = 4, timeout: float = 300, *, logprobs: bool = False) -> dict:
         if self.netns:
-            return self.generate_many([input_ids], max_new_tokens, timeout)[0]
-        return client.generate(self.url, input_ids, max_new_tokens, timeout)
+            return self.generate_many([input_ids], max_new_tokens, timeout, logprobs=logprobs)[0]
+        return client.generate(self.url, input_ids, max_new_tokens, timeout, logprobs=logprobs)
 
-    def generate_many(self, prompts, max_new_tokens: int = 4, timeout: float = 600) -> list[dict]:
+    def generate_many(self, prompts, max_new_tokens: int = 4, timeout: float = 600, *,
+                      logprobs: bool = False) -> list[dict]:
         """Sequential requests; inside a network namespace through one client process there."""
         if not self.netns:
-            return [self.generate(p, max_new_tokens, timeout) for p in prompts]
+            return [self.generate(p, max_new_tokens, timeout, logprobs=logprobs) for p in prompts]
         import json
 
-        job = json.dumps({"url": self.url, "max_new_tokens": max_new_tokens,
+        job = json.dumps({"url": self.url, "max_new_tokens": max_new_tokens, "logprobs": logprobs,
                           "requests": [[int(t) for t in p] for p in prompts]})
         r = subprocess.run(["ip", "netns", "exec", self.netns, self.python, "-m", "kvdirect.demo.sglang_cpu.client"],
                            input=job, capture_output=True, text=True, timeout=timeout, cwd="/")
