@@ -319,6 +319,12 @@ def test_page_keys_equal_what_the_cache_writes(kind, tp, tmp_path):
     name = f"kvd-keys-{uuid.uuid4().hex[:10]}"
     store = open_store(f"shm://{name}?size=8MiB")
     rank, size = tp
+    if L.is_mla:
+        # MLA pages are the same on every TP rank, under keys without the rank: rank 0 alone
+        # puts them; every other rank's keys name the same objects
+        assert not KVDirectCache.writes_pages(LayoutFingerprint.from_layout(L, model="m@rev1", tp_rank=1, tp_size=2), 1)
+        reader = LayoutFingerprint.from_layout(L, model="m@rev1", tp_rank=rank, tp_size=size)
+        rank = 0
     try:
         cache = KVDirectCache(L, store, config=CacheConfig(store=None, model="m@rev1", allow_no_store=False),
                               tp_rank=rank, tp_size=size)
@@ -341,6 +347,8 @@ def test_page_keys_equal_what_the_cache_writes(kind, tp, tmp_path):
             ks = fp.page_keys(toks, ns)
             assert len(ks) == 5 and store.exists(ks).all()
             assert ks == kvdirect.pool_keys(kvdirect.page_hashes(toks, P, extra_key=ns), fp)
+        if L.is_mla:
+            assert reader.page_keys(toks) == fp.page_keys(toks)
         assert fp.page_keys(toks, "") == fp.page_keys(toks, None)  # one default namespace, as in the index
         assert not store.exists(fp.page_keys(toks, "tenant-b")).any()
         other = LayoutFingerprint.from_layout(L, model="m@rev2", tp_rank=rank, tp_size=size)

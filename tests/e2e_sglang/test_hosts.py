@@ -27,7 +27,7 @@ import pytest
 
 from conftest import expected_hit
 from kvdirect.services import find_mooncake_master, free_ports, mooncake_store_url
-from kvdirect.sglang_demo.client import cached_tokens
+from kvdirect.demo.sglang_cpu.client import cached_tokens
 from test_mooncake import PUT_TIMEOUT_S, TwoHosts, _ip, wait_keys
 from test_shared_pool import kv_config
 from workload import OUTPUT_LEN, Workload

@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 
 from conftest import expected_hit, tp2, wait_pool_objects
-from kvdirect.sglang_demo.client import cached_tokens
+from kvdirect.demo.sglang_cpu.client import cached_tokens
 from mla_model import hf_greedy, write_mla_model
 from test_shared_pool import kv_config
 from workload import OUTPUT_LEN, Workload

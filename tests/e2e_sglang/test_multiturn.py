@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from conftest import VOCAB, wait_pool_objects
-from kvdirect.sglang_demo.client import cached_tokens
+from kvdirect.demo.sglang_cpu.client import cached_tokens
 from test_shared_pool import kv_config
 
 PAGE = 16

@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 
 from conftest import wait_pool_objects
-from kvdirect.sglang_demo import client
-from kvdirect.sglang_demo.server import free_port
+from kvdirect.demo.sglang_cpu import client
+from kvdirect.demo.sglang_cpu.server import free_port
 from test_multiturn import ANSWER, FOLLOW_UP, PAGE, PROMPT, user
 from test_shared_pool import kv_config
 

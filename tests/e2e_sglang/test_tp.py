@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from conftest import expected_hit, tp2, wait_pool_objects
-from kvdirect.sglang_demo import client
-from kvdirect.sglang_demo.client import cached_tokens
+from kvdirect.demo.sglang_cpu import client
+from kvdirect.demo.sglang_cpu.client import cached_tokens
 from test_pressure import assert_idle_and_flushable
 from test_shared_pool import check_prompts, kv_config
 from workload import OUTPUT_LEN, Workload
