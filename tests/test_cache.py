@@ -253,6 +253,35 @@ def test_put_status_is_not_inverted(url):
     assert not store.inner.exists([bad])[0]
 
 
+def test_a_put_where_some_pages_failed_does_not_back_off_the_store(url):
+    """A few pages not stored (a full pool, say) leave the store in use: the next request's
+    pages are written and matched from the pool. A put where no page landed backs off."""
+    P = 4
+    a = Device(P)
+    store = ScriptedStore(open_store(url))
+    c = make(a, store)
+    from kvdirect import keys as K
+
+    toks = tokens_of(8 * P, 6)
+    d = K.page_digests(toks, P, namespace_seed=K.namespace_seed())
+    store.fail_put_keys.add(K.pool_keys(d, c.fingerprint)[2])
+    serve(c, a, toks)
+    c.flush()
+    assert c.stats()["store_failed_pages"] == 1 and c.stats()["failures"].get("put_status") == 1
+    assert c._p.health.available(), "one page not stored put the whole store in back-off"
+    toks2 = tokens_of(8 * P, 7)
+    serve(c, a, toks2)
+    c.flush()
+    assert c.stats()["stored_pages"] == 7 + 8
+    # every page of a put failed: back off
+    toks3 = tokens_of(8 * P, 8)
+    d3 = K.page_digests(toks3, P, namespace_seed=K.namespace_seed())
+    store.fail_put_keys.update(K.pool_keys(d3, c.fingerprint))
+    serve(c, a, toks3)
+    c.flush()
+    assert c.stats()["failures"]["put_status"] == 2 and not c._p.health.available()
+
+
 def test_pages_in_pool_are_evicted_from_device_and_stay_known(url):
     """Defect 2: pages backed up in the pool were never evicted from device memory."""
     P = 4

@@ -44,5 +44,16 @@ class StoreHealth:
         self._down_until = now + self._backoff
         self._backoff = min(self._backoff * 2, self.config.retry_max_s)
 
+    def partial(self, kind: str, err) -> None:
+        """Some keys of a call failed, others succeeded (a full pool, a lost object): count and
+        log, but do not back off: the store answered, and skipping it would turn every page
+        of every request into a miss for a while because of a few pages."""
+        self.stats.failure(kind)
+        now = time.monotonic()
+        if now - self._last_log.get(kind, -1e9) >= self.config.log_interval_s:
+            self._last_log[kind] = now
+            log.warning("kvdirect: store %s failed for some pages (%s); those pages are misses", kind, err)
+        self.recovered()
+
     def recovered(self) -> None:
         self._backoff = self.config.retry_initial_s

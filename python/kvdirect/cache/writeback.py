@@ -230,8 +230,10 @@ class WriteBack:
             c["skipped_existing_pages"] += job.existed
             c["store_failed_pages"] += int((~ok).sum())
             p.stats.store_ms.append((time.perf_counter() - job.t0) * 1e3)
-        if (~ok).any():
-            p.health.failed("put_status", f"{int((~ok).sum())} of {len(ok)} pages not stored")
+        if (~ok).all():  # nothing landed: the store is likely down, back off
+            p.health.failed("put_status", f"{len(ok)} of {len(ok)} pages not stored")
+        elif (~ok).any():  # the store answered: a few pages missing is no reason to skip it
+            p.health.partial("put_status", f"{int((~ok).sum())} of {len(ok)} pages not stored")
         else:
             p.health.recovered()
 
