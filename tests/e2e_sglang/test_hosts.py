@@ -21,14 +21,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
 
+from audit import page_keys
 from conftest import expected_hit
 from kvdirect.services import find_mooncake_master, free_ports, mooncake_store_url
 from kvdirect.demo.sglang_cpu.client import cached_tokens
-from test_mooncake import PUT_TIMEOUT_S, TwoHosts, _ip, wait_keys
+from test_mooncake import PUT_TIMEOUT_S, TwoHosts, _ip, master_keys, wait_keys
 from test_shared_pool import kv_config
 from workload import OUTPUT_LEN, Workload
 
@@ -90,6 +92,18 @@ finally:
     store.close()
 json.dump(out, sys.stdout)
 """
+
+
+def settle_keys(metrics_url: str, ns: str, quiet_s: float = 3.0, timeout: float = 120) -> int:
+    """The master's key count once it has not changed for ``quiet_s`` (write-backs over)."""
+    deadline = time.monotonic() + timeout
+    last, since = master_keys(metrics_url, ns), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = master_keys(metrics_url, ns)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
 
 
 def read_back(ns: str, url: str) -> dict:
@@ -163,12 +177,14 @@ def test_three_hosts_one_restarted_pool_audited(farm, pools, references):
         s2b = farm.start(**host(h2, a2, "host-2-restarted"))
         serve(s2b, third)
         assert wait_keys(metrics_url, pages(third), netns=h1) >= pages(third)
-        rest = [p for p in shared if p not in hit_first]
+        rest = [p for p in shared if not any(p is q for q in hit_first)]  # tuples holding arrays: by identity
         serve(s3, [p[2] for p in rest], [expected_hit(p[1], wl.prompt_len, PAGE) for p in rest])
         serve(s3, [p[2] for p in fresh], [0] * len(fresh))
         for s in (s1, s2b, s3):
             assert s.alive(), s.log_tail()
 
+        # host 3's last write-backs are asynchronous: wait until the pool stops growing
+        settle_keys(metrics_url, h1)
         # the pool, read from host 1: the audit is clean, every object equals the clean run's
         audit_url = f"{url(a1)}&admin={admin}".replace("segment=64MiB", "segment=0")
         report = audit(h1, audit_url)
@@ -199,6 +215,12 @@ def test_three_hosts_one_restarted_pool_audited(farm, pools, references):
     assert not unexpected, f"{len(unexpected)} objects no clean run writes"
     assert not differ, f"{len(differ)} of {len(pool)} objects differ from the clean run"
     assert report.get("objects") == len(pool) > 0, (report.get("objects"), len(pool))
-    # every page of every request is in the pool, except host 2's first pages that nobody
-    # computed again (its first documents were recomputed by host 3, so none)
-    assert len(pool) == len(want), (len(pool), len(want))
+    # the prompt pages of the documents served after the restart are all there. Objects in
+    # host 2's segment died with it, whoever wrote them (the master places objects in any
+    # host's segment); an instance that still holds such a page on its device (host 3, which
+    # loaded it) believes it stored and does not write it again, so the pool may hold fewer
+    # objects than the clean run (never others)
+    prefix = next(iter(want)).rsplit("/", 1)[0] + "/"
+    must = page_keys(prefix, third, PAGE)
+    assert must and not [k for k in must if k not in pool], "pages written after the restart are missing"
+    assert len(must) <= len(pool) <= len(want), (len(must), len(pool), len(want))
