@@ -9,9 +9,15 @@ multi-turn conversations across instances, greedy outputs compared with vLLM wit
 * Multi-turn: turn 1 on instance A generates 64 tokens; turn 2 (turn 1 + answer + a new
   message) on instance B loads the pages of turn 1's prompt AND of A's answer; turn 3 on a
   third instance loads turn 2's. Each instance is a new engine process.
+* Prefill/decode roles: a ``kv_producer`` instance (the prefill side: it computes the prompts,
+  one output token, and only saves) and a ``kv_consumer`` instance (the decode side: it only
+  loads, then generates) share the pool; the decode side computes only each prompt's last
+  token and its outputs equal vLLM without a connector. vLLM's own disaggregated serving
+  (a proxy in front of NIXL / P2P-NCCL connectors moving KV between instances) needs GPU
+  transports and is not run here: the pool is what carries the KV between the roles.
 """
 from conftest import kvdirect, run_engine, run_engines, tokens
-from test_engine import COMMON, baseline_job, docs_job, expected_hit, prompts_job, workload
+from test_engine import COMMON, MAX_TOKENS, baseline, baseline_job, docs_job, expected_hit, prompts_job, workload
 
 P = 32
 TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
@@ -65,3 +71,15 @@ def test_three_turns_across_instances_reuse_generated_pages(model, shm_url):
     want = [0] + [(len(turn[t]) + answer - 1) // P * P for t in range(2)]
     assert hits == want, (hits, want)
     assert hits[1] > prompt, "turn 2 did not load the pages of turn 1's answer"
+
+
+def test_prefill_producer_decode_consumer_share_the_pool(model, shm_url):
+    _, prompts, _ = workload()
+    prefill = run_engine(dict(model=model, kv=dict(kvdirect(shm_url), role="kv_producer"),
+                              phases=[{"prompts": prompts, "max_tokens": 1}], block_size=P, **COMMON))
+    assert prefill["phases"][0]["cached_tokens"] == [0] * len(prompts)  # a producer never loads
+    assert prefill["worker_stats"]["stored_pages"] == sum(len(p) // P for p in prompts)
+    decode = run_engine(prompts_job(model, shm_url, prompts, role="kv_consumer", block_size=P))
+    assert decode["phases"][0]["cached_tokens"] == [expected_hit(len(p), len(p), P) for p in prompts]
+    assert decode["worker_stats"].get("stored_pages", 0) == 0  # a consumer never saves
+    assert decode["phases"][0]["outputs"] == baseline(model, prompts, MAX_TOKENS, block_size=P)
