@@ -30,7 +30,7 @@ from audit import page_keys
 from conftest import expected_hit
 from kvdirect.services import find_mooncake_master, free_ports, mooncake_store_url
 from kvdirect.demo.sglang_cpu.client import cached_tokens
-from test_mooncake import PUT_TIMEOUT_S, TwoHosts, _ip, master_keys, wait_keys
+from test_mooncake import PUT_TIMEOUT_S, TwoHosts, _ip, master_in_netns, master_keys, wait_keys
 from test_shared_pool import kv_config
 from workload import OUTPUT_LEN, Workload
 
@@ -137,12 +137,7 @@ def test_three_hosts_one_restarted_pool_audited(farm, pools, references):
         h1, h2, h3 = hosts.ns
         a1, a2, a3 = hosts.addr
         rpc, http, metrics = free_ports(3)
-        master = subprocess.Popen(
-            ["ip", "netns", "exec", h1, exe, f"--rpc_port={rpc}", f"--rpc_address={a1}",
-             "--enable_http_metadata_server=true", f"--http_metadata_server_host={a1}",
-             f"--http_metadata_server_port={http}", f"--metrics_host={a1}", f"--metrics_port={metrics}",
-             "--enable_metric_reporting=false"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        master = master_in_netns(exe, h1, a1, rpc, http, metrics)
         url = lambda local, timeout=PUT_TIMEOUT_S: mooncake_store_url(a1, rpc, http, segment="64MiB", buffer="32MiB",
                                                                       local=local, timeout=timeout)
         admin = f"http://{a1}:{metrics}"

@@ -35,6 +35,16 @@ def master_keys(metrics_url: str, netns: str | None = None) -> int:
 PUT_TIMEOUT_S = 30
 
 
+def master_in_netns(exe: str, ns: str, addr: str, rpc: int, http: int, metrics: int) -> subprocess.Popen:
+    """``mooncake_master`` inside network namespace ``ns``, serving RPC, metadata and admin on ``addr``."""
+    return subprocess.Popen(
+        ["ip", "netns", "exec", ns, exe, f"--rpc_port={rpc}", f"--rpc_address={addr}",
+         "--enable_http_metadata_server=true", f"--http_metadata_server_host={addr}",
+         f"--http_metadata_server_port={http}", f"--metrics_host={addr}", f"--metrics_port={metrics}",
+         "--enable_metric_reporting=false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 def wait_keys(metrics_url: str, n: int, netns: str | None = None, timeout: float = 60) -> int:
     deadline = time.monotonic() + timeout
     while True:
@@ -121,12 +131,7 @@ def test_two_hosts_in_network_namespaces(farm, references):
         ns_a, ns_b = hosts.ns
         host_a, host_b = hosts.addr
         rpc, http, metrics = free_ports(3)
-        master = subprocess.Popen(
-            ["ip", "netns", "exec", ns_a, exe, f"--rpc_port={rpc}", f"--rpc_address={host_a}",
-             "--enable_http_metadata_server=true", f"--http_metadata_server_host={host_a}",
-             f"--http_metadata_server_port={http}", f"--metrics_host={host_a}", f"--metrics_port={metrics}",
-             "--enable_metric_reporting=false"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        master = master_in_netns(exe, ns_a, host_a, rpc, http, metrics)
         # A writes with the long deadline; B keeps the default, so its loads from A's
         # segment fail fast once A is killed
         url = lambda local, timeout: mooncake_store_url(host_a, rpc, http, segment="64MiB", buffer="32MiB",
