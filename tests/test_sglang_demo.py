@@ -21,12 +21,15 @@ def test_config_validation():
         SGLangDemoConfig(reuse=(1.5,))
     with pytest.raises(ConfigError, match=">= 1"):
         SGLangDemoConfig(page_size=0)
+    with pytest.raises(ConfigError, match="--sglang-attention"):
+        SGLangDemoConfig(attention="flash")
 
 
 @pytest.mark.parametrize("args,words", [
     (["--device", "cuda"], "CPU only"),
     (["--store", "shm://x"], "drop --store"),
     (["--modes", "baseline,kvdirect,nope"], "comma list of baseline"),
+    (["--sglang-attention", "flash"], "invalid choice"),
 ])
 def test_cli_refuses_before_any_work(args, words):
     r = subprocess.run([sys.executable, "-m", "kvdirect", "demo", "--engine", "sglang", *args],
@@ -100,6 +103,10 @@ def test_result_fields():
     assert run["load_ratio_kvdirect_mooncake_vs_sglang_linker"] == pytest.approx(0.3)
     assert run["ttft_change_kvdirect_mooncake"] == pytest.approx(41 / 100.5 - 1)      # negative = faster
     assert run["kvdirect_mooncake_vs_ideal"] == pytest.approx(41 / 39 - 1)
-    assert "torch_native" in result["note"] and "load ms" in render_table(result)
+    assert "prefix_attention" in result["note"] and "patch" in result["attention"]
+    assert "load ms" in render_table(result)
+    shipped = summarise(SGLangDemoConfig(prompts=2, prompt_len=128, reuse=(0, 1), modes=MODES,
+                                         attention="torch_native"), levels, recs, 1.0)
+    assert "pads the query" in shipped["note"] and shipped["attention"] == "torch_native as shipped"
     recs["linker"][0][1] = rec(100.0, out=(9, 9))
     assert summarise(cfg, levels, recs, 1.0)["outputs_identical"] is False

@@ -14,6 +14,10 @@ The same names for every mode, so "load time on the request path" means the same
 * ``finish``: ``finish_external_linker_loads`` after the forward (linkers);
 * ``prefetch``: HiCache's L3 prefetch, from ``prefetch_from_storage`` to the first
   ``check_prefetch_progress`` that reports it done (the request waits for it to be admitted);
+* ``linker_l0`` / ``linker_all`` (not on the request path: where the linker's load time goes):
+  from ``start_layer_wise_loading`` (the counter's ``update_producer``) until layer 0 / the last
+  layer is reported complete; ``linker_reach`` until the forward first asks for a layer of that
+  load (what a load has to beat to add no wait); the same counter class for both linkers;
 * ``put``: a pool write (kvdirect's ``Transfer.put``; SGLang's ``MooncakeStore.batch_set_v1/v2``
   for its linker and HiCache), ``p`` = pages stored.
 """
@@ -88,6 +92,36 @@ def _patch_registry(module) -> None:
     module.create_tree_cache = create_tree_cache
 
 
+def _patch_counter(cls) -> None:
+    """Where a linker load's time goes: started -> layer 0 / last layer complete, and when the
+    forward first reached it (see the module docstring)."""
+    started, reached = {}, set()
+    update, complete, wait = cls.update_producer, cls.complete, cls.wait_until
+
+    def update_producer(self):
+        index = update(self)
+        started[(id(self), index)] = time.perf_counter()
+        return index
+
+    def complete_(self, index, layer):
+        complete(self, index, layer)
+        t0 = started.get((id(self), index))
+        if t0 is not None and layer in (0, self.num_layers - 1):
+            record("linker_l0" if layer == 0 else "linker_all", (time.perf_counter() - t0) * 1e3)
+
+    def wait_until(self, threshold):
+        key = (id(self), self.consumer_index)
+        t0 = started.get(key)
+        if t0 is not None and key not in reached:
+            reached.add(key)
+            record("linker_reach", (time.perf_counter() - t0) * 1e3)
+            for old in [k for k in started if k[0] == key[0] and k[1] < key[1] - 64]:
+                started.pop(old, None)  # loads long settled
+        return wait(self, threshold)
+
+    cls.update_producer, cls.complete, cls.wait_until = update_producer, complete_, wait_until
+
+
 def _ok_pages_v2(results):
     from sglang.srt.mem_cache.hicache_storage import PoolName
 
@@ -105,7 +139,8 @@ install({
     "sglang.srt.mem_cache.registry": _patch_registry,
     "sglang.srt.managers.cache_controller": lambda m: _wrap_class(m.LayerDoneCounter, "wait_until", "layer_wait"),
     "sglang.srt.mem_cache.unified_cache.unified_cache_linker":
-        lambda m: _wrap_class(m.LayerWiseLoadCounter, "wait_until", "layer_wait"),
+        lambda m: (_patch_counter(m.LayerWiseLoadCounter),
+                   _wrap_class(m.LayerWiseLoadCounter, "wait_until", "layer_wait")),
     "sglang.srt.mem_cache.storage.mooncake_store.mooncake_store": lambda m: (
         _wrap_class(m.MooncakeStore, "batch_set_v2", "put", _ok_pages_v2),
         _wrap_class(m.MooncakeStore, "batch_set_v1", "put", _ok_pages_v1)),

@@ -116,12 +116,13 @@ def run_sglang(args) -> int:
         cfg = SGLangDemoConfig(prompts=args.prompts, prompt_len=prompt_len(args), reuse=tuple(args.reuse),
                                output_len=args.output_len, page_size=args.page_size,
                                modes=tuple(args.modes or SGLANG_MODES), seed=args.seed,
-                               spec=spec, sglang_env=getattr(args, "sglang_env", None))
+                               spec=spec, sglang_env=getattr(args, "sglang_env", None),
+                               attention=args.sglang_attention)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     result = run_demo(cfg, progress=not args.quiet)
     m = result["machine"]
-    print(f"\nmachine: {m.get('cpu')}, {m['cores']} cores; SGLang 0.5.23, --attention-backend torch_native, "
+    print(f"\nmachine: {m.get('cpu')}, {m['cores']} cores; SGLang 0.5.23, attention {result['attention']}, "
           f"page {cfg.page_size}")
     print(f"workload: {cfg.prompts} prompts x {cfg.prompt_len} tokens per reuse level, output {cfg.output_len}; "
           f"TTFT of the second server's first request (p50)\n")
@@ -166,6 +167,11 @@ def register(sub) -> None:
     p.add_argument("--model-size", default="default", choices=sorted(MODEL_SIZES),
                    help="'small': a tiny model for quick checks; 'transfer': KV large relative to compute "
                         "(32 layers, 32 KV heads of 128, hidden 256: 0.5 GiB of KV per 1024-token prompt)")
+    p.add_argument("--sglang-attention", default="prefix", choices=["prefix", "torch_native"],
+                   help="--engine sglang: 'prefix' (default): every server loads the benchmark-only patch "
+                        "bench/sglang_demo_patches/prefix_attention.py, attention for the new tokens only (SGLang's "
+                        "torch_native also computes the cached prefix's rows, a floor that hides every load); "
+                        "'torch_native': SGLang as shipped")
     p.add_argument("--seed", type=A.non_negative_int, default=0)
     p.add_argument("--json", type=A.output_file, metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", type=A.output_file, metavar="PATH", help="write a PNG chart")

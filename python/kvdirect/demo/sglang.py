@@ -28,7 +28,12 @@ for the document. Greedy outputs must be identical across modes.
 
 On CPU, SGLang's ``torch_native`` attention pads the query to the whole sequence, so
 attention over the cached prefix still runs: that bounds the TTFT gain of any cache
-(*ideal* is the bound). Runs from a clone of the repository (it uses
+(*ideal* is the bound) and hides what a load costs. By default (``attention="prefix"``)
+every server of the run, baseline included, loads the benchmark-only patch
+``bench/sglang_demo_patches/prefix_attention.py`` ("torch_native attention without the
+redundant prefix rows"): the same attention for the new tokens, without the rows for
+the cached prefix, as a GPU backend computes it. ``attention="torch_native"`` runs
+SGLang as shipped. Runs from a clone of the repository (it uses
 ``scripts/sglang-env.sh``, ``tests/e2e_sglang/standin`` and ``bench/``).
 """
 from __future__ import annotations
@@ -56,12 +61,20 @@ LABELS = {"baseline": "SGLang cache, prefix not resident", "ideal": "SGLang cach
           "hicache": "SGLang HiCache L3 Mooncake (+CPU patch)"}
 BOUND_NOTE = ("On CPU, SGLang's torch_native attention pads the query to the whole sequence: attention over "
               "the cached prefix still runs, which bounds the TTFT gain of any cache here (ideal is that bound).")
+PREFIX_NOTE = ("Every server ran the benchmark-only patch 'torch_native attention without the redundant prefix "
+               "rows' (bench/sglang_demo_patches/prefix_attention.py): attention for the new tokens only, so "
+               "a hit's TTFT shows what its load costs.")
+#: --sglang-attention: what the servers' torch_native attention computes
+ATTENTION = {"prefix": "torch_native + prefix_attention patch", "torch_native": "torch_native as shipped"}
 #: pool-backed modes: the writer that serves each prompt's document first
 WRITERS = {"kvdirect": "W-shm", "linker": "W-shm", "kvdirect_mooncake": "W-mooncake",
            "linker_mooncake": "W-mooncake", "sglang_linker": "W-sglang-linker", "hicache": "W-hicache"}
 MOONCAKE_MODES = ("kvdirect_mooncake", "linker_mooncake", "sglang_linker", "hicache")
 #: server-side timers that make up the load time on the request path
 REQUEST_PATH = ("match", "load_back", "layer_wait", "finish", "prefetch")
+#: where a linker load's time goes, off the request path: started -> layer 0 / last layer
+#: complete, and started -> the forward first asks for a layer (same counter class, both linkers)
+LINKER_SPANS = ("linker_l0", "linker_all", "linker_reach")
 #: memory of one SGLang server on CPU besides its KV pool (measured: ~1.3 GB RSS)
 SERVER_BYTES = 1400 << 20
 
@@ -77,6 +90,7 @@ class SGLangDemoConfig:
     seed: int = 0
     spec: dict = field(default_factory=dict)  # ModelSpec fields (default: the own-engine demo's model)
     sglang_env: str | None = None    # the SGLang environment (default: scripts/sglang-env.sh's)
+    attention: str = "prefix"        # see ATTENTION
 
     def __post_init__(self):
         self.reuse = tuple(float(r) for r in self.reuse)
@@ -84,6 +98,8 @@ class SGLangDemoConfig:
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ConfigError(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"--sglang-attention: {self.attention!r}; choose from {', '.join(ATTENTION)}")
         if "baseline" not in self.modes:
             raise ConfigError("--modes must include baseline (the comparison is against it)")
         if self.prompts < 1 or self.prompt_len < 2 or self.output_len < 1 or self.page_size < 1:
@@ -178,8 +194,9 @@ class _Servers:
     """The servers of the run; all stopped at the end, whatever happens."""
 
     def __init__(self, python: Path, model: str, standin: Path, patches: Path, page_size: int, logdir: Path,
-                 progress: bool):
+                 progress: bool, every: tuple = ()):
         self.python, self.model, self.standin, self.patches = str(python), model, standin, patches
+        self.every = list(every)  # patches every server loads
         self.page_size, self.logdir, self.progress = page_size, logdir, progress
         self.all, self.timers = [], {}
 
@@ -189,7 +206,7 @@ class _Servers:
         servers = {}
         for name, kw in specs.items():
             kw = dict(kw)
-            patches = ["timers", *kw.pop("patches", [])]
+            patches = ["timers", *self.every, *kw.pop("patches", [])]
             tdir = self.logdir / "timers" / name
             env = {**kw.pop("env", {}), "KVDIRECT_BENCH_PATCHES": ",".join(patches),
                    "KVDIRECT_BENCH_TIMERS": str(tdir)}
@@ -328,7 +345,8 @@ def run_demo(cfg: SGLangDemoConfig, *, progress: bool = True) -> dict:
         raise ConfigError(f"writing the demo model failed: {r.stderr.strip()[-500:]}")
     recs = {m: [[None] * len(p) for _, p in levels] for m in cfg.modes}
     servers = _Servers(python, str(work / "model"), repo / "tests" / "e2e_sglang" / "standin",
-                       repo / "bench" / "sglang_demo_patches", cfg.page_size, work, progress)
+                       repo / "bench" / "sglang_demo_patches", cfg.page_size, work, progress,
+                       every=["prefix_attention"] if cfg.attention == "prefix" else [])
     master = None
     try:
         if set(cfg.modes) & set(MOONCAKE_MODES):
@@ -381,7 +399,7 @@ def run_demo(cfg: SGLangDemoConfig, *, progress: bool = True) -> dict:
                     rec = _gen(s[mode], prompt, cfg.output_len)
                     t = servers.timers[mode].since(mark)
                     rec["load_ms"] = sum(t.get(k, (0.0, 0))[0] for k in REQUEST_PATH)
-                    rec["timers_ms"] = {k: v[0] for k, v in t.items() if k in REQUEST_PATH}
+                    rec["timers_ms"] = {k: v[0] for k, v in t.items() if k in REQUEST_PATH + LINKER_SPANS}
                     rec["writeback_ms"] = written.get(WRITERS[mode], (0.0, 0))[0]
                     recs[mode][li][i] = rec
     finally:
@@ -405,9 +423,13 @@ def summarise(cfg: SGLangDemoConfig, levels, recs, wall_s: float) -> dict:
             if mode not in ("baseline", "ideal"):
                 run[f"hit_tokens_{mode}"] = float(np.mean([r["hit"]["total"] - r["hit"]["device"] for r in rs]))
                 run[f"load_ms_p50_{mode}"] = float(np.percentile([r.get("load_ms", 0.0) for r in rs], 50))
-                parts = sorted({k for r in rs for k in r.get("timers_ms", {})})
+                parts = sorted({k for r in rs for k in r.get("timers_ms", {}) if k in REQUEST_PATH})
                 run[f"load_parts_ms_p50_{mode}"] = {k: float(np.percentile([r["timers_ms"].get(k, 0.0) for r in rs],
                                                                            50)) for k in parts}
+                spans = sorted({k for r in rs for k in r.get("timers_ms", {}) if k in LINKER_SPANS})
+                if spans:
+                    run[f"linker_spans_ms_p50_{mode}"] = {k: float(np.percentile(
+                        [r["timers_ms"].get(k, 0.0) for r in rs], 50)) for k in spans}
                 run[f"writeback_ms_p50_{mode}"] = float(np.percentile([r.get("writeback_ms", 0.0) for r in rs], 50))
         if "kvdirect" in cfg.modes:
             kv = recs["kvdirect"][li]
@@ -428,7 +450,8 @@ def summarise(cfg: SGLangDemoConfig, levels, recs, wall_s: float) -> dict:
     cfg_d = asdict(cfg)
     cfg_d["reuse"], cfg_d["modes"] = list(cfg.reuse), list(cfg.modes)
     return {"engine": "sglang", "sglang": "0.5.23", "machine": machine_info("cpu"), "config": cfg_d,
-            "labels": {m: LABELS[m] for m in cfg.modes}, "note": BOUND_NOTE, "runs": runs,
+            "labels": {m: LABELS[m] for m in cfg.modes}, "attention": ATTENTION[cfg.attention],
+            "note": PREFIX_NOTE if cfg.attention == "prefix" else BOUND_NOTE, "runs": runs,
             "outputs_identical": all(r["outputs_identical"] for r in runs), "wall_s": wall_s}
 
 
@@ -456,4 +479,6 @@ def plot(result: dict, path: str) -> None:
              {result["labels"][m]: [r[f"ttft_p50_ms_{m}"] for r in runs] for m in modes},
              xlabel="prefix reuse", ylabel="TTFT p50 (ms), reader's first request",
              title="SGLang 0.5.23 on CPU: kvdirect (radix backend, linker) vs SGLang's cache, linker and HiCache",
-             figsize=(11, 5), footnote="torch_native attention on CPU bounds every cache's gain (ideal)")
+             figsize=(11, 5), footnote=("every server: torch_native + benchmark-only prefix_attention patch"
+                                        if result.get("attention", "").endswith("patch") else
+                                        "torch_native attention on CPU bounds every cache's gain (ideal)"))
