@@ -140,10 +140,13 @@ class _StepLoads:
 
 class WorkerSide:
     def __init__(self, config: CacheConfig, store, layout, layer_names: list[str],
-                 fingerprint: _keys.LayoutFingerprint, rank: int = 0, agree=None):
+                 fingerprint: _keys.LayoutFingerprint, rank: int = 0, agree=None, writes: bool = True):
         """``agree``: under TP, ``agree(first_failed_page_per_run) -> the minimum over every
-        rank`` (a collective every rank enters in the same step); None with one rank."""
+        rank`` (a collective every rank enters in the same step); None with one rank.
+        ``writes=False``: this rank loads but never puts (MLA under TP: the pages are the same on
+        every rank and rank 0 puts them); it still settles loads with the other ranks."""
         self.config = config
+        self.writes = bool(writes)
         self.agree = agree
         self.layout = layout
         self.layer_of = {n: i for i, n in enumerate(layer_names)}
@@ -328,6 +331,8 @@ class WorkerSide:
         """After ``finish_loads``: hand the step's saves to the writer, each cut at its first
         page that reads a block no save may read."""
         self.finish_loads()
+        if not self.writes:  # another rank puts these pages (MLA: rank 0); no save, no ack from here
+            return
         event = self.transfer.compute_event() if plan.saves else None  # forward thread: the KV is queued
         for r in plan.saves:
             r = self._known_good(r)
