@@ -339,7 +339,7 @@ class SchedulerSide:
                 touched.add(a.req_id)
             for rid in touched:
                 st = self._reqs[rid]
-                whole = st.acks == self._all_ranks  # every rank stored its part (a rank acking twice is one)
+                whole = (st.acks & self._all_ranks) == self._all_ranks  # every writing rank stored its part
                 whole[: st.known_pool] = True
                 run = int(np.argmin(whole)) if not whole.all() else len(whole)
                 before = st.indexed

@@ -17,7 +17,11 @@ moved by the store's own gather/scatter in one call per batch.
   rank's KV through the all-reduce, so a failed load on any rank spoils the
   pages computed on top of it on all ranks.
 * Saves are asynchronous: ``submit_saves`` (after the forward wrote the KV) hands
-  each run to a writer thread (exists check, then ``Store.put``). A page is saved
+  each run to a writer thread (exists check, then ``Store.put``). MLA under TP: the
+  page (the latent) is the same on every rank and its key has no rank, so rank 0
+  alone puts it (``writes``); the other ranks load, take part in the agreement on
+  failed loads, and report held requests finished at once (vLLM releases a request's
+  blocks once every rank has reported it, so rank 0's saves still hold them). A page is saved
   only from blocks known good: a run is cut at the first page whose block, or
   whose request's earlier block (``prior_blocks``), failed to load in this step
   or may still be written by a timed-out get; the rest is reported withheld and
