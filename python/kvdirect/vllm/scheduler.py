@@ -25,8 +25,9 @@ scheduler outputs are read by attribute), so it is unit-tested without vLLM.
   ``StepPlan.held``) until every worker reports it done (``finished_sending``).
 * Worker reports: pages acknowledged by every TP rank that writes (a bit per rank)
   enter the index (MLA: pages are the same on every rank, keyed without the rank;
-  rank 0 alone writes them, so its acknowledgement is the page's); a failed load makes those pages unknown again, and a failed load or a
-  withheld save re-plans the pages' save once vLLM has recomputed them.
+  rank 0 alone writes them, so its acknowledgement is the page's); a failed load
+  makes those pages unknown again, and a failed load or a withheld save re-plans
+  the pages' save once vLLM has recomputed them.
 """
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ class SchedulerSide:
             # MLA pages are the same on every rank (keys without the rank): rank 0 alone puts them
             if len({fp.digest for fp in self.fingerprints}) != 1:
                 raise ConfigError("kvdirect vLLM connector: TP ranks report different MLA layouts "
-                                  f"{[fp.digest for fp in self.fingerprints]}; an MLA page must be the same on every rank")
+                                  f"{[fp.digest for fp in self.fingerprints]}; an MLA page is the same on "
+                                  "every rank")
             self.writers = [0]
         else:
             self.writers = list(range(self.tp_size))
