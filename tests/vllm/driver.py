@@ -22,7 +22,8 @@ objects directly. Job keys (all optional but ``model`` and ``phases``):
   ``settle_s``: idle seconds before each request)
   | "abort" (abort ``abort`` of the requests after ``abort_after_steps`` steps)}``
 * ``dump_pages``: hash the KV bytes of the blocks kvdirect saved / loaded and of
-  the pool objects under the same keys.
+  the pool objects under the same keys (``loaded_diff_rows``: for a loaded block that no longer
+  equals its pool object, which of its ``layers x block_size`` equal slices differ).
 * ``drain_saves``: after the phases, wait until the connector wrote what it accepted
   (in-process engines; ``drain`` in the result says how)
 * ``cpu_report``: after the phases, the CPU binding of this process and its
@@ -109,13 +110,19 @@ def _page_bytes(tensors, block: int) -> bytes:
                     for t in tensors)
 
 
+def _diff_rows(a: bytes, b: bytes, rows: int) -> list[int]:
+    """Which of ``rows`` equal slices of two page objects differ (MLA: one row per layer and token)."""
+    n = len(a) // rows
+    return [r for r in range(rows) if a[r * n:(r + 1) * n] != b[r * n:(r + 1) * n]]
+
+
 def _dump_pages(worker_conn, url) -> dict:
     from kvdirect.stores import open_store
 
     w = worker_conn.worker
     tensors = list(w.layout._refs[0])
     store = open_store(url)
-    out = {}
+    out, diff = {}, {}
     try:
         for kind, rec in (("saved", w.recent_saves), ("loaded", w.recent_loads)):
             rows = []
@@ -126,9 +133,13 @@ def _dump_pages(worker_conn, url) -> dict:
                     if not good:
                         continue
                     pool = store.get_bytes(k)
-                    rows.append([k, hashlib.sha256(_page_bytes(tensors, int(b))).hexdigest(),
+                    blk = _page_bytes(tensors, int(b))
+                    rows.append([k, hashlib.sha256(blk).hexdigest(),
                                  None if pool is None else hashlib.sha256(pool).hexdigest(), first + i])
+                    if kind == "loaded" and pool is not None and len(pool) == len(blk) and pool != blk:
+                        diff.setdefault(k, _diff_rows(blk, pool, len(tensors) * w.layout.page_size))
             out[kind] = rows
+        out["loaded_diff_rows"] = diff
     finally:
         store.close()
     return out

@@ -161,15 +161,23 @@ class KVDirectConnector(KVConnectorBase_V1):
             seen[t.data_ptr()] = name
             names.append(name)
             tensors.append(t)
-        fmt = self._object_format(names[0], tensors[0])
         block_dim = self._block_dim(tensors[0])
-        layout = settings.blocks_layout(self._vllm_config, spec, tensors, num_blocks=int(tensors[0].shape[block_dim]),
-                                        block_size=self.block_size, object_format=fmt, block_dim=block_dim)
+        if settings.is_mla(spec):  # kvdirect's "mla" pages: the same on every TP rank
+            layout = settings.mla_layout(self._vllm_config, spec, tensors, backend=self._backend(names[0]),
+                                         num_blocks=int(tensors[0].shape[block_dim]), block_size=self.block_size)
+        else:
+            fmt = self._object_format(names[0], tensors[0])
+            layout = settings.blocks_layout(self._vllm_config, spec, tensors,
+                                            num_blocks=int(tensors[0].shape[block_dim]), block_size=self.block_size,
+                                            object_format=fmt, block_dim=block_dim)
         rank, size = _tp()
         fp = _keys.LayoutFingerprint.from_layout(layout, model=self.config.model, tp_rank=rank, tp_size=size)
         # layer names map to their position; shared layers to the layer that owns the tensor
         layer_names = names + [n for n in group.layer_names if n not in names]
-        self.worker = WorkerSide(self.config, self.store, layout, names, fp, rank=rank, agree=self._tp_agree())
+        # MLA pages have keys without the rank (every rank holds the same latent): rank 0 alone puts them
+        writes = not fp.is_mla or rank == 0
+        self.worker = WorkerSide(self.config, self.store, layout, names, fp, rank=rank, agree=self._tp_agree(),
+                                 writes=writes)
         for n in layer_names[len(names):]:
             t = kv_caches[n]
             self.worker.layer_of[n] = names.index(seen[t.data_ptr()])
@@ -185,10 +193,18 @@ class KVDirectConnector(KVConnectorBase_V1):
         raise ConfigError(f"kvdirect vLLM connector: KV tensor shape {tuple(t.shape)} has no block dim "
                           f"of {n} blocks")
 
+    def _backend(self, layer_name: str) -> str:
+        """The attention backend's name for a layer (``unknown`` when vLLM does not say)."""
+        ctx = self._vllm_config.compilation_config.static_forward_context.get(layer_name)
+        backend = getattr(ctx, "attn_backend", None)
+        if backend is None and callable(getattr(ctx, "get_attn_backend", None)):
+            backend = ctx.get_attn_backend()
+        return getattr(backend, "get_name", lambda: "unknown")()
+
     def _object_format(self, layer_name: str, t) -> str:
         """The engine's byte format of a block: backend, its ISA/kernel variant, cache dtype, shape."""
         ctx = self._vllm_config.compilation_config.static_forward_context.get(layer_name)
-        backend = getattr(getattr(ctx, "attn_backend", None), "get_name", lambda: "unknown")()
+        backend = self._backend(layer_name)
         isa = getattr(ctx, "isa", None) or getattr(getattr(ctx, "impl", None), "isa", None)
         if isa is None and backend == "CPU_ATTN":
             from vllm.v1.attention.backends.cpu_attn import _get_attn_isa

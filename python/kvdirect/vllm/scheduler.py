@@ -23,9 +23,11 @@ scheduler outputs are read by attribute), so it is unit-tested without vLLM.
   planned, or whose timed-out gets may still write its blocks, is held when it
   finishes (``request_finished`` -> True, announced to the workers in
   ``StepPlan.held``) until every worker reports it done (``finished_sending``).
-* Worker reports: pages acknowledged by every TP rank (a bit per rank) enter the
-  index; a failed load makes those pages unknown again, and a failed load or a
-  withheld save re-plans the pages' save once vLLM has recomputed them.
+* Worker reports: pages acknowledged by every TP rank that writes (a bit per rank)
+  enter the index (MLA: pages are the same on every rank, keyed without the rank;
+  rank 0 alone writes them, so its acknowledgement is the page's); a failed load
+  makes those pages unknown again, and a failed load or a withheld save re-plans
+  the pages' save once vLLM has recomputed them.
 """
 from __future__ import annotations
 
@@ -103,7 +105,8 @@ class SchedulerSide:
         self._unsupported: set[str] = set()
         self._loads: dict[str, PageRun] = {}
         self._held: set[str] = set()  # held at finish since the last plan (StepPlan.held)
-        self._all_ranks = (1 << self.tp_size) - 1
+        self.writers = list(range(self.tp_size))  # ranks that put pages (MLA: rank 0, set_fingerprints)
+        self._all_ranks = (1 << self.tp_size) - 1  # the writers' ack bits: a page every writer stored
         self._health = StoreHealth(store, config, CacheStats(config.latency_window))
         self.stats = dict.fromkeys(("match_calls", "query_keys", "queries", "index_hit_pages", "query_hit_pages",
                                     "hit_requests", "hit_tokens", "load_pages", "load_failed_requests",
@@ -117,17 +120,27 @@ class SchedulerSide:
         if ranks != list(range(self.tp_size)):
             raise ConfigError(f"kvdirect vLLM connector: layouts from TP ranks {ranks}, expected 0..{self.tp_size - 1}")
         self.fingerprints = [_keys.LayoutFingerprint(**fps[r]) for r in ranks]
+        if self.fingerprints[0].is_mla:
+            # MLA pages are the same on every rank (keys without the rank): rank 0 alone puts them
+            if len({fp.digest for fp in self.fingerprints}) != 1:
+                raise ConfigError("kvdirect vLLM connector: TP ranks report different MLA layouts "
+                                  f"{[fp.digest for fp in self.fingerprints]}; an MLA page is the same on "
+                                  "every rank")
+            self.writers = [0]
+        else:
+            self.writers = list(range(self.tp_size))
+        self._all_ranks = sum(1 << r for r in self.writers)
         log.info("kvdirect: page keys %s (model %r, %s, block %d, %d layers)",
                  [fp.key_prefix for fp in self.fingerprints], self.fingerprints[0].model,
                  self.fingerprints[0].layout_kind, self.P, self.fingerprints[0].num_layers)
 
     def _keys(self, digests: np.ndarray) -> list:
-        """Every rank's keys, rank-major."""
+        """Every writing rank's keys, rank-major (MLA: rank 0's, the one key of each page)."""
         if self.fingerprints is None:
             raise ConfigError("kvdirect vLLM connector: no KV layout from the workers (handshake missing)")
         out: list = []
-        for fp in self.fingerprints:
-            out += _keys.pool_keys(digests, fp)
+        for r in self.writers:
+            out += _keys.pool_keys(digests, self.fingerprints[r])
         return out
 
     # ---- request state -------------------------------------------------------------
@@ -213,8 +226,8 @@ class SchedulerSide:
             self._health.failed("exists", e)
             return 0
         self.stats["queries"] += 1
-        self.stats["query_keys"] += n * self.tp_size
-        per_rank = present.reshape(self.tp_size, n)
+        self.stats["query_keys"] += n * len(self.writers)
+        per_rank = present.reshape(len(self.writers), n)
         miss = ~per_rank.all(axis=0)
         found = int(np.argmax(miss)) if miss.any() else n
         if found:
@@ -328,7 +341,7 @@ class SchedulerSide:
                 touched.add(a.req_id)
             for rid in touched:
                 st = self._reqs[rid]
-                whole = st.acks == self._all_ranks  # every rank stored its part (a rank acking twice is one)
+                whole = (st.acks & self._all_ranks) == self._all_ranks  # every writing rank stored its part
                 whole[: st.known_pool] = True
                 run = int(np.argmin(whole)) if not whole.all() else len(whole)
                 before = st.indexed

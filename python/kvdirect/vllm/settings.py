@@ -103,12 +103,47 @@ def blocks_layout(vllm_config, spec, tensors, *, num_blocks: int, block_size: in
                                 dtype=kv_dtype(vllm_config), block_dim=block_dim)
 
 
+#: vLLM MLA backends whose KV cache is the token-major latent: per layer ``[num_blocks, (1,) block_size,
+#: kv_lora_rank + rope_dim]``, token ``t`` of block ``b`` at row ``b * block_size + t`` (the latent, then
+#: the rotated rope part). CPU_MLA writes ``kv_cache.view(-1, dim)[slot]`` (do_kv_cache_update); AMX_MLA
+#: decodes from ``kv_cache.view(-1, 1, dim)``. Such a block is kvdirect's "mla" page object byte for byte.
+MLA_TOKEN_MAJOR_BACKENDS = ("CPU_MLA", "AMX_MLA")
+
+
+def is_mla(spec) -> bool:
+    """Whether a KV cache group's spec is vLLM's (dense) MLA spec."""
+    return type(spec).__name__ == "MLAAttentionSpec"
+
+
+def mla_layout(vllm_config, spec, tensors, *, backend: str, num_blocks: int, block_size: int):
+    """The KVLayout of vLLM's MLA KV tensors: kvdirect's "mla" object format (one latent segment per
+    layer, keys without the TP rank). Only backends known to keep the latent token-major."""
+    from kvdirect.layout import KVLayout
+
+    if backend not in MLA_TOKEN_MAJOR_BACKENDS:
+        raise ConfigError(PREFIX + f"does not support MLA KV caches of the {backend} attention backend (known "
+                                   f"token-major: {', '.join(MLA_TOKEN_MAJOR_BACKENDS)}); drop --kv-transfer-config "
+                                   "for this deployment")
+    want = (int(num_blocks), int(block_size), int(spec.head_size))
+    blocks = []
+    for t in tensors:
+        shape = tuple(int(n) for n in t.shape)
+        if len(shape) == 4 and shape[1] == 1:  # vLLM 0.32 allocates [num_blocks, 1 (head), block_size, dim]
+            t, shape = t.squeeze(1), shape[:1] + shape[2:]
+        if shape != want:
+            raise ConfigError(PREFIX + f"MLA KV tensor of shape {tuple(t.shape)}, expected [num_blocks, (1,) "
+                                       f"block_size, kv_lora_rank + rope_dim] = {list(want)}")
+        blocks.append(t)
+    return KVLayout.from_mla(blocks, int(block_size), dtype=kv_dtype(vllm_config))
+
+
 def check_supported(vllm_config, kv_cache_config) -> None:
     """Refuse engine setups whose KV the connector would not move correctly."""
     why = None
     pc = vllm_config.parallel_config
     groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
     spec = groups[0].kv_cache_spec if len(groups) == 1 else None
+    kind = type(spec).__name__
     if getattr(pc, "pipeline_parallel_size", 1) > 1:
         why = "pipeline parallelism (pipeline_parallel_size > 1)"
     elif getattr(pc, "decode_context_parallel_size", 1) > 1 or \
@@ -117,17 +152,35 @@ def check_supported(vllm_config, kv_cache_config) -> None:
     elif getattr(vllm_config, "speculative_config", None) is not None:
         why = "speculative decoding (draft KV would not be loaded)"
     elif len(groups) != 1:
-        why = f"models with {len(groups)} KV cache groups (hybrid / sliding-window / Mamba models)"
-    elif type(spec).__name__ != "FullAttentionSpec":
-        why = f"{type(spec).__name__} KV caches (only full attention: MHA/GQA)"
+        why = f"models with {len(groups)} KV cache groups (hybrid / sliding-window / Mamba / sparse-MLA models)"
+    elif kind not in ("FullAttentionSpec", "MLAAttentionSpec"):
+        why = f"{kind} KV caches (only full attention: MHA/GQA, and MLA)"
     elif getattr(spec, "sliding_window", None) or getattr(spec, "attention_chunk_size", None):
         why = "sliding-window or chunked-local attention"
     elif str(getattr(spec, "kv_quant_mode", "NONE")).split(".")[-1] not in ("NONE", "0"):
         why = f"quantized KV modes with side scales ({spec.kv_quant_mode})"
     elif getattr(vllm_config.model_config, "is_encoder_decoder", False):
         why = "encoder-decoder models"
+    elif kind == "MLAAttentionSpec":
+        why = _mla_unsupported(vllm_config, spec)
     if why:
         raise ConfigError(PREFIX + f"does not support {why}; drop --kv-transfer-config for this deployment")
+
+
+def _mla_unsupported(vllm_config, spec) -> str | None:
+    """What about an MLA spec the "mla" page format does not cover (None: a dense latent cache)."""
+    cache_dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto") or "auto")
+    role = str(getattr(spec, "cache_role", "") or "").split(".")[-1].upper()
+    if getattr(spec, "model_version", None) is not None:
+        return f"MLA caches of {spec.model_version} models (compressed sparse attention)"
+    if role == "INDEXER" or getattr(spec, "is_index_group_leader", False):
+        return "sparse MLA with an indexer cache (DeepSeek-V3.2-style DSA)"
+    if cache_dtype != "auto" or getattr(spec, "cache_dtype_str", None) not in (None, "auto") \
+            or getattr(spec, "state_content_bytes", None) is not None:
+        return f"quantized MLA KV caches (kv_cache_dtype={cache_dtype}; only unquantized latents)"
+    if getattr(spec, "tokens_per_state", 1) != 1:
+        return f"MLA caches holding {spec.tokens_per_state} tokens per state"
+    return None
 
 
 def open_pool(cfg: CacheConfig):

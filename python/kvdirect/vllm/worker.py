@@ -17,7 +17,11 @@ moved by the store's own gather/scatter in one call per batch.
   rank's KV through the all-reduce, so a failed load on any rank spoils the
   pages computed on top of it on all ranks.
 * Saves are asynchronous: ``submit_saves`` (after the forward wrote the KV) hands
-  each run to a writer thread (exists check, then ``Store.put``). A page is saved
+  each run to a writer thread (exists check, then ``Store.put``). MLA under TP: the
+  page (the latent) is the same on every rank and its key has no rank, so rank 0
+  alone puts it (``writes``); the other ranks load, take part in the agreement on
+  failed loads, and report held requests finished at once (vLLM releases a request's
+  blocks once every rank has reported it, so rank 0's saves still hold them). A page is saved
   only from blocks known good: a run is cut at the first page whose block, or
   whose request's earlier block (``prior_blocks``), failed to load in this step
   or may still be written by a timed-out get; the rest is reported withheld and
@@ -140,10 +144,13 @@ class _StepLoads:
 
 class WorkerSide:
     def __init__(self, config: CacheConfig, store, layout, layer_names: list[str],
-                 fingerprint: _keys.LayoutFingerprint, rank: int = 0, agree=None):
+                 fingerprint: _keys.LayoutFingerprint, rank: int = 0, agree=None, writes: bool = True):
         """``agree``: under TP, ``agree(first_failed_page_per_run) -> the minimum over every
-        rank`` (a collective every rank enters in the same step); None with one rank."""
+        rank`` (a collective every rank enters in the same step); None with one rank.
+        ``writes=False``: this rank loads but never puts (MLA under TP: the pages are the same on
+        every rank and rank 0 puts them); it still settles loads with the other ranks."""
         self.config = config
+        self.writes = bool(writes)
         self.agree = agree
         self.layout = layout
         self.layer_of = {n: i for i, n in enumerate(layer_names)}
@@ -328,6 +335,8 @@ class WorkerSide:
         """After ``finish_loads``: hand the step's saves to the writer, each cut at its first
         page that reads a block no save may read."""
         self.finish_loads()
+        if not self.writes:  # another rank puts these pages (MLA: rank 0); no save, no ack from here
+            return
         event = self.transfer.compute_event() if plan.saves else None  # forward thread: the KV is queued
         for r in plan.saves:
             r = self._known_good(r)
