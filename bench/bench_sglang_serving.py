@@ -38,17 +38,19 @@ from kvdirect.demo import sglang as D  # noqa: E402
 SIZES = {"default": {}, "small": SMALL_MODEL, "transfer": TRANSFER_MODEL}
 
 
-def bench(python: Path, url: str, model: str, a, out: Path, seed: int) -> dict:
+def bench(python: Path, url: str, tokenizer: Path, a, out: Path, seed: int) -> dict:
     n = a.groups * a.prompts_per_group
     cmd = [str(python), "-W", "ignore", "-m", "sglang.bench_serving", "--backend", "sglang", "--base-url", url,
            "--dataset-name", "generated-shared-prefix", "--gsp-num-groups", str(a.groups),
            "--gsp-prompts-per-group", str(a.prompts_per_group), "--gsp-system-prompt-len", str(a.system_len),
            "--gsp-question-len", str(a.question_len), "--gsp-output-len", str(a.output_len),
            "--gsp-range-ratio", "1.0", "--num-prompts", str(n), "--max-concurrency", str(a.concurrency),
-           "--tokenizer", model, "--tokenize-prompt", "--cache-report", "--disable-tqdm",
+           "--tokenizer", str(tokenizer), "--tokenize-prompt", "--cache-report", "--disable-tqdm",
            "--seed", str(seed), "--output-file", str(out)]
+    # HOME: bench_serving caches its generated prompts under ~/.cache/sglang keyed without the vocabulary,
+    # so another model's cached token ids would be sent to this one; the run's own folder starts empty
     r = subprocess.run(cmd, capture_output=True, text=True, cwd="/", timeout=7200,
-                       env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1"})
+                       env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "HOME": str(tokenizer.parent / "home")})
     if r.returncode or not out.exists():
         raise RuntimeError(f"bench_serving failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
     res = json.loads(out.read_text().strip().splitlines()[-1])
@@ -87,6 +89,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--sglang-env", default=None)
+    ap.add_argument("--sglang-attention", default="prefix", choices=sorted(D.ATTENTION),
+                    help="as kvdirect demo --engine sglang (default: the benchmark-only prefix_attention patch)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
@@ -95,7 +99,7 @@ def main():
     prompt_len = a.system_len + a.question_len
     cfg = D.SGLangDemoConfig(prompts=1, prompt_len=prompt_len, output_len=a.output_len, page_size=a.page_size,
                              modes=modes if "baseline" in modes else ("baseline", *modes),
-                             spec=dict(SIZES[a.model_size]), sglang_env=a.sglang_env)
+                             spec=dict(SIZES[a.model_size]), sglang_env=a.sglang_env, attention=a.sglang_attention)
     from kvdirect.engine.model import DEFAULT_SPEC
     from kvdirect.services import find_mooncake_master, mooncake_store_url, start_mooncake_master
     from kvdirect.stores.shm import destroy_pool
@@ -114,16 +118,25 @@ def main():
                         "--seed", str(a.seed), "--spec", json.dumps(spec)], capture_output=True, text=True, cwd="/")
     if r.returncode:
         raise SystemExit(f"writing the model failed: {r.stderr[-500:]}")
+    # bench_serving draws prompt tokens from the tokenizer's vocabulary; loaded from the model folder it is
+    # SGLang's Qwen2Tokenizer (config.json says qwen2), which adds <|endoftext|> as id == vocab_size, out of
+    # the model's embedding (the server dies on it). The tokenizer files alone load as the plain word list.
+    tokenizer = work / "tokenizer"
+    tokenizer.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tokenizer / f).write_bytes((Path(model) / f).read_bytes())
     pool_bytes = int(2 * n_req * (prompt_len + a.output_len) * kv_token) + (64 << 20)
     segment_bytes = max(pool_bytes, 256 << 20)
     servers = D._Servers(python, model, repo / "tests" / "e2e_sglang" / "standin",
-                         repo / "bench" / "sglang_demo_patches", a.page_size, work, True)
+                         repo / "bench" / "sglang_demo_patches", a.page_size, work, True,
+                         every=["prefix_attention"] if a.sglang_attention == "prefix" else [])
     results = {m: [] for m in cfg.modes if m != "ideal"}
     if "ideal" in cfg.modes:
         results["ideal"] = []
     print(f"machine: {describe()}\nworkload: {a.groups} groups x {a.prompts_per_group} prompts, system prompt "
           f"{a.system_len} + question {a.question_len} tokens, output {a.output_len}, concurrency "
-          f"{a.concurrency}, page {a.page_size}, model {a.model_size}; {a.rounds} round(s)", flush=True)
+          f"{a.concurrency}, page {a.page_size}, model {a.model_size}; {a.rounds} round(s); attention "
+          f"{D.ATTENTION[a.sglang_attention]}", flush=True)
     order = [m for m in cfg.modes if m != "ideal"]
     try:
         for rnd in range(a.rounds):
@@ -152,16 +165,16 @@ def main():
                     s = servers.start({n: specs[n] for n in names})
                     print(f"[round {rnd + 1}] {mode}: running", flush=True)
                     if mode == "baseline":
-                        res = bench(python, s["sglang"].url, model, a, work / "out.jsonl", a.seed)
+                        res = bench(python, s["sglang"].url, tokenizer, a, work / "out.jsonl", a.seed)
                         results["baseline"].append(res)
                         if "ideal" in results:  # the same prompts again: every prefix on the device
-                            results["ideal"].append(bench(python, s["sglang"].url, model, a, work / "out.jsonl",
+                            results["ideal"].append(bench(python, s["sglang"].url, tokenizer, a, work / "out.jsonl",
                                                           a.seed))
                     else:
                         w = names[0]
-                        bench(python, s[w].url, model, a, work / "out.jsonl", a.seed)  # the writer: same prompts
+                        bench(python, s[w].url, tokenizer, a, work / "out.jsonl", a.seed)  # the writer: same prompts
                         put_ms = settle(servers.timers[w])  # its pool writes are over
-                        res = bench(python, s[mode].url, model, a, work / "out.jsonl", a.seed)
+                        res = bench(python, s[mode].url, tokenizer, a, work / "out.jsonl", a.seed)
                         res["writer_put_ms"] = put_ms
                         results[mode].append(res)
                     print(f"[round {rnd + 1}] {mode}: {results[mode][-1]['request_throughput']:.3f} req/s, TTFT p50 "
@@ -195,7 +208,8 @@ def main():
                 print(f"{mode}: throughput / best non-kvdirect mode = {v['request_throughput'] / best_other:.3f} "
                       "(goal >= 1)")
     if a.json:
-        Path(a.json).write_text(json.dumps({"machine": describe(), "args": vars(a), "rounds": results,
+        Path(a.json).write_text(json.dumps({"machine": describe(), "args": vars(a), "attention": D.ATTENTION[a.sglang_attention],
+                                            "rounds": results,
                                             "summary": summary}, indent=2))
 
 
