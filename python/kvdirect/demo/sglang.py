@@ -193,6 +193,11 @@ class Timers:
 class _Servers:
     """The servers of the run; all stopped at the end, whatever happens."""
 
+    #: servers started at once: SGLang on CPU sizes its KV pool from the memory free before and
+    #: after loading the weights, so servers allocating at the same moment can make one of them
+    #: refuse to start ("Loaded weights leave no GPU memory for the KV cache"; seen with 11)
+    WAVE = 4
+
     def __init__(self, python: Path, model: str, standin: Path, patches: Path, page_size: int, logdir: Path,
                  progress: bool, every: tuple = ()):
         self.python, self.model, self.standin, self.patches = str(python), model, standin, patches
@@ -203,8 +208,12 @@ class _Servers:
     def start(self, specs: dict) -> dict:
         from kvdirect.demo.sglang_cpu.server import Server
 
-        servers = {}
+        servers, started = {}, []
         for name, kw in specs.items():
+            if len(started) == self.WAVE:  # see WAVE
+                for s in started:
+                    s.wait_ready()
+                started = []
             kw = dict(kw)
             patches = ["timers", *self.every, *kw.pop("patches", [])]
             tdir = self.logdir / "timers" / name
@@ -213,6 +222,7 @@ class _Servers:
             s = Server(self.python, self.model, page_size=self.page_size, pythonpath=[self.patches, self.standin],
                        log_dir=str(self.logdir), name=name, env=env, **kw)
             s.launch()
+            started.append(s)
             self.all.append(s)
             self.timers[name] = Timers(tdir)
             servers[name] = s
