@@ -660,3 +660,48 @@ def test_faulty_scheme_is_test_only(monkeypatch):
     with pytest.raises(ConfigError, match="fail_rat"):
         open_store(f"faulty+shm://{name}?size=1MiB&block=4KiB")
     destroy_pool(name, missing_ok=True)
+
+
+FIRST_GET = r'''
+import resource, sys, time, numpy as np
+from kvdirect.stores import ScatterList, open_store
+st = open_store(sys.argv[1])
+deadline = time.monotonic() + 60
+while st.prefaulted is None and "prefault=off" not in sys.argv[1] and time.monotonic() < deadline:
+    time.sleep(0.01)
+dst = np.ones(64 << 20, dtype=np.uint8)  # touched, like an engine's KV cache
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+st_ = st.get(["obj"], ScatterList(np.array([[dst.ctypes.data]], np.uint64), np.array([[dst.nbytes]], np.uint64)))
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+assert st_[0] == 0 and dst[:4].tolist() == [7, 7, 7, 7], st_
+print(faults, st.prefaulted)
+'''
+
+
+def test_prefault_maps_the_pool_before_the_first_get(pool_name, tmp_path):
+    """A process's first get of a 64 MiB object takes page faults over the pool bytes it reads
+    (one per 64 KiB with the kernel's fault-around: 1024), unless the pool was prefaulted at
+    open (the default; ``prefault=off`` not)."""
+    import subprocess
+    import sys
+
+    url = f"shm://{pool_name}?size=128MiB"
+    w = open_store(url + "&prefault=off")
+    src = np.full(64 << 20, 7, dtype=np.uint8)
+    assert w.put(["obj"], ScatterList(np.array([[src.ctypes.data]], np.uint64),
+                                      np.array([[src.nbytes]], np.uint64)))[0] == OK
+    script = tmp_path / "first_get.py"
+    script.write_text(FIRST_GET)
+    runs = {}
+    for flag in ("on", "off"):
+        r = subprocess.run([sys.executable, str(script), f"{url}&prefault={flag}"], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        faults, populated = r.stdout.split()
+        runs[flag] = (int(faults), populated)
+    assert runs["off"][0] >= (64 << 20) // (64 << 10) // 2, runs  # a fault per 64 KiB read, or more
+    assert runs["on"][0] < (64 << 20) // (64 << 10) // 10, runs
+    assert runs["off"][1] == "None" and int(runs["on"][1]) > 64 << 20, runs
+    w.close()
+    with pytest.raises(ConfigError, match="prefault"):
+        open_store(f"shm://{pool_name}?prefault=maybe")

@@ -12,10 +12,15 @@ csrc/shm/shm_pool.h documents the contract). URL parameters:
   ``yes`` (must not exist yet).
 * ``block``: allocation block size when created (default 64KiB; a power of two,
   ideally the page size or a divisor of it).
+* ``prefault``: ``on`` (default) maps the pool's pages into this process on a
+  background thread at open, so its first loads do not take page faults (about as
+  long as the copy itself); ``off`` leaves that to the first access.
 """
 from __future__ import annotations
 
+import logging
 import re
+import threading
 import warnings
 from typing import Sequence
 from urllib.parse import urlsplit
@@ -26,6 +31,8 @@ from kvdirect.errors import ConfigError, StoreError
 from kvdirect.stores.base import (BUSY, CORRUPT, INVALID_ARGUMENT, NO_ROOM, NOT_FOUND, OK, ObjectChecks,
                                   ScatterList, Store, check_object, status_name)
 from kvdirect.stores.url import StoreURL, parse_size
+
+log = logging.getLogger("kvdirect.shm")
 
 DEFAULT_SIZE = 1 << 30
 DEFAULT_BLOCK = 64 << 10
@@ -63,7 +70,7 @@ class ShmStore(Store):
 
     def __init__(self, name: str = "kvdirect", *, size: int | str | None = None, checksum: bool = True,
                  create: str = "auto", block_size: int | str = DEFAULT_BLOCK,
-                 pin_slots: int = DEFAULT_PIN_SLOTS):
+                 pin_slots: int = DEFAULT_PIN_SLOTS, prefault: bool = True):
         check_name(name)
         if create not in _CREATE:
             raise ConfigError(f"create={create!r}: use auto, no or yes")
@@ -83,12 +90,22 @@ class ShmStore(Store):
         pool.set_verify_checksum(self.checksum)
         pool.set_write_checksum(self.checksum)
         self._size_requested = requested
+        self.prefaulted = None  # bytes, once the background prefault is over
+        if prefault:  # off the request path: a process's first loads would otherwise take page faults
+            threading.Thread(target=self._prefault, name=f"kvdirect-shm-prefault-{name}", daemon=True).start()
         if requested is not None and not created:
             actual = pool.stats()["size"]
             if actual != requested:
                 warnings.warn(f"shm pool {name!r} already exists with size {actual} bytes; using it as is "
                               f"(requested {requested}). To resize: `kvdirect pool destroy {name}`.",
                               stacklevel=2)
+
+    def _prefault(self) -> None:
+        try:
+            self.prefaulted = int(self._pool.prefault())
+        except Exception as e:  # noqa: BLE001 - a speed-up only: the pool works without it
+            log.debug("shm pool %s: prefault: %s", self.name, e)
+            self.prefaulted = 0
 
     # -- the store interface -------------------------------------------------
     def exists(self, keys: Sequence[str]) -> np.ndarray:
@@ -241,9 +258,13 @@ def open_url(u: StoreURL) -> ShmStore:
     create = u.pop("create", "auto").lower()
     block = u.pop("block", DEFAULT_BLOCK)
     pins = u.pop("pins", DEFAULT_PIN_SLOTS)
+    prefault = u.pop("prefault", "on").lower()
+    if prefault not in _BOOL:
+        raise ConfigError(f"prefault={prefault!r} in {u.raw!r}: use on or off")
     u.reject_unknown()
     try:
         pins = int(pins)
     except ValueError:
         raise ConfigError(f"pins={pins!r} in {u.raw!r}: use an integer") from None
-    return ShmStore(name, size=size, checksum=_BOOL[checksum], create=create, block_size=block, pin_slots=pins)
+    return ShmStore(name, size=size, checksum=_BOOL[checksum], create=create, block_size=block, pin_slots=pins,
+                    prefault=_BOOL[prefault])
