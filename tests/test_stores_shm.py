@@ -674,6 +674,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 st_ = st.get(["obj"], ScatterList(np.array([[dst.ctypes.data]], np.uint64), np.array([[dst.nbytes]], np.uint64)))
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 assert st_[0] == 0 and dst[:4].tolist() == [7, 7, 7, 7], st_
+assert st.stats()["prefaulted_bytes"] == st.prefaulted
 print(faults, st.prefaulted)
 '''
 

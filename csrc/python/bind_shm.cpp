@@ -353,8 +353,11 @@ KVD_BINDINGS(50, shm) {
             return py::make_tuple(int(st), out);
           },
           "-> (status, [(file offset, length), ...]): where an object's bytes lie in the pool file")
-      .def("prefault", &Pool::prefault, py::arg("chunk") = 64ULL << 20, py::call_guard<py::gil_scoped_release>(),
-           "populate this process's page tables for the pool's data (see csrc/shm/shm_pool.h); -> bytes")
+      .def("prefault", &Pool::prefault, py::arg("offset"), py::arg("length"),
+           py::call_guard<py::gil_scoped_release>(),
+           "populate this process's page tables for [offset, offset + length) of the pool's data "
+           "(see csrc/shm/shm_pool.h); -> bytes")
+      .def_property_readonly("data_bytes", &Pool::data_bytes)
       .def("close",
            [](Pool& p) {
              py::gil_scoped_release nogil;

@@ -799,24 +799,18 @@ void Pool::exists(const std::string* keys, size_t n, uint8_t* out) {
     out[i] = key_ok(keys[i]) && index_find(keys[i].data(), keys[i].size(), key_hash64(keys[i].data(), keys[i].size())) >= 0;
 }
 
-uint64_t Pool::prefault(uint64_t chunk) {
+uint64_t Pool::prefault(uint64_t offset, uint64_t length) {
 #ifdef MADV_POPULATE_WRITE
   constexpr int kAdvice = MADV_POPULATE_WRITE;
 #else
   constexpr int kAdvice = 23;  // MADV_POPULATE_WRITE (Linux 5.14); older kernels answer EINVAL
 #endif
-  chunk = std::max<uint64_t>(chunk, 1ULL << 20);
-  uint64_t done = 0;
-  for (;;) {
-    std::shared_lock<std::shared_mutex> g(close_mu_);
-    if (!base_) break;
-    const uint64_t total = map_size_ - uint64_t(data_ - base_);
-    if (done >= total) break;
-    const uint64_t n = std::min(chunk, total - done);
-    if (madvise(data_ + done, n, kAdvice) != 0) break;
-    done += n;
-  }
-  return done;
+  std::shared_lock<std::shared_mutex> g(close_mu_);
+  const uint64_t total = data_bytes();
+  if (offset >= total) return 0;
+  offset &= ~uint64_t(4095);  // madvise wants a page-aligned start (data_ is block-aligned)
+  const uint64_t n = std::min(length, total - offset);
+  return n && madvise(data_ + offset, n, kAdvice) == 0 ? n : 0;
 }
 
 void Pool::set_copy_options(const CopyOptions& o) {

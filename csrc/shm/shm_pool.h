@@ -144,14 +144,15 @@ class Pool {
   void set_write_checksum(bool on) { write_checksum_ = on; }
   void set_copy_options(const CopyOptions& o);
   CopyOptions copy_options() const { return copy_opt_; }
-  // Populates this process's page tables for the pool's data region (MADV_POPULATE_WRITE,
-  // Linux 5.14+), `chunk` bytes per call, so that the first get or put of each page in this
-  // process does not take a page fault (a fresh process reading 512 MiB paid ~45 ms of faults
-  // on one core, as much as the copy). The pool's memory is already allocated (fallocate at
-  // create): this only maps it. Meant for a background thread at open; holds the handle open
-  // for one chunk at a time, so close() waits at most one chunk. Returns the bytes populated
-  // (less than the region when closed meanwhile or when the kernel lacks the advice).
-  uint64_t prefault(uint64_t chunk = 64ULL << 20);
+  // Populates this process's page tables for bytes [offset, offset + length) of the pool's
+  // data region (MADV_POPULATE_WRITE, Linux 5.14+), so that the first get or put of those pages
+  // in this process does not take page faults (a fresh process reading 512 MiB paid ~45 ms of
+  // faults on one core, as much as the copy). The memory is already allocated (fallocate at
+  // create): this only maps it. Returns the bytes populated: 0 past the region's end, when
+  // closed, or when the kernel lacks the advice. Holds the handle open for the call: callers
+  // populate a large pool in chunks from a thread they can stop (and must join before exit).
+  uint64_t prefault(uint64_t offset, uint64_t length);
+  uint64_t data_bytes() const { return base_ ? map_size_ - uint64_t(data_ - base_) : 0; }
 
   void exists(const std::string* keys, size_t n, uint8_t* out);
   // How many leading keys are present; stops at the first absent (or invalid)

@@ -18,6 +18,7 @@ csrc/shm/shm_pool.h documents the contract). URL parameters:
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import re
 import threading
@@ -33,6 +34,20 @@ from kvdirect.stores.base import (BUSY, CORRUPT, INVALID_ARGUMENT, NO_ROOM, NOT_
 from kvdirect.stores.url import StoreURL, parse_size
 
 log = logging.getLogger("kvdirect.shm")
+
+#: (stop, thread) of the prefaults still running. A daemon thread still inside the C++ call when
+#: the interpreter finalizes aborts the process ("terminate called without an active exception"):
+#: they are stopped and joined at exit (each within one chunk).
+_PREFAULTS: set = set()
+
+
+@atexit.register
+def _join_prefaults() -> None:
+    running = list(_PREFAULTS)
+    for stop, _ in running:
+        stop.set()
+    for _, t in running:
+        t.join()
 
 DEFAULT_SIZE = 1 << 30
 DEFAULT_BLOCK = 64 << 10
@@ -91,8 +106,11 @@ class ShmStore(Store):
         pool.set_write_checksum(self.checksum)
         self._size_requested = requested
         self.prefaulted = None  # bytes, once the background prefault is over
+        self._stop_prefault = threading.Event()
         if prefault:  # off the request path: a process's first loads would otherwise take page faults
-            threading.Thread(target=self._prefault, name=f"kvdirect-shm-prefault-{name}", daemon=True).start()
+            t = threading.Thread(target=self._prefault, name=f"kvdirect-shm-prefault-{name}", daemon=True)
+            _PREFAULTS.add((self._stop_prefault, t))
+            t.start()
         if requested is not None and not created:
             actual = pool.stats()["size"]
             if actual != requested:
@@ -100,12 +118,20 @@ class ShmStore(Store):
                               f"(requested {requested}). To resize: `kvdirect pool destroy {name}`.",
                               stacklevel=2)
 
-    def _prefault(self) -> None:
+    def _prefault(self, chunk: int = 64 << 20) -> None:
+        """Map the pool's data into this process chunk by chunk (one madvise each; stops on close)."""
+        done = 0
         try:
-            self.prefaulted = int(self._pool.prefault())
+            total = self._pool.data_bytes
+            while done < total and not self._stop_prefault.is_set():
+                n = self._pool.prefault(done, chunk)
+                if n == 0:  # closed, or a kernel without MADV_POPULATE_WRITE
+                    break
+                done += n
         except Exception as e:  # noqa: BLE001 - a speed-up only: the pool works without it
             log.debug("shm pool %s: prefault: %s", self.name, e)
-            self.prefaulted = 0
+        self.prefaulted = done
+        _PREFAULTS.discard((self._stop_prefault, threading.current_thread()))
 
     # -- the store interface -------------------------------------------------
     def exists(self, keys: Sequence[str]) -> np.ndarray:
@@ -179,10 +205,12 @@ class ShmStore(Store):
     def stats(self) -> dict:
         s = dict(self._pool.stats())
         s.update(name=self.name, path=self.path, checksum=self.checksum,
-                 size_requested=self._size_requested, kernel=_core().shm_copy_kernel())
+                 size_requested=self._size_requested, kernel=_core().shm_copy_kernel(),
+                 prefaulted_bytes=self.prefaulted)
         return s
 
     def close(self) -> None:
+        self._stop_prefault.set()
         if self._pool is not None and not self._pool.closed:
             self._pool.close()
 
