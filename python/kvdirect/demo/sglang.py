@@ -488,7 +488,9 @@ def plot(result: dict, path: str) -> None:
     bar_plot(path, [f"{100 * r['reuse']:.0f}%" for r in runs],
              {result["labels"][m]: [r[f"ttft_p50_ms_{m}"] for r in runs] for m in modes},
              xlabel="prefix reuse", ylabel="TTFT p50 (ms), reader's first request",
-             title="SGLang 0.5.23 on CPU: kvdirect (radix backend, linker) vs SGLang's cache, linker and HiCache",
+             title="SGLang 0.5.23 on CPU: kvdirect vs SGLang's " + ", ".join(
+                 w for w, ms in (("cache", ("baseline",)), ("Mooncake linker", ("sglang_linker",)),
+                                 ("HiCache", ("hicache",))) if set(ms) & set(modes)),
              figsize=(11, 5), footnote=("every server: torch_native + benchmark-only prefix_attention patch"
                                         if result.get("attention", "").endswith("patch") else
                                         "torch_native attention on CPU bounds every cache's gain (ideal)"))
