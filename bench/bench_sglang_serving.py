@@ -129,7 +129,7 @@ def main():
     segment_bytes = max(pool_bytes, 256 << 20)
     servers = D._Servers(python, model, repo / "tests" / "e2e_sglang" / "standin",
                          repo / "bench" / "sglang_demo_patches", a.page_size, work, True,
-                         every=["prefix_attention"] if a.sglang_attention == "prefix" else [])
+                         every=D.ATTENTION_PATCHES[a.sglang_attention])
     results = {m: [] for m in cfg.modes if m != "ideal"}
     if "ideal" in cfg.modes:
         results["ideal"] = []
@@ -208,8 +208,8 @@ def main():
                 print(f"{mode}: throughput / best non-kvdirect mode = {v['request_throughput'] / best_other:.3f} "
                       "(goal >= 1)")
     if a.json:
-        Path(a.json).write_text(json.dumps({"machine": describe(), "args": vars(a), "attention": D.ATTENTION[a.sglang_attention],
-                                            "rounds": results,
+        Path(a.json).write_text(json.dumps({"machine": describe(), "args": vars(a),
+                                            "attention": D.ATTENTION[a.sglang_attention], "rounds": results,
                                             "summary": summary}, indent=2))
 
 

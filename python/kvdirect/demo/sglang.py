@@ -66,6 +66,8 @@ PREFIX_NOTE = ("Every server ran the benchmark-only patch 'torch_native attentio
                "a hit's TTFT shows what its load costs.")
 #: --sglang-attention: what the servers' torch_native attention computes
 ATTENTION = {"prefix": "torch_native + prefix_attention patch", "torch_native": "torch_native as shipped"}
+#: --sglang-attention: the benchmark-only patches every server of the run loads
+ATTENTION_PATCHES = {"prefix": ["prefix_attention"], "torch_native": []}
 #: pool-backed modes: the writer that serves each prompt's document first
 WRITERS = {"kvdirect": "W-shm", "linker": "W-shm", "kvdirect_mooncake": "W-mooncake",
            "linker_mooncake": "W-mooncake", "sglang_linker": "W-sglang-linker", "hicache": "W-hicache"}
@@ -356,7 +358,7 @@ def run_demo(cfg: SGLangDemoConfig, *, progress: bool = True) -> dict:
     recs = {m: [[None] * len(p) for _, p in levels] for m in cfg.modes}
     servers = _Servers(python, str(work / "model"), repo / "tests" / "e2e_sglang" / "standin",
                        repo / "bench" / "sglang_demo_patches", cfg.page_size, work, progress,
-                       every=["prefix_attention"] if cfg.attention == "prefix" else [])
+                       every=ATTENTION_PATCHES[cfg.attention])
     master = None
     try:
         if set(cfg.modes) & set(MOONCAKE_MODES):
@@ -492,5 +494,5 @@ def plot(result: dict, path: str) -> None:
                  w for w, ms in (("cache", ("baseline",)), ("Mooncake linker", ("sglang_linker",)),
                                  ("HiCache", ("hicache",))) if set(ms) & set(modes)),
              figsize=(11, 5), footnote=("every server: torch_native + benchmark-only prefix_attention patch"
-                                        if result.get("attention", "").endswith("patch") else
+                                        if result["config"].get("attention") == "prefix" else
                                         "torch_native attention on CPU bounds every cache's gain (ideal)"))

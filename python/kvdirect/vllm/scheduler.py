@@ -105,13 +105,17 @@ class SchedulerSide:
         self._unsupported: set[str] = set()
         self._loads: dict[str, PageRun] = {}
         self._held: set[str] = set()  # held at finish since the last plan (StepPlan.held)
-        self.writers = list(range(self.tp_size))  # ranks that put pages (MLA: rank 0, set_fingerprints)
-        self._all_ranks = (1 << self.tp_size) - 1  # the writers' ack bits: a page every writer stored
+        self._set_writers(range(self.tp_size))  # MLA: rank 0 alone (set_fingerprints)
         self._health = StoreHealth(store, config, CacheStats(config.latency_window))
         self.stats = dict.fromkeys(("match_calls", "query_keys", "queries", "index_hit_pages", "query_hit_pages",
                                     "hit_requests", "hit_tokens", "load_pages", "load_failed_requests",
                                     "save_pages_planned", "saved_pages_acked", "save_failed_pages",
                                     "late_load_requests", "held_requests"), 0)
+
+    def _set_writers(self, ranks) -> None:
+        """The ranks that put pages, and their ack bits (a page every writer stored)."""
+        self.writers = list(ranks)
+        self._all_ranks = sum(1 << r for r in self.writers)
 
     # ---- layouts from the workers ------------------------------------------------
     def set_fingerprints(self, fps: dict[int, dict]) -> None:
@@ -126,10 +130,9 @@ class SchedulerSide:
                 raise ConfigError("kvdirect vLLM connector: TP ranks report different MLA layouts "
                                   f"{[fp.digest for fp in self.fingerprints]}; an MLA page is the same on "
                                   "every rank")
-            self.writers = [0]
+            self._set_writers([0])
         else:
-            self.writers = list(range(self.tp_size))
-        self._all_ranks = sum(1 << r for r in self.writers)
+            self._set_writers(range(self.tp_size))
         log.info("kvdirect: page keys %s (model %r, %s, block %d, %d layers)",
                  [fp.key_prefix for fp in self.fingerprints], self.fingerprints[0].model,
                  self.fingerprints[0].layout_kind, self.P, self.fingerprints[0].num_layers)
