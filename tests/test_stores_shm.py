@@ -700,8 +700,11 @@ def test_prefault_maps_the_pool_before_the_first_get(pool_name, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         faults, populated = r.stdout.split()
         runs[flag] = (int(faults), populated)
-    assert runs["off"][0] >= (64 << 20) // (64 << 10) // 2, runs  # a fault per 64 KiB read, or more
-    assert runs["on"][0] < (64 << 20) // (64 << 10) // 10, runs
+    # Compared as a difference: under AddressSanitizer the copy also faults in the shadow of both
+    # buffers (one fault per 4 KiB of shadow), the same with and without prefault.
+    pool_faults = (64 << 20) // (64 << 10)  # one per 64 KiB read
+    assert runs["off"][0] >= pool_faults // 2, runs
+    assert runs["off"][0] - runs["on"][0] >= pool_faults // 2, runs
     assert runs["off"][1] == "None" and int(runs["on"][1]) > 64 << 20, runs
     w.close()
     with pytest.raises(ConfigError, match="prefault"):
