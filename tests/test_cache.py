@@ -743,9 +743,9 @@ class GatedReads(Store):
     """A store whose piecewise reads after the first piece wait for ``gate``: a load
     that reports layer 0 only once every layer is in would wait forever."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, free_pieces: int = 1):
         self.inner, self.gate, self.scheme = inner, threading.Event(), inner.scheme
-        self.pieces = 0
+        self.pieces, self.free_pieces = 0, free_pieces
         if not hasattr(inner, "open_read"):  # whole objects only: the cache must see that too
             self.open_read = None
 
@@ -756,8 +756,8 @@ class GatedReads(Store):
             status = property(lambda _: rd.status)
 
             def read(self, scatter):
-                if store.pieces >= 1:
-                    assert store.gate.wait(30), "layer 0 was never reported before the later layers were read"
+                if store.pieces >= store.free_pieces:
+                    assert store.gate.wait(30), "the load waited for bytes held back until it reported"
                 store.pieces += 1
                 rd.read(scatter)
 
@@ -829,6 +829,41 @@ def test_layerwise_load_reports_a_layer_while_later_layers_are_still_in_the_pool
     ca.close()
 
 
+def test_layerwise_load_is_pinned_before_any_byte_moves(piecewise_url):
+    """``wait_pinned`` (what an engine waits for before promising the tokens) returns once
+    the store holds the pages, while every read is still held back; a store that only gets
+    whole objects pins them by reading them."""
+    P = 4
+    a, b = Device(P), Device(P)
+    ca = make(a, piecewise_url)
+    toks = tokens_of(8 * P, 24)
+    serve(ca, a, toks)
+    ca.flush()
+    gated = GatedReads(open_store(piecewise_url), free_pieces=0)
+    cb = make(b, gated)
+    m = cb.match(toks)
+    slots = b.alloc(m.pool_len)
+    lw = cb.load_layerwise(m, slots)
+    assert lw.wait_pinned(timeout=30) == 8 * P
+    assert gated.pieces == 0 and np.all(b.k[0][slots] == 0)  # no layer has arrived
+    with pytest.raises(TimeoutError):
+        lw.wait_layer(0, timeout=0.05)
+    gated.gate.set()
+    assert lw.wait_layer(0, timeout=30) == 8 * P and lw.finish() == 8 * P
+    np.testing.assert_array_equal(b.k[LAYERS - 1][slots], expected_kv(b, toks)[LAYERS - 1])
+    # whole objects: pinned means read
+    c = Device(P)
+    cc = make(c, ScriptedStore(open_store(piecewise_url)))
+    mc = cc.match(toks)
+    sc = c.alloc(mc.pool_len)
+    lc = cc.load_layerwise(mc, sc)
+    assert lc.wait_pinned(timeout=30) == 8 * P
+    np.testing.assert_array_equal(c.k[LAYERS - 1][sc], expected_kv(c, toks)[LAYERS - 1])
+    assert lc.finish() == 8 * P
+    for x in (cb, cc, ca):
+        x.close()
+
+
 def test_layerwise_load_stops_at_a_bad_page(url):
     P = 4
     a, b = Device(P), Device(P)
@@ -842,6 +877,7 @@ def test_layerwise_load_stops_at_a_bad_page(url):
     assert open_store(url).put_bytes(K.pool_keys(d, cb.fingerprint)[3], b"wrong size")
     slots = b.alloc(m.pool_len)
     lw = cb.load_layerwise(m, slots)
+    assert lw.wait_pinned(timeout=30) == 3 * P  # the bad object is refused when the read opens
     assert lw.wait_layer(0, timeout=30) == 3 * P
     assert lw.finish() == 3 * P
     assert len(np.concatenate(b.freed)) == 3 * P and cb.total_size == 3 * P

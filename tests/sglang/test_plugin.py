@@ -435,12 +435,14 @@ def test_layerwise_load_is_byte_identical(pool_url, monkeypatch, P):
         c.cache.shutdown()
 
 
-def test_layerwise_failure_after_promise_aborts_and_caches_nothing(pool_url, monkeypatch):
-    """A page that fails verification after its layers were handed to the forward pass:
-    the request is aborted before output, the page never enters the cache, nothing leaks."""
+@pytest.mark.parametrize("fault", ["checksum", "layer0_read"])
+def test_layerwise_failure_after_promise_aborts_and_caches_nothing(pool_url, monkeypatch, fault):
+    """A page that fails after its tokens were promised (pinned, then its checksum does not
+    match at the end, or already the read of layer 0 fails): the request is aborted before
+    output, the page never enters the cache, nothing leaks."""
     from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
-    from kvdirect.stores.base import CORRUPT
+    from kvdirect.stores.base import CORRUPT, IO_ERROR
     from kvdirect.stores.shm import PiecewiseRead
 
     P = 4
@@ -452,21 +454,28 @@ def test_layerwise_failure_after_promise_aborts_and_caches_nothing(pool_url, mon
     _layerwise_env(monkeypatch, pool_url)
     b = Engine(P)
     build(b)
-    end = PiecewiseRead.end
+    end, read = PiecewiseRead.end, PiecewiseRead.read
 
-    def corrupt_end(self):   # the 6th page's checksum does not match
+    def corrupt_end(self):   # the 6th page's checksum does not match (or its read failed)
         st = end(self).copy()
-        st[5] = CORRUPT
+        st[5] = CORRUPT if fault == "checksum" else IO_ERROR
         return st
 
+    def failing_read(self, scatter):  # the 6th page's first piece (layer 0) does not arrive
+        read(self, scatter)
+        self.status[5] = IO_ERROR
+
     monkeypatch.setattr(PiecewiseRead, "end", corrupt_end)
+    if fault == "layer0_read":
+        monkeypatch.setattr(PiecewiseRead, "read", failing_read)
     rb = b.serve(np.concatenate([shared, toks(4, 23)]), finish=False)
     req = rb["req"]
-    assert rb["loaded"] == 8 * P                        # promised once layer 0 had arrived
+    assert rb["loaded"] == 8 * P                        # promised once the pages were pinned
     assert isinstance(req.to_finish, FINISH_ABORT) and "KVLoadFailed" == req.to_finish.err_type
     assert req.skip_radix_cache_insert
     assert b.cache.layerwise_aborts == 1
     monkeypatch.setattr(PiecewiseRead, "end", end)
+    monkeypatch.setattr(PiecewiseRead, "read", read)
     # the scheduler finishes the aborted request: nothing of it is cached past the good pages
     from sglang.srt.mem_cache.common import release_kv_cache
 

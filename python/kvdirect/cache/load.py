@@ -129,6 +129,8 @@ class LayerwiseLoad:
         L = parts.layout.num_layers
         self._events = [threading.Event() for _ in range(L)]
         self._ok_after_layer = [0] * L
+        self._pinned = threading.Event()
+        self._pinned_pages = 0
         self.status = np.zeros(self.n_pages, dtype=np.int32)
         self._t0 = time.perf_counter()
         self._result = None
@@ -137,20 +139,28 @@ class LayerwiseLoad:
         if self.n_pages == 0:
             for e in self._events:
                 e.set()
+            self._pinned.set()
             return
         self._keys, self._page_slots = load_pages(parts, m, self.slots, self.n_pages)
         self._ready = parts.transfer.compute_event()  # the engine's work queued before this load
         self._thread = threading.Thread(target=self._run, name="kvdirect-layerwise", daemon=True)
         self._thread.start()
 
+    def _on_pinned(self, pages: int) -> None:
+        if not self._pinned.is_set():
+            self._pinned_pages = pages
+            self._pinned.set()
+
     def _layer_done(self, layer: int, pages: int) -> None:
+        self._on_pinned(pages)  # a page delivered is a page that existed
         self._ok_after_layer[layer] = pages
         self._events[layer].set()
 
     def _run(self):
         p = self.parts
         try:
-            self.status[:] = p.transfer.get_layerwise(self._keys, self._page_slots, self._layer_done, self._ready)
+            self.status[:] = p.transfer.get_layerwise(self._keys, self._page_slots, self._layer_done, self._ready,
+                                                      on_pinned=self._on_pinned)
         except STORE_FAILURES as e:
             p.health.failed("get", e)
             self.status[:] = UNAVAILABLE
@@ -162,6 +172,15 @@ class LayerwiseLoad:
             for layer, e in enumerate(self._events):
                 if not e.is_set():
                     self._layer_done(layer, ok)
+
+    def wait_pinned(self, timeout: float | None = None) -> int:
+        """Block until the store holds the pages for this load (a read session opened; for
+        stores that get whole objects: until they are in); returns the tokens of the pages
+        it holds. Bytes may still be in flight: a page that fails after this point makes
+        ``finish()`` return fewer tokens, and whoever promised them must not use the result."""
+        if not self._pinned.wait(timeout):
+            raise TimeoutError(f"pages not pinned within {timeout}s")
+        return self._pinned_pages * self.parts.page_size
 
     def wait_layer(self, layer: int, timeout: float | None = None) -> int:
         """Block until layer ``layer`` is loaded; returns the tokens valid for it so far."""

@@ -152,12 +152,13 @@ class Transfer:
         if self.ops.asynchronous:
             self._sync(ready)
 
-    def get_layers(self, keys: list, page_slots: np.ndarray, on_layer, ready) -> np.ndarray:
+    def get_layers(self, keys: list, page_slots: np.ndarray, on_layer, ready, on_pinned=None) -> np.ndarray:
         """Staged load with per-layer completion: ``on_layer(l, pages)`` once layer ``l``
-        of the first ``pages`` pages is on the device (for the final chunk of pages)."""
-        return self._get_staged(keys, page_slots, on_layer, ready)
+        of the first ``pages`` pages is on the device (for the final chunk of pages);
+        ``on_pinned(pages)`` once every chunk is in host memory, before the layer reports."""
+        return self._get_staged(keys, page_slots, on_layer, ready, on_pinned)
 
-    def get_layerwise(self, keys: list, page_slots: np.ndarray, on_layer, ready) -> np.ndarray:
+    def get_layerwise(self, keys: list, page_slots: np.ndarray, on_layer, ready, on_pinned=None) -> np.ndarray:
         """Load whole page objects layer by layer: ``on_layer(l, pages)`` once layer ``l`` of
         the first ``pages`` pages is in device memory (``pages`` never grows from one layer
         to the next); per-key status, OK only for a page delivered whole (and verified, where
@@ -165,30 +166,39 @@ class Transfer:
         (with the pages still good), so a waiting forward pass never hangs; the caller
         decides from the status, not from the layer reports, whether a page may be used.
         ``ready``: the compute event recorded on the engine's thread when the load was
-        handed over (this may run on another thread)."""
+        handed over (this may run on another thread).
+
+        ``on_pinned(pages)``, called once before any layer: the first ``pages`` pages exist
+        and are held by the store until read (a read session opened on stores with
+        piecewise reads, before any byte moves and before waiting for ``ready``; for
+        stores that only get whole objects, when they are in, together with layer 0)."""
         n, layers = len(keys), self.layout.num_layers
         reader = getattr(self.store, "open_read", None)
+        pinned = on_pinned or (lambda pages: None)
         if n == 0:
+            pinned(0)
             for layer in range(layers):
                 on_layer(layer, 0)
             return np.zeros(0, dtype=np.int32)
         if reader is None:  # whole objects: every layer completes once they are in
             if self.stage:
-                return self.get_layers(keys, page_slots, on_layer, ready)
+                return self.get_layers(keys, page_slots, on_layer, ready, on_pinned=pinned)
             self.before_direct_write(ready)
             st = _status(self.store.get(keys, self.layout.plan(page_slots, per_token=False)))
+            pinned(first_failure(st))
             for layer in range(layers):
                 on_layer(layer, first_failure(st))
             return st
         if self.stage:
             if self.pool.nbytes < n * self.layout.page_bytes:  # the pages do not fit one buffer
-                return self.get_layers(keys, page_slots, on_layer, ready)
-            return self._get_staged_piecewise(keys, page_slots, on_layer, reader, ready)
-        self.before_direct_write(ready)
+                return self.get_layers(keys, page_slots, on_layer, ready, on_pinned=pinned)
+            return self._get_staged_piecewise(keys, page_slots, on_layer, reader, ready, pinned)
         sizes = np.full(n, self.layout.page_bytes, dtype=np.uint64)
         plan = self.layout.plan(page_slots, per_token=False)
         per_layer = plan.addrs.shape[1] // layers if plan.addrs.shape[1] % layers == 0 else 0
         with reader(keys, sizes) as rd:
+            pinned(first_failure(rd.status))
+            self.before_direct_write(ready)  # opening the session wrote nothing to the device
             for lo, hi in layer_groups(layers):  # layers lo..hi-1 are the next bytes of every page object
                 alive = first_failure(rd.status)
                 if alive:
@@ -203,7 +213,7 @@ class Transfer:
                     on_layer(layer, ok)
         return _status(rd.end())
 
-    def _get_staged_piecewise(self, keys, page_slots, on_layer, reader, ready) -> np.ndarray:
+    def _get_staged_piecewise(self, keys, page_slots, on_layer, reader, ready, pinned) -> np.ndarray:
         """Staged and piecewise: layer ``l`` of every page is read into its place in the
         staging buffer, then scattered on the load stream; while that scatter runs the
         next layer is read, and layer ``l`` is reported once its scatter has completed."""
@@ -217,6 +227,7 @@ class Transfer:
         with _Lease(self, s) as lease:
             base = np.uint64(lease.buf.addr) + np.arange(n, dtype=np.uint64) * np.uint64(lay.page_bytes)
             with reader(keys, np.full(n, lay.page_bytes, dtype=np.uint64)) as rd:
+                pinned(first_failure(rd.status))
                 for lo, hi in layer_groups(lay.num_layers):
                     alive = first_failure(rd.status)
                     if alive:  # layers lo..hi-1 of each page: one range, into its place in the buffer
@@ -239,7 +250,7 @@ class Transfer:
         on_layer(pending[0], min(pending[2], first_failure(status)))
         return status
 
-    def _get_staged(self, keys, page_slots, on_layer, ready) -> np.ndarray:
+    def _get_staged(self, keys, page_slots, on_layer, ready, on_pinned=None) -> np.ndarray:
         n, layers = len(keys), self.layout.num_layers
         status = np.full(n, UNAVAILABLE, dtype=np.int32)
         s = self._load_stream
@@ -251,6 +262,8 @@ class Transfer:
                 status[lo:hi] = st
                 n_ok = first_failure(st)
                 last = hi == n or n_ok < hi - lo
+                if last and on_pinned is not None:
+                    on_pinned(done + n_ok)
                 if n_ok:
                     slots = page_slots[lo:lo + n_ok]
                     if on_layer is None:

@@ -16,14 +16,15 @@ inserted into the index) before that layer is read, so no load outlives the
 forward pass that consumes it; the scheduler-side hooks also settle any load
 still pending before they touch the index.
 
-Failures. A load promises tokens only after layer 0 arrived, i.e. after the
-store pinned (or, for stores without ranged reads, fully read) every page;
-pages missing then make ``init_load_back`` report no load-back and the request
-recomputes, as with synchronous loads. A page that fails after that (a checksum
-mismatch found when the whole object has been read) is never cached, and the
-request that was promised it is aborted with a retryable error before its
-output is sent: its forward pass has already read the bad bytes, so no output
-of it may be served.
+Failures. A load promises tokens only after the store pinned every page (a
+read session opened, before any byte moves; stores without ranged reads: every
+page read whole), so the scheduler thread waits for one metadata round trip, not
+for layer 0's bytes; pages missing then make ``init_load_back`` report no
+load-back and the request recomputes, as with synchronous loads. A page that
+fails after that (a ranged read that fails, a checksum mismatch found when the
+whole object has been read) is never cached, and the request that was promised
+it is aborted with a retryable error before its output is sent: its forward
+pass has already read the bad bytes, so no output of it may be served.
 """
 from __future__ import annotations
 

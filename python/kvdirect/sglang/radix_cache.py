@@ -273,12 +273,13 @@ class KVDirectRadixCache(BasePrefixCache):
         return loaded, self._node(m.tokens[: m.device_len], m.namespace, m.node, m.device_slots)
 
     def _start_layerwise(self, req, m: CacheMatch, slots: np.ndarray, want: int, node: Node):
-        """Start a layer-wise load; promise its tokens once layer 0 has arrived (every page
-        pinned, or read whole by a store without ranged reads)."""
+        """Start a layer-wise load; promise its tokens once the store holds every page (a read
+        session opened; a store without ranged reads: the pages read whole). The scheduler
+        does not wait for any layer's bytes: the forward pass does, layer by layer."""
         from kvdirect.sglang.layerwise import PendingLoad
 
         lw = self.kv.load_layerwise(m, slots)
-        if lw.wait_layer(0) < want:
+        if lw.wait_pinned() < want:
             lw.finish()  # applies what arrived whole, frees the rest
             self._version += 1
             return 0, node
@@ -289,7 +290,8 @@ class KVDirectRadixCache(BasePrefixCache):
         pnode.pending = PendingLoad(lw, want, req, pnode)
         self.layer_loads.add(pnode.pending)
         if not self.layer_loads.started:
-            log.info("kvdirect: first layer-wise load: %d tokens, layer 0 of %d arrived before the forward pass",
+            log.info("kvdirect: first layer-wise load: %d tokens pinned in the store; the forward pass waits for "
+                     "each of its %d layers",
                      want, self.layer_loads.num_layers)
         self.layer_loads.started += 1
         return want, pnode
