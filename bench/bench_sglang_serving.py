@@ -32,10 +32,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe  # noqa: E402
 
-from kvdirect.demo import SGLANG_MODES, SMALL_MODEL, TRANSFER_MODEL  # noqa: E402
+from kvdirect.demo import SGLANG_MODES, SGLANG_TRANSFER_MODEL, SMALL_MODEL  # noqa: E402
 from kvdirect.demo import sglang as D  # noqa: E402
 
-SIZES = {"default": {}, "small": SMALL_MODEL, "transfer": TRANSFER_MODEL}
+SIZES = {"default": {}, "small": SMALL_MODEL, "transfer": SGLANG_TRANSFER_MODEL}
 
 
 def bench(python: Path, url: str, tokenizer: Path, a, out: Path, seed: int) -> dict:

@@ -70,6 +70,18 @@ def test_seeded_weights_identical_and_seed_dependent(model):
     assert weights_digest(model) != weights_digest(build_model(other))
 
 
+def test_llama_arch_with_wide_heads():
+    """The SGLang demo's transfer shape is a Llama (its head_dim is not hidden / heads)."""
+    wide = ModelSpec(**{**SMALL.to_dict(), "arch": "llama", "explicit_head_dim": 32})
+    m = build_model(wide)
+    assert type(m).__name__ == "LlamaForCausalLM" and m.config.head_dim == 32
+    assert m.model.layers[0].self_attn.k_proj.weight.shape == (2 * 32, 64) and m.model.layers[0].self_attn.k_proj.bias is None
+    assert wide.kv_bytes_per_token() == 2 * 2 * 2 * 32 * 4
+    assert weights_digest(m) != weights_digest(build_model(ModelSpec(**{**SMALL.to_dict(), "explicit_head_dim": 32})))
+    with pytest.raises(ConfigError, match="arch"):
+        ModelSpec(arch="gpt2")
+
+
 # -- the runner ------------------------------------------------------------------
 def test_baseline_kv_in_pool_matches_full_forward(model):
     eng = make_engine(model)

@@ -10,7 +10,7 @@ import sys
 
 from kvdirect.cli import _args as A
 from kvdirect.demo import OWN_MODES as MODES
-from kvdirect.demo import SGLANG_MODES, SMALL_MODEL, TRANSFER_MODEL, TRANSFER_PROMPT_LEN
+from kvdirect.demo import SGLANG_MODES, SGLANG_TRANSFER_MODEL, SMALL_MODEL, TRANSFER_MODEL, TRANSFER_PROMPT_LEN
 
 #: ``--model-size``: ModelSpec fields over the default shape
 MODEL_SIZES = {"default": {}, "small": SMALL_MODEL, "transfer": TRANSFER_MODEL}
@@ -111,7 +111,7 @@ def run_sglang(args) -> int:
     if args.store:
         raise ConfigError("--engine sglang makes its own pools (shm, and one Mooncake master for every "
                           "Mooncake mode); drop --store")
-    spec = dict(MODEL_SIZES[args.model_size])
+    spec = dict(SGLANG_TRANSFER_MODEL if args.model_size == "transfer" else MODEL_SIZES[args.model_size])
     try:
         cfg = SGLangDemoConfig(prompts=args.prompts, prompt_len=prompt_len(args), reuse=tuple(args.reuse),
                                output_len=args.output_len, page_size=args.page_size,

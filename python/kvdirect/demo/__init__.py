@@ -26,5 +26,7 @@ SMALL_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, n
 #: small hidden size): 512 KiB of fp16 KV per token, 0.5 GiB for a 1024-token prompt
 TRANSFER_MODEL = dict(hidden_size=256, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                       explicit_head_dim=128, intermediate_size=512, vocab_size=8192)
+#: the same shape as a Llama for SGLang (kvdirect.engine.model.ModelSpec.arch says why)
+SGLANG_TRANSFER_MODEL = dict(TRANSFER_MODEL, arch="llama")
 #: prompt length the transfer-bound shape is meant for (``--prompt-len`` default with it)
 TRANSFER_PROMPT_LEN = 1024

@@ -336,7 +336,8 @@ def run_demo(cfg: SGLangDemoConfig, *, progress: bool = True) -> dict:
     # room for a prompt and a document on each server; more where the KV is small
     max_tokens = max(2 * (cfg.prompt_len + cfg.output_len + cfg.page_size), min(16384, (256 << 20) // kv_token))
     pool_bytes = int(8 * per_prompt) + (64 << 20)            # shm: a few documents (LRU beyond)
-    segment_bytes = max(int(4 * per_prompt), 256 << 20)      # each Mooncake client's contribution
+    # each Mooncake client's contribution: a document and a prompt (LRU beyond); four or more clients
+    segment_bytes = max(int(2 * per_prompt), 256 << 20)
     mooncake_env = {"MOONCAKE_PROTOCOL": "tcp", "MOONCAKE_GLOBAL_SEGMENT_SIZE": str(segment_bytes),
                     "MOONCAKE_DEVICE": "", "MC_TCP_BIND_ADDRESS": "127.0.0.1"}
     pool_name = f"kvdirect-sgl-demo-{uuid.uuid4().hex[:8]}"

@@ -39,8 +39,15 @@ class ModelSpec:
     #: attention head size when it is not hidden_size / num_attention_heads (a model whose KV
     #: is wide relative to its hidden size: the demo's transfer-bound shape)
     explicit_head_dim: int | None = None
+    #: "qwen2" (Qwen2ForCausalLM) or "llama" (LlamaForCausalLM: no q/k/v bias). SGLang 0.5.23's
+    #: Qwen2 on CPU sizes its heads as hidden_size / num_attention_heads whatever the config's
+    #: head_dim says (it marks every CPU config with original_num_attention_heads), while its KV
+    #: pool uses head_dim; its Llama reads head_dim, so the SGLang demo's wide-head shape is a Llama.
+    arch: str = "qwen2"
 
     def __post_init__(self):
+        if self.arch not in ("qwen2", "llama"):
+            raise ConfigError(f"arch must be 'qwen2' or 'llama', got {self.arch!r}")
         if self.explicit_head_dim is not None and (isinstance(self.explicit_head_dim, bool) or
                                                    not isinstance(self.explicit_head_dim, int) or
                                                    self.explicit_head_dim < 1):
@@ -75,11 +82,14 @@ def torch_dtype(name: str):
 
 
 def build_model(spec: ModelSpec, device: str = "cpu"):
-    """A Qwen2ForCausalLM in eval mode with seeded random weights, on ``device``."""
+    """A Qwen2ForCausalLM (or, ``arch="llama"``, a LlamaForCausalLM) in eval mode with seeded
+    random weights, on ``device``."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
-    cfg = Qwen2Config(
+    Config, Model = ((transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if spec.arch == "qwen2" else
+                     (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+    cfg = Config(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
         num_hidden_layers=spec.num_hidden_layers,
@@ -88,7 +98,7 @@ def build_model(spec: ModelSpec, device: str = "cpu"):
         intermediate_size=spec.intermediate_size,
         max_position_embeddings=spec.max_position_embeddings,
         tie_word_embeddings=False,
-        use_sliding_window=False,
+        **({"use_sliding_window": False} if spec.arch == "qwen2" else {}),
         **({"head_dim": spec.explicit_head_dim} if spec.explicit_head_dim else {}),
     )
     cfg._attn_implementation = spec.attn_implementation
@@ -97,7 +107,7 @@ def build_model(spec: ModelSpec, device: str = "cpu"):
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(spec.seed)
-        model = Qwen2ForCausalLM(cfg)
+        model = Model(cfg)
     finally:
         torch.random.set_rng_state(state)
     model = model.to(dtype=torch_dtype(spec.dtype), device=device).eval()
