@@ -205,13 +205,18 @@ def goals(shape: dict) -> list[dict]:
         for k in KVDIRECT:
             if k not in p50:
                 continue
-            fig = f"{p50[k]:.0f} ms vs {best} {p50[best]:.0f} ms ({p50[k] / p50[best]:.2f}x)"
-            note = f"hit tokens {hits[k]} vs {hits[best]}"
-            if k == "kvdirect-mooncake" and "mooncake-store" in p50 and best != "mooncake-store":
-                fig += f"; same store: mooncake-store {p50['mooncake-store']:.0f} ms " \
-                       f"({p50[k] / p50['mooncake-store']:.2f}x)"
-            out.append({"goal": f"{k} TTFT p50 <= best peer's at {lvl:.0%} reuse", "figure": fig,
-                        "met": bool(p50[k] <= p50[best]), "note": note})
+            # the goal: on the same store (Mooncake: vLLM's own connector on that master) and on
+            # kvdirect's embedded pool (against every peer, whatever it stores in)
+            ref, what = (("mooncake-store", "the same store's peer") if k == "kvdirect-mooncake" else
+                         (best, "best peer's"))
+            if ref not in p50:
+                continue
+            fig = f"{p50[k]:.0f} ms vs {ref} {p50[ref]:.0f} ms ({p50[k] / p50[ref]:.2f}x)"
+            note = f"hit tokens {hits[k]} vs {hits[ref]}"
+            if ref != best:
+                note += f"; best peer on any store: {best} {p50[best]:.0f} ms ({p50[k] / p50[best]:.2f}x)"
+            out.append({"goal": f"{k} TTFT p50 <= {what} at {lvl:.0%} reuse", "figure": fig,
+                        "met": bool(p50[k] <= p50[ref]), "note": note})
     r = runs["1"]
     for k in KVDIRECT:
         if k in r["ttft_p50_ms"] and "ideal" in r["ttft_p50_ms"]:
