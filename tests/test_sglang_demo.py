@@ -110,3 +110,20 @@ def test_result_fields():
     assert "pads the query" in shipped["note"] and shipped["attention"] == "torch_native as shipped"
     recs["linker"][0][1] = rec(100.0, out=(9, 9))
     assert summarise(cfg, levels, recs, 1.0)["outputs_identical"] is False
+
+
+def test_memory_estimate_counts_each_servers_weights():
+    """Each server holds the model's weights: the transfer shape's (0.6 GiB in fp32) made a run that the
+    estimate let through run out of memory. The count equals the model's parameters."""
+    torch = pytest.importorskip("torch", reason="the engine needs the [demo] extra (torch)")
+    pytest.importorskip("transformers", reason="the engine needs the [demo] extra (transformers)")
+    from kvdirect.demo import SGLANG_TRANSFER_MODEL
+    from kvdirect.demo.sglang import weight_bytes
+    from kvdirect.engine.model import ModelSpec, build_model
+
+    small = dict(SGLANG_TRANSFER_MODEL, num_hidden_layers=2, vocab_size=512)
+    n = sum(p.numel() for p in build_model(ModelSpec(**small)).parameters() if p.dim() == 2)
+    assert weight_bytes(small) == 4 * n
+    full = weight_bytes(dict(SGLANG_TRANSFER_MODEL))
+    assert 0.5 * 2**30 < full < 0.7 * 2**30
+    del torch

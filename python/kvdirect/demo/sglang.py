@@ -160,6 +160,15 @@ def workload(cfg: SGLangDemoConfig):
     return levels
 
 
+def weight_bytes(spec: dict) -> int:
+    """fp32 weights of the demo's model (each server holds a copy; the transfer shape's are 0.6 GiB)."""
+    h, inter, vocab = spec["hidden_size"], spec["intermediate_size"], spec["vocab_size"]
+    hd = spec.get("explicit_head_dim") or h // spec["num_attention_heads"]
+    q, kv = spec["num_attention_heads"] * hd, spec["num_key_value_heads"] * hd
+    layer = h * (q + 2 * kv) + q * h + 3 * h * inter
+    return 4 * (2 * vocab * h + spec["num_hidden_layers"] * layer)
+
+
 def kv_bytes_per_token(spec: dict) -> int:
     """fp16 KV bytes per token (SGLang keeps this model's KV in float16 on CPU)."""
     head_dim = spec.get("explicit_head_dim") or spec["hidden_size"] // spec["num_attention_heads"]
@@ -309,7 +318,8 @@ def memory_estimate(cfg: SGLangDemoConfig, specs: dict, kv_token: int, max_token
     n_mc = sum(1 for name in specs if name in MOONCAKE_MODES or name in ("W-mooncake", "W-sglang-linker",
                                                                           "W-hicache"))
     n_hic = sum(1 for name in specs if name in ("hicache", "W-hicache"))
-    return (len(specs) * (SERVER_BYTES + max_tokens * kv_token) + (pool_bytes if "W-shm" in specs else 0)
+    return (len(specs) * (SERVER_BYTES + weight_bytes(cfg.spec) + max_tokens * kv_token)
+            + (pool_bytes if "W-shm" in specs else 0)
             + n_mc * segment_bytes + n_hic * 2 * max_tokens * kv_token)
 
 
