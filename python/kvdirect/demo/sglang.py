@@ -160,19 +160,21 @@ def workload(cfg: SGLangDemoConfig):
     return levels
 
 
+def _head_dim(spec: dict) -> int:
+    return spec.get("explicit_head_dim") or spec["hidden_size"] // spec["num_attention_heads"]
+
+
 def weight_bytes(spec: dict) -> int:
     """fp32 weights of the demo's model (each server holds a copy; the transfer shape's are 0.6 GiB)."""
     h, inter, vocab = spec["hidden_size"], spec["intermediate_size"], spec["vocab_size"]
-    hd = spec.get("explicit_head_dim") or h // spec["num_attention_heads"]
-    q, kv = spec["num_attention_heads"] * hd, spec["num_key_value_heads"] * hd
+    q, kv = spec["num_attention_heads"] * _head_dim(spec), spec["num_key_value_heads"] * _head_dim(spec)
     layer = h * (q + 2 * kv) + q * h + 3 * h * inter
     return 4 * (2 * vocab * h + spec["num_hidden_layers"] * layer)
 
 
 def kv_bytes_per_token(spec: dict) -> int:
     """fp16 KV bytes per token (SGLang keeps this model's KV in float16 on CPU)."""
-    head_dim = spec.get("explicit_head_dim") or spec["hidden_size"] // spec["num_attention_heads"]
-    return 2 * spec["num_hidden_layers"] * spec["num_key_value_heads"] * head_dim * 2
+    return 2 * spec["num_hidden_layers"] * spec["num_key_value_heads"] * _head_dim(spec) * 2
 
 
 class Timers:
