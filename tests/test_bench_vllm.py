@@ -21,6 +21,19 @@ def test_rounds_and_orders():
     assert bv.system_order(["a", "b", "c"], 1) == ["c", "b", "a"]
 
 
+def test_workload_levels_and_full_length_warm_up():
+    docs, prompts, warm, warm_doc = bv.workload(2, 64, 1000)
+    for lvl in bv.LEVELS:
+        k = int(64 * lvl)
+        for d, p in zip(docs[lvl], prompts[lvl]):
+            assert len(p) == len(d) == 64 and p[:k] == d[:k] and (k == 64 or p[k:] != d[k:])
+    # both warm-ups full length (a first request of a length is slower); the second half-hits warm_doc only
+    assert [len(w) for w in warm] == [64, 64] and len(warm_doc) == 64
+    assert warm[1][:32] == warm_doc[:32] and warm[1][32:] != warm_doc[32:]
+    starts = {tuple(d[:32]) for lvl in bv.LEVELS for d in docs[lvl]}
+    assert tuple(warm[0][:32]) not in starts and tuple(warm_doc[:32]) not in starts  # no timed hit warmed
+
+
 def test_cpu_lists_and_kv_size():
     assert bv.cpu_list_str([5, 0, 1, 2]) == "0-2,5"
     assert bv.default_cpus({0, 1}) == ("0", "1")
