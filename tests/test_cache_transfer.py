@@ -152,3 +152,112 @@ def test_a_buffer_a_timed_out_get_may_still_write_is_not_reused(url, workers):
     st = c.stats()
     assert st["retired_staging_buffers"] == 0 and st["staging_buffers"] == 2 and st["quarantined_slots"] == 0
     c.close()
+
+
+class GatedStore(Store):
+    """Logs each put and get ("put"/"get", keys) as it starts; a call whose first key is in
+    ``hold`` blocks until that key's event is set."""
+
+    scheme = "gated"
+
+    def __init__(self, inner: Store):
+        self.inner, self.log, self.hold = inner, [], {}
+        self.entered = {}
+
+    def _gate(self, op, keys):
+        self.log.append((op, list(keys)))
+        if keys and keys[0] in self.hold:
+            self.entered[keys[0]].set()
+            assert self.hold[keys[0]].wait(30)
+
+    def get(self, keys, scatter):
+        self._gate("get", keys)
+        return self.inner.get(keys, scatter)
+
+    def put(self, keys, scatter):
+        self._gate("put", keys)
+        return self.inner.put(keys, scatter)
+
+    def held(self, key):
+        self.hold[key], self.entered[key] = threading.Event(), threading.Event()
+        return self.hold[key], self.entered[key]
+
+    def exists(self, keys):
+        return self.inner.exists(keys)
+
+    def register(self, addr, length, memory=None):
+        self.inner.register(addr, length, memory=memory)
+
+    def remove(self, keys):
+        return self.inner.remove(keys)
+
+    def put_bytes(self, key, data):
+        return self.inner.put_bytes(key, data)
+
+    def get_bytes(self, key):
+        return self.inner.get_bytes(key)
+
+    def close(self):
+        self.inner.close()
+
+
+def _transfer(dev, store, **cfg):
+    from kvdirect.cache.quarantine import Quarantine
+    from kvdirect.cache.transfer import Transfer
+    from kvdirect.device import device_ops
+
+    return Transfer(store, dev.layout, CacheConfig(model="loads-first", store=None, **cfg),
+                    device_ops(dev.layout, store="test"), Quarantine(store, lambda slots: None))
+
+
+@pytest.mark.parametrize("stage", [False, True])
+def test_a_load_goes_before_the_rest_of_a_write_back(url, monkeypatch, stage):
+    """A write-back goes in chunks; a load that arrives while one chunk is in flight runs
+    before the next chunk (one store client: the load is on a request's path)."""
+    from kvdirect.cache import transfer as T
+
+    monkeypatch.setattr(T, "WRITEBACK_CHUNK_BYTES", 1)  # one page per chunk (direct path)
+    dev = Device()
+    store = GatedStore(open_store(url))
+    # the staged path goes in chunks of its staging buffer: one page here
+    t = _transfer(dev, store, **(dict(stage=True, staging_bytes=dev.layout.page_bytes) if stage else {}))
+    slots = np.arange(4) * P
+    dev.fill(np.arange(4 * P), np.arange(4 * P))
+    assert (t.put(["L"], slots[3:], None) == 0).all()  # the page to load, already in the pool
+    put_gate, put_in = store.held("w0")
+    get_gate, get_in = store.held("L")
+    res = {}
+    w = threading.Thread(target=lambda: res.update(put=t.put(["w0", "w1", "w2"], slots[:3], None)))
+    w.start()
+    assert put_in.wait(10)
+    g = threading.Thread(target=lambda: res.update(get=t.get(["L"], np.array([5 * P]), None)))
+    g.start()
+    assert get_in.wait(10)
+    put_gate.set()  # the chunk in flight completes; the next one must wait for the load
+    w.join(0.5)
+    assert w.is_alive() and store.log[1:] == [("put", ["w0"]), ("get", ["L"])]
+    get_gate.set()
+    g.join(10)
+    w.join(10)
+    assert store.log[1:] == [("put", ["w0"]), ("get", ["L"]), ("put", ["w1"]), ("put", ["w2"])]
+    assert (res["put"] == 0).all() and (res["get"] == 0).all()
+    for i, a in enumerate(dev.k + dev.v):  # the loaded page is the one written from slots 3P..4P
+        np.testing.assert_array_equal(a[5 * P:6 * P], a[3 * P:4 * P])
+    st = t.stats()
+    assert st["writeback_waits_for_loads"] == 1 and st["writeback_wait_for_loads_ms"] > 0
+    t.close()
+
+
+def test_a_write_back_waits_for_loads_only_so_long(url, monkeypatch):
+    from kvdirect.cache import transfer as T
+
+    monkeypatch.setattr(T, "WRITEBACK_CHUNK_BYTES", 1)
+    dev = Device()
+    store = GatedStore(open_store(url))
+    t = _transfer(dev, store)
+    t.loads_first.max_wait_s = 0.2
+    with t.loads_first.loading():  # a load that does not end while the write-back runs
+        st = t.put(["a", "b"], np.arange(2) * P, None)
+    assert (st == 0).all() and [k for _, k in store.log] == [["a"], ["b"]]
+    assert t.loads_first.waits == 2 and t.loads_first.waited_s >= 0.4
+    t.close()
