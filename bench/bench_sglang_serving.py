@@ -138,6 +138,7 @@ def main():
           f"{a.concurrency}, page {a.page_size}, model {a.model_size}; {a.rounds} round(s); attention "
           f"{D.ATTENTION[a.sglang_attention]}", flush=True)
     order = [m for m in cfg.modes if m != "ideal"]
+    failures = []  # a mode that failed is recorded (and shown), the others still run
     try:
         for rnd in range(a.rounds):
             shift = rnd % len(order)
@@ -180,6 +181,10 @@ def main():
                     print(f"[round {rnd + 1}] {mode}: {results[mode][-1]['request_throughput']:.3f} req/s, TTFT p50 "
                           f"{results[mode][-1]['ttft_p50_ms']:.0f} ms, hit rate "
                           f"{100 * results[mode][-1]['hit_rate']:.1f}%", flush=True)
+                except Exception as e:  # noqa: BLE001 - recorded with the server logs' tail, never dropped
+                    failures.append({"round": rnd + 1, "mode": mode, "error": str(e)[-3000:]})
+                    why = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+                    print(f"[round {rnd + 1}] {mode}: FAILED: {why}", flush=True)
                 finally:
                     servers.stop()
                     if master is not None:
@@ -207,11 +212,14 @@ def main():
             if mode.startswith(("kvdirect", "linker")):
                 print(f"{mode}: throughput / best non-kvdirect mode = {v['request_throughput'] / best_other:.3f} "
                       "(goal >= 1)")
+    for f in failures:
+        print(f"FAILED: round {f['round']} {f['mode']} (the error is in the JSON)")
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": describe(), "args": vars(a),
                                             "attention": D.ATTENTION[a.sglang_attention], "rounds": results,
-                                            "summary": summary}, indent=2))
+                                            "summary": summary, "failures": failures}, indent=2))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -212,6 +212,29 @@ def test_save_then_load_moves_the_same_bytes(pool):
     w.close()
 
 
+def test_saves_yield_to_a_running_load_and_count_it(pool, monkeypatch):
+    """Loads go first: each write-back chunk waits while a load runs on the worker's transfer
+    path (bounded), and the waits reach the connector's stats."""
+    from kvdirect.cache import transfer as T
+
+    monkeypatch.setattr(T, "WRITEBACK_CHUNK_BYTES", 1)  # one page per chunk
+    toks = np.arange(10, 10 + 5 * P).tolist()
+    w, fp = worker(pool, kv_blocks(1))
+    w.transfer._t.loads_first.max_wait_s = 0.05  # the load below outlasts the write-back
+    s = scheduler(pool, fp)
+    req = request("a", toks)
+    assert s.num_new_matched_tokens(req, 0) == 0
+    s.after_alloc(req, [], 0)
+    with w.transfer._t.loads_first.loading():
+        plan, _, _ = run_step(s, w, sched_output(new=[("a", 0, len(toks))], blocks={"a": list(range(5))}))
+    assert [len(r) for r in plan.saves] == [5]
+    assert w.stats["writeback_waits_for_loads"] == 5  # every chunk waited (and then went)
+    assert s.request_finished(req)
+    run_step(s, w, sched_output())
+    assert s.stats["saved_pages_acked"] == 5
+    w.close()
+
+
 def test_last_whole_page_is_claimed_up_to_the_last_token(pool):
     """A prompt of whole pages that are all in the pool: every page is loaded and vLLM recomputes
     only the last token, into the last loaded page (as LMCache claims: 2047 of 2048)."""

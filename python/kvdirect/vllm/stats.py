@@ -32,7 +32,8 @@ WORKER_COUNTERS = {"loaded_pages": "loaded_pages", "loaded_bytes": "loaded_bytes
                    "load_failures": "load_failures", "load_failed_pages": "load_failed_pages",
                    "late_loads": "late_load_requests", "saved_pages": "stored_pages", "saved_bytes": "stored_bytes",
                    "save_failed_pages": "store_failed_pages", "save_dropped_pages": "dropped_save_pages",
-                   "save_withheld_pages": "save_withheld_pages"}
+                   "save_withheld_pages": "save_withheld_pages",
+                   "save_waits_for_loads": "writeback_waits_for_loads"}
 GAUGES = ("pending_save_pages",)
 COUNTERS = tuple(SCHEDULER_COUNTERS) + tuple(WORKER_COUNTERS)
 

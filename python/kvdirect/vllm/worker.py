@@ -94,6 +94,10 @@ class PageTransfer:
     def put(self, keys: list, page_slots: np.ndarray, event) -> np.ndarray:
         return self._t.put(keys, page_slots, event)
 
+    def writeback_waits(self) -> int:
+        """Write-back chunks that so far waited for a running load (loads go first)."""
+        return self._t.loads_first.waits
+
     def release(self) -> None:
         self.quarantine.release()
 
@@ -393,6 +397,7 @@ class WorkerSide:
             if todo.size:
                 sub = [keys[i] for i in todo] if todo.size != len(keys) else keys
                 status[todo] = self.transfer.put(sub, page_slots[todo], event)
+                self.stats["writeback_waits_for_loads"] = self.transfer.writeback_waits()
             late = np.flatnonzero(status == TIMEOUT)
             if late.size:
                 self._settle_late_puts([keys[i] for i in late])
