@@ -738,6 +738,12 @@ def main(argv=None) -> int:
     bad = (set(args.systems.split(",")) - set(SYSTEMS) - {""}) | (set(shapes) - set(SHAPES))
     if bad:
         ap.error(f"unknown systems/shapes {sorted(bad)}")
+    for name, v, lo in (("--prompts", args.prompts, 1), ("--rounds", args.rounds, 1), ("--kv-space", args.kv_space, 1),
+                        ("--retries", args.retries, 0), ("--tokens", 2 if args.tokens is None else args.tokens, 2)):
+        if v < lo:
+            ap.error(f"{name} must be >= {lo} (got {v})")
+    if args.settle < 0:
+        ap.error(f"--settle must be >= 0 (got {args.settle})")
     if args.readme and not Path(args.readme).read_text().count(BEGIN):
         ap.error(f"{args.readme} has no {BEGIN} marker")
 

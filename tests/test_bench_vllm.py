@@ -178,3 +178,11 @@ def test_from_json_rewrites_the_readme_block(tmp_path):
     assert bv.main(["--from-json", str(js), "--readme", str(md)]) == 0
     text = md.read_text()
     assert "OLD-BLOCK" not in text and "**compute shape**" in text and text.endswith("rest\n")
+
+
+@pytest.mark.parametrize("argv", [["--prompts", "0"], ["--rounds", "0"], ["--tokens", "0"], ["--settle", "-1"],
+                                  ["--systems", "cold,nope"], ["--shapes", "huge"]])
+def test_bad_arguments_are_refused_before_anything_starts(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bv.main(argv)
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
