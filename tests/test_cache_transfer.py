@@ -37,7 +37,38 @@ class Device:
             a[slots] = (np.asarray(tokens, np.float32)[:, None, None] + i)
 
 
-class AbandonedGetStore(Store):
+class Wrapped(Store):
+    """Delegates every call to ``inner``; subclasses intercept what a test needs."""
+
+    def __init__(self, inner: Store):
+        self.inner = inner
+
+    def get(self, keys, scatter):
+        return self.inner.get(keys, scatter)
+
+    def put(self, keys, scatter):
+        return self.inner.put(keys, scatter)
+
+    def exists(self, keys):
+        return self.inner.exists(keys)
+
+    def register(self, addr, length, memory=None):
+        self.inner.register(addr, length, memory=memory)
+
+    def remove(self, keys):
+        return self.inner.remove(keys)
+
+    def put_bytes(self, key, data):
+        return self.inner.put_bytes(key, data)
+
+    def get_bytes(self, key):
+        return self.inner.get_bytes(key)
+
+    def close(self):
+        self.inner.close()
+
+
+class AbandonedGetStore(Wrapped):
     """Client calls run on deadline-bounded worker threads, as the Mooncake and MemCache
     adapters do. The get that includes ``stuck_key`` hangs past its deadline (the adapter
     reports TIMEOUT) and, once the next get has filled its own buffer, writes 0xA5 over
@@ -46,7 +77,7 @@ class AbandonedGetStore(Store):
     scheme = "abandoned"
 
     def __init__(self, inner: Store, workers: int, timeout_s: float = 1.0):
-        self.inner = inner
+        super().__init__(inner)
         self.runner = DeadlineRunner(timeout_s, workers, "test-store")
         self.stuck_key = None
         self._armed = False
@@ -78,24 +109,6 @@ class AbandonedGetStore(Store):
 
     def quiesce(self, timeout_s=None):
         return self.runner.quiesce(timeout_s)
-
-    def exists(self, keys):
-        return self.inner.exists(keys)
-
-    def put(self, keys, scatter):
-        return self.inner.put(keys, scatter)
-
-    def register(self, addr, length, memory=None):
-        self.inner.register(addr, length, memory=memory)
-
-    def remove(self, keys):
-        return self.inner.remove(keys)
-
-    def put_bytes(self, key, data):
-        return self.inner.put_bytes(key, data)
-
-    def get_bytes(self, key):
-        return self.inner.get_bytes(key)
 
     def close(self):
         self.runner.shutdown()
@@ -154,15 +167,15 @@ def test_a_buffer_a_timed_out_get_may_still_write_is_not_reused(url, workers):
     c.close()
 
 
-class GatedStore(Store):
+class GatedStore(Wrapped):
     """Logs each put and get ("put"/"get", keys) as it starts; a call whose first key is in
     ``hold`` blocks until that key's event is set."""
 
     scheme = "gated"
 
     def __init__(self, inner: Store):
-        self.inner, self.log, self.hold = inner, [], {}
-        self.entered = {}
+        super().__init__(inner)
+        self.log, self.hold, self.entered = [], {}, {}
 
     def _gate(self, op, keys):
         self.log.append((op, list(keys)))
@@ -181,24 +194,6 @@ class GatedStore(Store):
     def held(self, key):
         self.hold[key], self.entered[key] = threading.Event(), threading.Event()
         return self.hold[key], self.entered[key]
-
-    def exists(self, keys):
-        return self.inner.exists(keys)
-
-    def register(self, addr, length, memory=None):
-        self.inner.register(addr, length, memory=memory)
-
-    def remove(self, keys):
-        return self.inner.remove(keys)
-
-    def put_bytes(self, key, data):
-        return self.inner.put_bytes(key, data)
-
-    def get_bytes(self, key):
-        return self.inner.get_bytes(key)
-
-    def close(self):
-        self.inner.close()
 
 
 def _transfer(dev, store, **cfg):

@@ -8,7 +8,7 @@ connector), so the test can read vLLM's scheduler, block pool and the connector
 objects directly. Job keys (all optional but ``model`` and ``phases``):
 
 * ``dtype``, ``block_size``, ``prefix_caching``, ``num_blocks`` (small KV space),
-  ``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``, ``tensor_parallel_size``
+  ``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``, ``tensor_parallel_size``, ``attention_backend`` (e.g. ``CPU_MLA``)
 * ``env``: environment variables set before vLLM starts (e.g. ``VLLM_CPU_OMP_THREADS_BIND``)
 * ``kv``: null, ``{"connector": "kvdirect", "extra": {...}, "role": "kv_both"}``,
   ``{"connector": "example", "path": DIR}`` or ``{"connector": "lmcache", "port": P}``
@@ -240,6 +240,8 @@ def run(job: dict) -> dict:
         kw["num_gpu_blocks_override"] = int(job["num_blocks"])
     if job.get("max_num_batched_tokens"):
         kw["max_num_batched_tokens"] = int(job["max_num_batched_tokens"])
+    if job.get("attention_backend"):
+        kw["attention_config"] = {"backend": job["attention_backend"]}
     if job.get("tensor_parallel_size", 1) > 1:
         kw["tensor_parallel_size"] = int(job["tensor_parallel_size"])
         kw["distributed_executor_backend"] = "mp"

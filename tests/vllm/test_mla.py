@@ -20,7 +20,10 @@ from test_engine import expected_hit
 P = 16             # CPU_MLA's only block size
 DOC = 160          # 10 pages
 MAX_TOKENS = 8
-COMMON = dict(block_size=P, max_model_len=2048, max_num_batched_tokens=4096, dtype="float32")
+# On a CPU with AMX tiles vLLM prefers its AMX_MLA backend, which takes bf16/fp16/int8 weights only;
+# the fp32 output comparison needs CPU_MLA, so it is named rather than left to the machine.
+COMMON = dict(block_size=P, max_model_len=2048, max_num_batched_tokens=4096, dtype="float32",
+              attention_backend="CPU_MLA")
 TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
@@ -130,3 +133,33 @@ def test_mla_tp2_rank0_writes_tp2_and_tp1_readers_hit(mla_model, shm_url):
     assert c["phases"][0]["outputs"] == second["base1"]["phases"][0]["outputs"]
     assert key_prefix(c["fingerprint"]) == key_prefix(a["fingerprints"][0]), "MLA keys must not depend on TP"
     assert_loaded_blocks_hold_the_pool_pages(c)
+
+
+def _amx() -> bool:
+    import torch
+
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+@pytest.mark.skipif(not _amx(), reason="vLLM's AMX_MLA backend needs a CPU with AMX tiles")
+def test_mla_on_vllm_amx_backend_bf16(mla_model, shm_url):
+    """AMX_MLA (what vLLM picks on an AMX CPU; bf16 only, blocks of 32): same latent rows, so the
+    second instance hits every page the first stored and loads the very bytes it saved."""
+    docs, prompts, shared = workload()
+    amx = dict(block_size=32, max_model_len=2048, max_num_batched_tokens=4096, dtype="bfloat16",
+               attention_backend="AMX_MLA")
+    run = lambda kv, ps, n, **kw: dict(model=mla_model, kv=kv, phases=[{"prompts": ps, "max_tokens": n}], **amx, **kw)
+    first = run_engines({"A": run(kvdirect(shm_url), docs, 1, dump_pages=True),
+                         "base": run(None, prompts, MAX_TOKENS)})
+    a = first["A"]
+    pages = len(docs) * (DOC // 32)
+    assert a["layout_kind"] == "mla" and a["fingerprint"]["page_size"] == 32
+    assert a["sched_stats"]["saved_pages_acked"] == pages and pool_objects(shm_url) == pages
+    assert all(blk == pool for _k, blk, pool, _p in a["pages"]["saved"])
+    b = run_engines({"B": run(kvdirect(shm_url), prompts, MAX_TOKENS, dump_pages=True)})["B"]
+    assert b["phases"][0]["cached_tokens"] == [expected_hit(s, len(p), 32) for s, p in zip(shared, prompts)]
+    saved = {k: blk for k, blk, _pool, _p in a["pages"]["saved"]}
+    assert all(pool == saved.get(key) for key, _blk, pool, _page in b["pages"]["loaded"])
+    assert b["worker_stats"].get("load_failed_pages", 0) == 0
+    assert b["phases"][0]["outputs"] == first["base"]["phases"][0]["outputs"], \
+        "AMX_MLA outputs with pool hits differ from vLLM without a connector"
