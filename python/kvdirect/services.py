@@ -20,6 +20,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -279,7 +280,7 @@ def meta_service_argv() -> list[str]:
 
 def start_memcache_meta(*, config=None, url: str | None = None, workdir=None,
                         ready_timeout_s: float = 20.0) -> Service:
-    """Run MemCache's MetaService in a child process; wait until its meta port accepts.
+    """Run MemCache's MetaService in a child process; wait until its meta and admin ports accept.
 
     ``config``: an existing ``meta.conf`` (used as is). Otherwise a ``meta.conf`` is written
     into ``workdir`` with ``url`` (``tcp://HOST:PORT``) as the meta service address, or free
@@ -313,9 +314,16 @@ def start_memcache_meta(*, config=None, url: str | None = None, workdir=None,
     log_path = wd / "meta_service.log"
     proc = _spawn(meta_service_argv(), log_path, env, wd)
     svc = Service("memcache_meta", proc, host, ports, log_path, "", wd, conf_path, own)
-    if not wait_port(host, meta_port, ready_timeout_s, proc):
-        tail = svc.log_tail()
-        svc.stop()
-        raise StoreError(f"MemCache MetaService did not come up on {meta_url} within {ready_timeout_s:g}s "
-                         f"(config {conf_path})\nlog:\n{tail}")
+    # the admin (metrics) port opens after the meta port; audits and tests list keys through it
+    metrics = urllib.parse.urlsplit(conf.get("ock.mmc.meta_service.metrics_url", ""))
+    waits = [(host, meta_port, meta_url)]
+    if metrics.hostname and metrics.port:
+        waits.append((metrics.hostname, metrics.port, metrics.geturl()))
+    deadline = time.monotonic() + ready_timeout_s
+    for h, p, what in waits:
+        if not wait_port(h, p, max(0.1, deadline - time.monotonic()), proc):
+            tail = svc.log_tail()
+            svc.stop()
+            raise StoreError(f"MemCache MetaService did not come up on {what} within {ready_timeout_s:g}s "
+                             f"(config {conf_path})\nlog:\n{tail}")
     return svc
