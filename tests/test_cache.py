@@ -751,6 +751,7 @@ class GatedReads(Store):
 
     def open_read(self, keys, sizes):
         rd, store = self.inner.open_read(keys, sizes), self
+        store.opened_on = threading.current_thread()
 
         class Reader:
             status = property(lambda _: rd.status)
@@ -831,8 +832,9 @@ def test_layerwise_load_reports_a_layer_while_later_layers_are_still_in_the_pool
 
 def test_layerwise_load_is_pinned_before_any_byte_moves(piecewise_url):
     """``wait_pinned`` (what an engine waits for before promising the tokens) returns once
-    the store holds the pages, while every read is still held back; a store that only gets
-    whole objects pins them by reading them."""
+    the store holds the pages, while every read is still held back (the session opens on
+    the caller's thread, so at once); a store that only gets whole objects pins them by
+    reading them."""
     P = 4
     a, b = Device(P), Device(P)
     ca = make(a, piecewise_url)
@@ -844,7 +846,9 @@ def test_layerwise_load_is_pinned_before_any_byte_moves(piecewise_url):
     m = cb.match(toks)
     slots = b.alloc(m.pool_len)
     lw = cb.load_layerwise(m, slots)
-    assert lw.wait_pinned(timeout=30) == 8 * P
+    # the session opened on this (the engine's) thread: pinned already, no hand-off to wait for
+    assert gated.opened_on is threading.current_thread()
+    assert lw.wait_pinned(timeout=0) == 8 * P
     assert gated.pieces == 0 and np.all(b.k[0][slots] == 0)  # no layer has arrived
     with pytest.raises(TimeoutError):
         lw.wait_layer(0, timeout=0.05)
@@ -862,6 +866,33 @@ def test_layerwise_load_is_pinned_before_any_byte_moves(piecewise_url):
     assert lc.finish() == 8 * P
     for x in (cb, cc, ca):
         x.close()
+
+
+def test_layerwise_load_whose_session_cannot_open_is_a_miss(piecewise_url):
+    """The read session opens on the caller's thread: a store failure there is a miss (no
+    page, no layer, the store backed off), not an exception out of the engine's call."""
+    from kvdirect.errors import StoreError
+
+    P = 4
+    a, b = Device(P), Device(P)
+    ca = make(a, piecewise_url)
+    toks = tokens_of(4 * P, 25)
+    serve(ca, a, toks)
+    ca.flush()
+    gated = GatedReads(open_store(piecewise_url), free_pieces=99)
+
+    def refuse(keys, sizes):
+        raise StoreError("get session: master unreachable")
+    gated.open_read = refuse
+    cb = make(b, gated)
+    m = cb.match(toks)
+    slots = b.alloc(m.pool_len)
+    lw = cb.load_layerwise(m, slots)
+    assert lw.wait_pinned(timeout=0) == 0 and lw.wait_layer(LAYERS - 1, timeout=0) == 0
+    assert lw.finish() == 0 and np.all(b.k[0][slots] == 0)
+    assert cb.stats()["failures"]["get"] == 1 and not cb._p.health.available()
+    cb.close()
+    ca.close()
 
 
 def test_layerwise_load_stops_at_a_bad_page(url):

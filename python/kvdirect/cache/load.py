@@ -115,7 +115,9 @@ class LayerwiseLoad:
 
     Layer completions come from :meth:`Transfer.get_layerwise`: per layer while later
     layers are still being read (stores with piecewise reads; staged: once the layer's
-    scatter has completed), or all at once (stores that only get whole objects).
+    scatter has completed), or all at once (stores that only get whole objects). The read
+    session (piecewise stores) opens on the thread that starts the load, so the pages are
+    pinned when the constructor returns.
 
     The reader runs on its own thread, but the compute event it orders after is
     recorded here, on the engine's thread that starts the load (see
@@ -143,8 +145,28 @@ class LayerwiseLoad:
             return
         self._keys, self._page_slots = load_pages(parts, m, self.slots, self.n_pages)
         self._ready = parts.transfer.compute_event()  # the engine's work queued before this load
+        # the read session opens here, on the engine's thread, so wait_pinned() needs no hand-off
+        self._session = None
+        try:
+            self._session = parts.transfer.open_layerwise(self._keys)
+        except STORE_FAILURES as e:
+            parts.health.failed("get", e)
+            self._fail_all()
+            return
+        except BaseException as e:  # noqa: BLE001 - re-raised by finish(), as from the reader thread
+            self._error = e
+            self._fail_all()
+            return
+        if self._session is not None:
+            self._on_pinned(first_failure(self._session.status))
         self._thread = threading.Thread(target=self._run, name="kvdirect-layerwise", daemon=True)
         self._thread.start()
+
+    def _fail_all(self) -> None:
+        """Nothing was read: every layer reports no pages."""
+        self.status[:] = UNAVAILABLE
+        for layer in range(len(self._events)):
+            self._layer_done(layer, 0)
 
     def _on_pinned(self, pages: int) -> None:
         if not self._pinned.is_set():
@@ -160,7 +182,7 @@ class LayerwiseLoad:
         p = self.parts
         try:
             self.status[:] = p.transfer.get_layerwise(self._keys, self._page_slots, self._layer_done, self._ready,
-                                                      on_pinned=self._on_pinned)
+                                                      on_pinned=self._on_pinned, session=self._session)
         except STORE_FAILURES as e:
             p.health.failed("get", e)
             self.status[:] = UNAVAILABLE

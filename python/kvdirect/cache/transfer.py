@@ -213,7 +213,24 @@ class Transfer:
         with self.loads_first.loading():
             return self._get_staged(keys, page_slots, on_layer, ready, on_pinned)
 
-    def get_layerwise(self, keys: list, page_slots: np.ndarray, on_layer, ready, on_pinned=None) -> np.ndarray:
+    def open_layerwise(self, keys: list):
+        """Open the read session a layer-wise load of ``keys`` reads through, on the calling
+        thread; None where that load reads whole objects (or there are no keys). Its ``status``
+        says which pages are pinned. Pass it to :meth:`get_layerwise` (``session=``), which
+        ends it. An engine opens it on its own thread and promises from its status at once:
+        on a busy host every hand-off to another thread may wait for a CPU time slice."""
+        if not keys or not self._piecewise(len(keys)):
+            return None
+        return self.store.open_read(keys, np.full(len(keys), self.layout.page_bytes, dtype=np.uint64))
+
+    def _piecewise(self, n: int) -> bool:
+        """A layer-wise load of n pages reads them piece by piece through a read session."""
+        if getattr(self.store, "open_read", None) is None:
+            return False
+        return not self.stage or self.pool.nbytes >= n * self.layout.page_bytes
+
+    def get_layerwise(self, keys: list, page_slots: np.ndarray, on_layer, ready, on_pinned=None,
+                      session=None) -> np.ndarray:
         """Load whole page objects layer by layer: ``on_layer(l, pages)`` once layer ``l`` of
         the first ``pages`` pages is in device memory (``pages`` never grows from one layer
         to the next); per-key status, OK only for a page delivered whole (and verified, where
@@ -226,13 +243,22 @@ class Transfer:
         ``on_pinned(pages)``, called once before any layer: the first ``pages`` pages exist
         and are held by the store until read (a read session opened on stores with
         piecewise reads, before any byte moves and before waiting for ``ready``; for
-        stores that only get whole objects, when they are in, together with layer 0)."""
-        with self.loads_first.loading():
-            return self._get_layerwise(keys, page_slots, on_layer, ready, on_pinned)
+        stores that only get whole objects, when they are in, together with layer 0).
+        ``session``: what :meth:`open_layerwise` returned for these keys; ended here."""
+        try:
+            with self.loads_first.loading():
+                return self._get_layerwise(keys, page_slots, on_layer, ready, on_pinned, session)
+        finally:
+            if session is not None:
+                session.end()  # idempotent: the normal path ended it already
 
-    def _get_layerwise(self, keys, page_slots, on_layer, ready, on_pinned) -> np.ndarray:
+    def _get_layerwise(self, keys, page_slots, on_layer, ready, on_pinned, session) -> np.ndarray:
         n, layers = len(keys), self.layout.num_layers
+        if session is not None and not self._piecewise(n):
+            raise ConfigError("get_layerwise: a read session was passed for a load that reads whole objects")
         reader = getattr(self.store, "open_read", None)
+        if session is not None:
+            reader = lambda _keys, _sizes: session  # noqa: E731 - opened by the caller
         pinned = on_pinned or (lambda pages: None)
         if n == 0:
             pinned(0)
@@ -249,7 +275,7 @@ class Transfer:
                 on_layer(layer, first_failure(st))
             return st
         if self.stage:
-            if self.pool.nbytes < n * self.layout.page_bytes:  # the pages do not fit one buffer
+            if not self._piecewise(n):  # the pages do not fit one buffer
                 return self.get_layers(keys, page_slots, on_layer, ready, on_pinned=pinned)
             return self._get_staged_piecewise(keys, page_slots, on_layer, reader, ready, pinned)
         sizes = np.full(n, self.layout.page_bytes, dtype=np.uint64)

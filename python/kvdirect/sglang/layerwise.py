@@ -19,7 +19,8 @@ still pending before they touch the index.
 Failures. A load promises tokens only after the store pinned every page (a
 read session opened, before any byte moves; stores without ranged reads: every
 page read whole), so the scheduler thread waits for one metadata round trip, not
-for layer 0's bytes; pages missing then make ``init_load_back`` report no
+for layer 0's bytes (it opens the session itself: a hand-off to the reader thread
+and back costs up to a CPU time slice each way on a busy host); pages missing then make ``init_load_back`` report no
 load-back and the request recomputes, as with synchronous loads. A page that
 fails after that (a ranged read that fails, a checksum mismatch found when the
 whole object has been read) is never cached, and the request that was promised
