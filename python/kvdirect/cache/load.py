@@ -119,8 +119,9 @@ class LayerwiseLoad:
     session (piecewise stores) opens on the thread that starts the load, so the pages are
     pinned when the constructor returns.
 
-    The reader runs on its own thread, but the compute event it orders after is
-    recorded here, on the engine's thread that starts the load (see
+    The reader runs on one of the transfer's reader threads (``Transfer.run_reader``: handed
+    over, not started, so the caller does not wait for it to run), but the compute event it
+    orders after is recorded here, on the engine's thread that starts the load (see
     :mod:`kvdirect.cache.transfer`).
     """
 
@@ -137,7 +138,7 @@ class LayerwiseLoad:
         self._t0 = time.perf_counter()
         self._result = None
         self._error = None
-        self._thread = None
+        self._reader = None  # the Future of _run
         if self.n_pages == 0:
             for e in self._events:
                 e.set()
@@ -159,8 +160,7 @@ class LayerwiseLoad:
             return
         if self._session is not None:
             self._on_pinned(first_failure(self._session.status))
-        self._thread = threading.Thread(target=self._run, name="kvdirect-layerwise", daemon=True)
-        self._thread.start()
+        self._reader = parts.transfer.run_reader(self._run)
 
     def _fail_all(self) -> None:
         """Nothing was read: every layer reports no pages."""
@@ -213,8 +213,8 @@ class LayerwiseLoad:
     def finish(self) -> int:
         """Wait for every layer and apply the result; returns the tokens loaded."""
         if self._result is None:
-            if self._thread is not None:
-                self._thread.join()
+            if self._reader is not None:
+                self._reader.result()  # _run catches everything: this only waits
             if self._error is not None:  # not a store failure: nothing applied, the caller keeps its slots
                 raise self._error
             self._result = finish_load(self.parts, self.m, self.slots, self.n_pages,

@@ -62,6 +62,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -109,6 +110,8 @@ def layer_groups(num_layers: int) -> list[tuple[int, int]]:
 WRITEBACK_CHUNK_BYTES = 64 << 20
 #: the longest a write-back chunk waits for running loads before it goes anyway
 LOADS_FIRST_MAX_WAIT_S = 2.0
+#: layer-wise loads in flight at once (each on its own reader thread); more wait their turn
+READER_THREADS = 2
 
 
 class LoadsFirst:
@@ -163,6 +166,8 @@ class Transfer:
         self._load_stream = ops.stream() if self.stage else None
         self._store_stream = ops.stream() if self.stage else None
         self._skip = ops.kind == "sim" and os.environ.get(SKIP_SYNC_ENV) == "1"
+        self._readers = None  # threads for layer-wise loads, made at the first one
+        self._readers_lock = threading.Lock()
         self.loads_first = LoadsFirst()
 
     # ---- ordering (the only waits of the transfer path) -----------------------------------
@@ -423,7 +428,20 @@ class Transfer:
             return dict(d, staging_buffers=0, retired_staging_buffers=0)
         return dict(d, staging_buffers=len(self.pool.buffers), retired_staging_buffers=self.pool.retired)
 
+    def run_reader(self, fn) -> Future:
+        """Run ``fn`` (a layer-wise load) on one of this transfer's reader threads. Handing work
+        to a waiting thread returns at once; starting a thread would block the caller (the
+        engine's scheduler) until the new thread runs, a CPU time slice on a busy host."""
+        with self._readers_lock:
+            if self._readers is None:
+                self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="kvdirect-layerwise")
+            return self._readers.submit(fn)
+
     def close(self) -> None:
+        with self._readers_lock:
+            readers, self._readers = self._readers, None
+        if readers is not None:
+            readers.shutdown(wait=True)  # a load in flight still writes device slots
         self.ops.close()
 
 
