@@ -57,6 +57,7 @@ class Engine:
     served: list = field(default_factory=list)
     dtype: object = None         # the pool's KV dtype (SGLang's kv_cache_dtype); None: float32 / bfloat16 (MLA)
     quant_method: object = None  # SGLang's KV quantization recipe (MHA), e.g. an FP4 one
+    max_context: int = 1024      # longest request
 
     def __post_init__(self):
         server_args()
@@ -75,7 +76,7 @@ class Engine:
         else:
             self.allocator = PagedTokenToKVPoolAllocator(self.size, P, torch.float32, "cpu", self.kvpool,
                                                          need_sort=False)
-        self.req_to_token_pool = ReqToTokenPool(size=16, max_context_len=1024, device="cpu",
+        self.req_to_token_pool = ReqToTokenPool(size=16, max_context_len=self.max_context, device="cpu",
                                                 enable_memory_saver=False)
         self.params = CacheInitParams(disable=False, req_to_token_pool=self.req_to_token_pool,
                                       token_to_kv_pool_allocator=self.allocator, page_size=P)
@@ -130,6 +131,17 @@ class Engine:
         """One request. ``chunk``: chunked prefill of that many tokens per round; after each
         round but the last the scheduler checkpoints the unfinished request
         (``checkpoint_kv_cache``) and ``on_chunk(req, extend_end)`` is called."""
+        r = self.admit(tokens, extra_key=extra_key, cache_salt=cache_salt)
+        return self.prefill([r], finish=finish, chunk=chunk, on_chunk=on_chunk)[0]
+
+    def serve_round(self, prompts, *, finish=True):
+        """Several requests admitted in one scheduling round (each matched, then loaded back,
+        before the next is matched: ``get_new_batch_prefill``), then one forward pass."""
+        admitted = [self.admit(t) for t in prompts]
+        return self.prefill(admitted, finish=finish)
+
+    def admit(self, tokens, *, extra_key=None, cache_salt=None) -> dict:
+        """Match, load back, lock and allocate one request (``PrefillAdder.add_one_req``)."""
         tokens = np.asarray(tokens, dtype=np.int64)
         cache = self.cache
         req = Req(f"r{next(_rid)}", "", array("q", tokens.tolist()), SamplingParams(max_new_tokens=1),
@@ -158,24 +170,38 @@ class Engine:
         slots = torch.cat([prefix.to(torch.int64), new.to(torch.int64)])
         self.req_to_token_pool.write((req.kv.req_pool_idx, slice(0, len(tokens))), slots.to(torch.int32))
         req.kv.kv_allocated_len = len(tokens)
-        start = req.prefix_len
-        step = chunk or len(tokens)
-        while True:                                      # one prefill round per chunk
-            end = min(start + step, len(tokens))
-            req.extend_end = end
-            self.attention_reads()
-            self.compute(tokens[:end], slots[:end], start)
-            req.kv.kv_committed_len = end
-            if end == len(tokens):
-                break
-            checkpoint_kv_cache(req, cache)              # stash_chunked_request
-            if on_chunk is not None:
-                on_chunk(req, end)
+        return dict(req=req, tokens=tokens, device_hit=device_hit, host_hit=host_hit, loaded=loaded,
+                    slots=slots)
+
+    def prefill(self, admitted, *, finish=True, chunk=None, on_chunk=None) -> list:
+        """The forward pass of admitted requests (one per round with ``chunk``), then release."""
+        cache = self.cache
+        out = []
+        first = True
+        for r in admitted:
+            req, tokens, slots = r["req"], r["tokens"], r["slots"]
             start = req.prefix_len
-        row = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, : len(tokens)].to(torch.int64)
-        kv = self.kv_at(row)                             # the KV the request attends to
-        if finish:
-            req.finished_reason = FINISH_LENGTH(length=0)
-            release_kv_cache(req, cache, checkpoint=True)  # -> checkpoint, free_kv_row, unlock
-        self.served.append(req)
-        return dict(req=req, device_hit=device_hit, host_hit=host_hit, loaded=loaded, slots=slots, kv=kv)
+            step = chunk or len(tokens)
+            while True:                                  # one prefill round per chunk
+                end = min(start + step, len(tokens))
+                req.extend_end = end
+                if first or chunk:                       # a batch reads each layer once
+                    self.attention_reads()
+                    first = False
+                self.compute(tokens[:end], slots[:end], start)
+                req.kv.kv_committed_len = end
+                if end == len(tokens):
+                    break
+                checkpoint_kv_cache(req, cache)          # stash_chunked_request
+                if on_chunk is not None:
+                    on_chunk(req, end)
+                start = req.prefix_len
+            row = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, : len(tokens)].to(torch.int64)
+            kv = self.kv_at(row)                         # the KV the request attends to
+            out.append(dict(r, kv=kv))
+        for r in out:
+            if finish:
+                r["req"].finished_reason = FINISH_LENGTH(length=0)
+                release_kv_cache(r["req"], cache, checkpoint=True)  # -> checkpoint, free_kv_row, unlock
+            self.served.append(r["req"])
+        return out

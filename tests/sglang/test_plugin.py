@@ -488,3 +488,70 @@ def test_layerwise_failure_after_promise_aborts_and_caches_nothing(pool_url, mon
     assert b.allocator.available_size() + b.cache.evictable_size() == b.size
     for c in (a, b):
         c.cache.shutdown()
+
+
+def _pool_with(monkeypatch, pool_url, P, docs):
+    """Server a computed and wrote back ``docs``; server b loads layer by layer."""
+    a = Engine(P, size=1024)
+    build(a)
+    served = {}
+    for i, d in enumerate(docs):
+        served[i] = a.serve(np.concatenate([d, toks(3, 900 + i)]))
+    a.cache.kv.flush()
+    _layerwise_env(monkeypatch, pool_url)
+    b = Engine(P, size=1024)
+    build(b)
+    return a, b, served
+
+
+def _same_kv(x, y, n):
+    return all(torch.equal(u[:n].view(torch.uint8), v[:n].view(torch.uint8)) for u, v in zip(x, y))
+
+
+def test_layerwise_loads_of_one_round_stay_in_flight_together(pool_url, monkeypatch):
+    """Two requests of other documents admitted in one round: the second's match and
+    load-back do not finish the first's load on the scheduler thread; the forward pass
+    waits for both, layer by layer, and both read the bytes server a computed."""
+    P = 4
+    x, y = toks(12 * P + 1, 31), toks(9 * P + 2, 32)
+    a, b, ref = _pool_with(monkeypatch, pool_url, P, [x, y])
+    counter = b.cache.layer_loads
+    rx = b.admit(np.concatenate([x, toks(2, 41)]))
+    ry = b.admit(np.concatenate([y, toks(2, 42)]))
+    assert (rx["loaded"], ry["loaded"]) == (12 * P, 9 * P)
+    assert len(counter.pending) == 2 and not any(p.done for p in counter.pending)
+    out = b.prefill([rx, ry])
+    assert not counter.pending and counter.started == 2
+    assert _same_kv(ref[0]["kv"], out[0]["kv"], 12 * P) and _same_kv(ref[1]["kv"], out[1]["kv"], 9 * P)
+    b.cache.kv.flush()
+    assert b.cache.protected_size() == 0
+    assert b.allocator.available_size() + b.cache.evictable_size() == b.size
+    for c in (a, b):
+        c.cache.shutdown()
+
+
+@pytest.mark.parametrize("shared_pages", [12, 2])
+def test_a_request_sharing_pages_in_flight_finds_them_on_device(pool_url, monkeypatch, shared_pages):
+    """The second request of a round shares pages the first is still loading (the same
+    document, or its first two pages): that load finishes first and the second request
+    finds them on device, never loading a page twice."""
+    P = 4
+    x = toks(12 * P + 1, 33)
+    x2 = np.concatenate([x[: shared_pages * P], toks(12 * P + 1 - shared_pages * P, 34)])
+    docs = [x] if shared_pages == 12 else [x, x2]
+    a, b, ref = _pool_with(monkeypatch, pool_url, P, docs)
+    counter = b.cache.layer_loads
+    r1 = b.admit(np.concatenate([x, toks(2, 43)]))
+    assert len(counter.pending) == 1
+    r2 = b.admit(np.concatenate([x2, toks(2, 44)]))
+    assert r2["device_hit"] == shared_pages * P           # the first load finished: on device
+    assert r2["loaded"] == 12 * P - shared_pages * P      # only the pages it does not share
+    assert counter.started == (1 if shared_pages == 12 else 2)
+    out = b.prefill([r1, r2])
+    assert _same_kv(ref[0]["kv"], out[0]["kv"], 12 * P)
+    assert _same_kv(ref[len(docs) - 1]["kv"], out[1]["kv"], 12 * P)
+    b.cache.kv.flush()
+    assert b.cache.protected_size() == 0
+    assert b.allocator.available_size() + b.cache.evictable_size() == b.size
+    for c in (a, b):
+        c.cache.shutdown()

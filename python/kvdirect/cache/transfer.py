@@ -111,7 +111,7 @@ WRITEBACK_CHUNK_BYTES = 64 << 20
 #: the longest a write-back chunk waits for running loads before it goes anyway
 LOADS_FIRST_MAX_WAIT_S = 2.0
 #: layer-wise loads in flight at once (each on its own reader thread); more wait their turn
-READER_THREADS = 2
+READER_THREADS = 4
 
 
 class LoadsFirst:

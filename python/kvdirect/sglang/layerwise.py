@@ -13,8 +13,10 @@ forwarded no later than it (loads start while a batch is built; the batch is
 forwarded next), so ``wait_until(l)`` waits for layer ``l`` of every pending
 load. At the last layer the loads are finished (checksums verified, pages
 inserted into the index) before that layer is read, so no load outlives the
-forward pass that consumes it; the scheduler-side hooks also settle any load
-still pending before they touch the index.
+forward pass that consumes it. Loads of several requests admitted in one round
+stay in flight together: a match or load-back settles only the pending loads
+that bring pages it shares (so it finds them on device, not in the pool); the
+hooks that change the index (insert, checkpoint, evict, reset) settle them all.
 
 Failures. A load promises tokens only after the store pinned every page (a
 read session opened, before any byte moves; stores without ranged reads: every
@@ -90,10 +92,15 @@ class LayerLoads:
     def add(self, p: PendingLoad) -> None:
         self.pending.append(p)
 
-    def settle(self) -> None:
-        """Finish every pending load (joins its reader, updates the index)."""
-        while self.pending:
-            p = self.pending.pop(0)
+    def settle(self, which=None) -> int:
+        """Finish the pending loads ``which(p)`` selects, every one by default (joins its
+        reader, updates the index); the others stay in flight. Returns how many finished."""
+        chosen = self.pending if which is None else [p for p in self.pending if which(p)]
+        if not chosen:
+            return 0
+        self.pending = [] if which is None else [p for p in self.pending if p not in chosen]
+        for p in chosen:
             if not p.done:
                 self._finish(p)
                 p.done = True
+        return len(chosen)

@@ -152,9 +152,25 @@ class KVDirectRadixCache(BasePrefixCache):
         kvcache.register_layer_transfer_counter(self.layer_loads)
 
     def _settle(self) -> None:
-        """Finish layer-wise loads still in flight before the index is read or changed."""
+        """Finish layer-wise loads still in flight before the index is changed."""
         if self.layer_loads is not None and self.layer_loads.pending:
             self.layer_loads.settle()
+
+    def _settle_sharing(self, tokens: np.ndarray, namespace) -> int:
+        """Finish the layer-wise loads in flight that bring a page of ``tokens`` (so a match
+        finds those pages on device instead of loading them twice); loads of other pages
+        stay in flight, so requests admitted in one round load side by side. Page ``i`` is
+        the same page in two sequences iff they agree on its tokens and all before it."""
+        if self.layer_loads is None or not self.layer_loads.pending:
+            return 0
+
+        def shares(p) -> bool:
+            first = p.load.m.device_len + self.page_size  # end of the first page the load brings
+            have = p.node.tokens
+            return (p.node.namespace == namespace and len(tokens) >= first and len(have) >= first
+                    and np.array_equal(tokens[:first], have[:first]))
+
+        return self.layer_loads.settle(shares)
 
     # ---- plumbing ------------------------------------------------------------
     def reset_root(self) -> None:
@@ -213,11 +229,11 @@ class KVDirectRadixCache(BasePrefixCache):
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         if self.disable or len(params.key) == 0:
             return self._result(self.root_node)
-        self._settle()
         self.kv.poll()
         tokens, ns = self._key_tokens(params.key)
         if len(tokens) == 0:
             return self._result(self.root_node)
+        self._settle_sharing(tokens, ns)
         m = self.kv.match(tokens, ns, pool=not self.offload_only)
         node = self._node(tokens[: m.device_len], ns, m.node, m.device_slots)
         if not node.is_root:
@@ -247,8 +263,8 @@ class KVDirectRadixCache(BasePrefixCache):
         m, epoch, version = marker
         layerwise = self.layer_loads is not None
         if layerwise:
-            # one load in flight: a later load of the same pages then finds them on device
-            self._settle()
+            # a load in flight of pages this match shares: finish it, then they are on device
+            self._settle_sharing(m.tokens, m.namespace)
         if epoch != self._epoch or (layerwise and version != self._version):
             # evicted (or, layer-wise, inserted) since the match: match again
             m = self.kv.match(m.tokens, m.namespace)
