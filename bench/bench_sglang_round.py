@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     for name in ("requests", "tokens", "rounds", "heads"):
         if getattr(a, name) < 1:
             ap.error(f"--{name} must be >= 1")
+    if a.tokens < 64:
+        ap.error("--tokens must be >= 64 (one page)")
 
     import driver
     import kvdirect.sglang as plugin
