@@ -134,14 +134,9 @@ class Engine:
         r = self.admit(tokens, extra_key=extra_key, cache_salt=cache_salt)
         return self.prefill([r], finish=finish, chunk=chunk, on_chunk=on_chunk)[0]
 
-    def serve_round(self, prompts, *, finish=True):
-        """Several requests admitted in one scheduling round (each matched, then loaded back,
-        before the next is matched: ``get_new_batch_prefill``), then one forward pass."""
-        admitted = [self.admit(t) for t in prompts]
-        return self.prefill(admitted, finish=finish)
-
     def admit(self, tokens, *, extra_key=None, cache_salt=None) -> dict:
-        """Match, load back, lock and allocate one request (``PrefillAdder.add_one_req``)."""
+        """Match, load back, lock and allocate one request (``PrefillAdder.add_one_req``); a
+        scheduling round admits each of its requests so before it matches the next."""
         tokens = np.asarray(tokens, dtype=np.int64)
         cache = self.cache
         req = Req(f"r{next(_rid)}", "", array("q", tokens.tolist()), SamplingParams(max_new_tokens=1),

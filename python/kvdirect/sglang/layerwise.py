@@ -92,15 +92,14 @@ class LayerLoads:
     def add(self, p: PendingLoad) -> None:
         self.pending.append(p)
 
-    def settle(self, which=None) -> int:
+    def settle(self, which=None) -> None:
         """Finish the pending loads ``which(p)`` selects, every one by default (joins its
-        reader, updates the index); the others stay in flight. Returns how many finished."""
-        chosen = self.pending if which is None else [p for p in self.pending if which(p)]
-        if not chosen:
-            return 0
-        self.pending = [] if which is None else [p for p in self.pending if p not in chosen]
+        reader, updates the index); the others stay in flight."""
+        chosen, keep = [], []
+        for p in self.pending:
+            (chosen if which is None or which(p) else keep).append(p)
+        self.pending = keep
         for p in chosen:
             if not p.done:
                 self._finish(p)
                 p.done = True
-        return len(chosen)

@@ -156,13 +156,13 @@ class KVDirectRadixCache(BasePrefixCache):
         if self.layer_loads is not None and self.layer_loads.pending:
             self.layer_loads.settle()
 
-    def _settle_sharing(self, tokens: np.ndarray, namespace) -> int:
+    def _settle_sharing(self, tokens: np.ndarray, namespace) -> None:
         """Finish the layer-wise loads in flight that bring a page of ``tokens`` (so a match
         finds those pages on device instead of loading them twice); loads of other pages
         stay in flight, so requests admitted in one round load side by side. Page ``i`` is
         the same page in two sequences iff they agree on its tokens and all before it."""
         if self.layer_loads is None or not self.layer_loads.pending:
-            return 0
+            return
 
         def shares(p) -> bool:
             first = p.load.m.device_len + self.page_size  # end of the first page the load brings
@@ -170,7 +170,7 @@ class KVDirectRadixCache(BasePrefixCache):
             return (p.node.namespace == namespace and len(tokens) >= first and len(have) >= first
                     and np.array_equal(tokens[:first], have[:first]))
 
-        return self.layer_loads.settle(shares)
+        self.layer_loads.settle(shares)
 
     # ---- plumbing ------------------------------------------------------------
     def reset_root(self) -> None:
