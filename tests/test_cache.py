@@ -901,6 +901,128 @@ def test_layerwise_load_whose_session_cannot_open_is_a_miss(piecewise_url):
     ca.close()
 
 
+@pytest.fixture
+def mooncake_url():
+    from kvdirect.services import start_mooncake_master
+
+    with start_mooncake_master(store_params=dict(segment="32MiB", buffer="16MiB", timeout=10)) as svc:
+        yield svc.store_url, svc
+
+
+class CountingClient:
+    """Wraps a store's client: the names of the calls made through it, in order."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.inner, name)
+
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+        return counted
+
+
+def _counted(cache) -> CountingClient:
+    store = cache._p.store
+    store._client = CountingClient(store._client)
+    return store._client
+
+
+@pytest.mark.mooncake
+def test_a_held_match_loads_through_its_session_one_round_trip(mooncake_url):
+    """match(hold=True) opens the read session in place of the existence query (it says
+    which pages exist); the layer-wise load reads through it, narrowed to the pages it
+    loads: one call to the master for match and load, reads counted for loaded pages only."""
+    url, _ = mooncake_url
+    P = 4
+    a, b = Device(P), Device(P)
+    ca, cb = make(a, url), make(b, url)
+    toks = tokens_of(8 * P, 61)
+    serve(ca, a, toks)
+    ca.flush()
+    calls = _counted(cb)
+    half = np.concatenate([toks[: 4 * P], tokens_of(4 * P, 62)])
+    m = cb.match(half, hold=True)
+    assert m.pool_len == 4 * P and m._held is not None and len(m._held.keys) == 8
+    slots = b.alloc(3 * P)  # the engine takes fewer pages than were found
+    lw = cb.load_layerwise(m, slots)
+    assert m._held is None and lw.wait_pinned(timeout=0) == 3 * P
+    assert lw.finish() == 3 * P
+    np.testing.assert_array_equal(b.k[LAYERS - 1][slots], expected_kv(b, toks[: 3 * P])[LAYERS - 1])
+    assert calls.calls.count("batch_get_session_start") == 1 and "batch_is_exist" not in calls.calls
+    st = cb._p.store.stats()
+    assert (st["get_keys"], st["get_ok"]) == (3, 3) and not st["failed_by_status"]
+    # without hold: the existence query, then the session
+    c = Device(P)
+    cc = make(c, url)
+    calls_c = _counted(cc)
+    mc = cc.match(half)
+    assert mc._held is None
+    assert cc.load_layerwise(mc, c.alloc(mc.pool_len)).finish() == 4 * P
+    assert [n for n in calls_c.calls if n in ("batch_is_exist", "batch_get_session_start")] == [
+        "batch_is_exist", "batch_get_session_start"]
+    for x in (cb, cc, ca):
+        x.close()
+
+
+@pytest.mark.mooncake
+def test_a_held_match_given_up_ends_its_session_at_once(mooncake_url):
+    """A held match no load takes is released: its session ends before the call returns
+    (Mooncake keeps one session per key and client, so an end arriving later would end the
+    next load's session over the same pages), and it counts no reads."""
+    url, _ = mooncake_url
+    P = 4
+    a, b = Device(P), Device(P)
+    ca, cb = make(a, url), make(b, url)
+    toks = tokens_of(6 * P, 63)
+    serve(ca, a, toks)
+    ca.flush()
+    calls = _counted(cb)
+    m = cb.match(toks, hold=True)
+    assert m.pool_len == 6 * P
+    cb.release(m)
+    assert m._held is None and calls.calls[-1] == "batch_get_session_end"
+    cb.release(m)  # twice: nothing left to end
+    assert calls.calls.count("batch_get_session_end") == 1
+    m2 = cb.match(toks, hold=True)
+    slots = b.alloc(m2.pool_len)
+    assert cb.load_layerwise(m2, slots).finish() == 6 * P
+    np.testing.assert_array_equal(b.k[0][slots], expected_kv(b, toks)[0])
+    st = cb._p.store.stats()
+    assert (st["get_keys"], st["get_ok"]) == (6, 6) and not st["failed_by_status"]
+    # a whole-object load of a held match gives the session up first
+    c = Device(P)
+    cc = make(c, url)
+    calls_c = _counted(cc)
+    mc = cc.match(toks, hold=True)
+    assert cc.load(mc, c.alloc(mc.pool_len)) == 6 * P and mc._held is None
+    first_get = next(i for i, n in enumerate(calls_c.calls) if n.startswith("batch_get_into"))
+    assert calls_c.calls.index("batch_get_session_end") < first_get
+    for x in (cb, cc, ca):
+        x.close()
+
+
+@pytest.mark.mooncake
+def test_a_held_match_without_a_master_is_a_miss(mooncake_url):
+    """The session cannot open (master gone): a miss and a store failure, as a failed
+    existence query is; nothing held."""
+    url, svc = mooncake_url
+    P = 4
+    a, b = Device(P), Device(P)
+    ca, cb = make(a, url), make(b, url)
+    toks = tokens_of(4 * P, 64)
+    serve(ca, a, toks)
+    ca.flush()
+    svc.stop()
+    m = cb.match(toks, hold=True)
+    assert m.pool_len == 0 and m._held is None
+    assert cb.stats()["failures"]["exists"] == 1 and not cb._p.health.available()
+    for x in (cb, ca):
+        x.close()
+
+
 def test_layerwise_load_stops_at_a_bad_page(url):
     P = 4
     a, b = Device(P), Device(P)

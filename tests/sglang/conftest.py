@@ -22,3 +22,14 @@ try:  # outside an SGLang environment these run through tests/test_sglang_plugin
     import sglang.srt  # noqa: F401  (not just "sglang": tests/sglang itself looks like one)
 except ImportError:
     collect_ignore_glob = ["test_*.py"]
+
+
+@pytest.fixture
+def mooncake_url(monkeypatch):
+    """A mooncake_master on loopback (kvdirect.services), named in KVDIRECT_CONFIG; stopped after."""
+    from kvdirect.services import start_mooncake_master
+
+    master = start_mooncake_master(store_params=dict(segment="64MiB", buffer="16MiB", timeout=10))
+    monkeypatch.setenv("KVDIRECT_CONFIG", '{"store": "%s", "allow_no_store": false}' % master.store_url)
+    yield master.store_url
+    master.stop()

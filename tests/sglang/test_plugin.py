@@ -11,6 +11,8 @@ import torch
 sglang = pytest.importorskip("sglang")
 
 from driver import Engine  # noqa: E402
+from sglang.srt.managers.schedule_batch import Req  # noqa: E402
+from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import (  # noqa: E402
     BasePrefixCache, EvictParams, InitLoadBackParams, MatchPrefixParams)
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey  # noqa: E402
@@ -554,4 +556,71 @@ def test_a_request_sharing_pages_in_flight_finds_them_on_device(pool_url, monkey
     assert b.cache.protected_size() == 0
     assert b.allocator.available_size() + b.cache.evictable_size() == b.size
     for c in (a, b):
+        c.cache.shutdown()
+
+
+class _CountingClient:
+    """A store client that counts the calls made through it (round trips to the pool's master)."""
+
+    def __init__(self, inner):
+        self._inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        fn = getattr(self._inner, name)
+
+        def counted(*args, **kwargs):
+            self.calls.append((name, len(args[0]) if args and isinstance(args[0], list) else None))
+            return fn(*args, **kwargs)
+        return counted
+
+    def count(self, name):
+        return sum(1 for n, _ in self.calls if n == name)
+
+
+def _count_store_calls(engine):
+    store = engine.cache.kv._p.store
+    store._client = _CountingClient(store._client)
+    return store._client
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_match_holds_the_pages_its_load_reads_mooncake(mooncake_url, monkeypatch, hold):
+    """Over Mooncake a match opens the read session the load reads through (it answers which
+    pages exist, as an existence query does): a hit costs one round trip to the master,
+    not two (hold=False: the store said it cannot, the old path). A request matched but not
+    admitted gives its session up before the next match opens one (Mooncake keeps one
+    session per key and client: a late end would end the next request's session)."""
+    P = 4
+    x, y = toks(12 * P + 1, 51), toks(9 * P + 2, 52)
+    a, b, ref = _pool_with(monkeypatch, mooncake_url, P, [x, y])
+    if not hold:
+        monkeypatch.setattr(b.cache.kv._p.store, "hold_at_match", False)
+    calls = _count_store_calls(b)
+    # y matched (a 50% hit of its tokens: its document's pages, then ones nobody wrote) but not admitted
+    half = np.concatenate([y[: 5 * P], toks(5 * P, 53)])
+    waiting = Req("w", "", array("q", half.tolist()), SamplingParams(max_new_tokens=1))
+    waiting.init_next_round_input(b.cache)
+    assert waiting.host_hit_length == 5 * P
+    assert len(b.cache._holding) == (1 if hold else 0)
+    # the next request is matched, admitted and loaded
+    rx = b.admit(np.concatenate([x, toks(2, 54)]))
+    assert rx["loaded"] == 12 * P and not b.cache._holding
+    starts, exists = calls.count("batch_get_session_start"), calls.count("batch_is_exist")
+    assert (starts, exists) == ((2, 0) if hold else (1, 2))
+    if hold:  # the waiting request's session ended before the admitted one's opened
+        names = [n for n, _ in calls.calls if n.startswith("batch_get_session")]
+        assert names[:3] == ["batch_get_session_start", "batch_get_session_end", "batch_get_session_start"]
+    out = b.prefill([rx])
+    assert _same_kv(ref[0]["kv"], out[0]["kv"], 12 * P)
+    # the waiting request is admitted in a later round: its pages load whole too
+    ry = b.admit(np.concatenate([y, toks(2, 55)]))
+    assert ry["loaded"] == 9 * P
+    out = b.prefill([ry])
+    assert _same_kv(ref[1]["kv"], out[0]["kv"], 9 * P)
+    b.cache.kv.flush()
+    st = b.cache.kv._p.store.stats()
+    assert st["get_ok"] == st["get_keys"] == 21 and not st["failed_by_status"]  # nothing counted twice or failed
+    assert b.cache.protected_size() == 0
+    assert b.allocator.available_size() + b.cache.evictable_size() == b.size
+    for c in (b, a):  # the writer last: its segment holds the pages
         c.cache.shutdown()

@@ -19,7 +19,7 @@ import numpy as np
 
 from kvdirect.cache.health import STORE_FAILURES
 from kvdirect.cache.inputs import as_slots, check_token_slots
-from kvdirect.cache.match import CacheMatch
+from kvdirect.cache.match import CacheMatch, release_held, take_held
 from kvdirect.cache.parts import CacheParts
 from kvdirect.cache.transfer import first_failure
 from kvdirect.errors import ConfigError
@@ -52,6 +52,7 @@ def load_pages(p: CacheParts, m: CacheMatch, slots: np.ndarray, n_pages: int):
 
 
 def load(p: CacheParts, m: CacheMatch, slots) -> int:
+    release_held(m)  # reads whole objects: a session the match held is not needed
     slots = checked_slots(p, m, slots, "load")
     n_pages = plan_count(p, m, slots)
     t0 = time.perf_counter()
@@ -127,7 +128,11 @@ class LayerwiseLoad:
 
     def __init__(self, parts: CacheParts, m: CacheMatch, slots):
         self.parts, self.m = parts, m
-        self.slots = checked_slots(parts, m, slots, "load_layerwise")
+        try:
+            self.slots = checked_slots(parts, m, slots, "load_layerwise")
+        except BaseException:
+            release_held(m)
+            raise
         self.n_pages = plan_count(parts, m, self.slots)
         L = parts.layout.num_layers
         self._events = [threading.Event() for _ in range(L)]
@@ -140,6 +145,7 @@ class LayerwiseLoad:
         self._error = None
         self._reader = None  # the Future of _run
         if self.n_pages == 0:
+            release_held(m)
             for e in self._events:
                 e.set()
             self._pinned.set()
@@ -147,9 +153,10 @@ class LayerwiseLoad:
         self._keys, self._page_slots = load_pages(parts, m, self.slots, self.n_pages)
         self._ready = parts.transfer.compute_event()  # the engine's work queued before this load
         # the read session opens here, on the engine's thread, so wait_pinned() needs no hand-off
-        self._session = None
+        self._session = take_held(m, self._keys)  # opened by the match (hold=True), or None
         try:
-            self._session = parts.transfer.open_layerwise(self._keys)
+            if self._session is None:
+                self._session = parts.transfer.open_layerwise(self._keys)
         except STORE_FAILURES as e:
             parts.health.failed("get", e)
             self._fail_all()

@@ -26,7 +26,7 @@ from kvdirect import keys as _keys
 from kvdirect.cache import load as _load
 from kvdirect.cache.health import STORE_FAILURES, StoreHealth
 from kvdirect.cache.indexing import NodeLocks, PageKeys
-from kvdirect.cache.match import CacheMatch, match
+from kvdirect.cache.match import CacheMatch, match, release_held
 from kvdirect.cache.parts import CacheParts
 from kvdirect.cache.quarantine import Quarantine
 from kvdirect.cache.stats import COUNTERS, CacheStats
@@ -124,7 +124,7 @@ class KVDirectCache:
 
     # ---- load path -------------------------------------------------------------
     def match(self, tokens, namespace: str | None = None, *, exclude_last: bool = False,
-              pool: bool = True) -> CacheMatch:
+              pool: bool = True, hold: bool = False) -> CacheMatch:
         """Longest cached prefix of ``tokens``: on device (``device_len``) and further in the
         pool (``pool_len``). One index match plus at most one batched existence query.
 
@@ -132,8 +132,16 @@ class KVDirectCache:
         token is left to compute even at 100% reuse (an engine needs the last prompt
         token's logits): the match then covers whole pages of ``tokens[:-1]``.
         ``pool=False`` matches device pages only (``pool_len`` 0, no store query): for an
-        instance that writes pages back but never loads them (a PD decode node)."""
-        return match(self._p, tokens, namespace, exclude_last, pool)
+        instance that writes pages back but never loads them (a PD decode node).
+        ``hold=True`` (stores with ``hold_at_match``, e.g. Mooncake): the query opens the
+        read session a ``load_layerwise`` of this match reads through, one round trip for
+        both; the caller then owes the match to ``load_layerwise`` or ``release``."""
+        return match(self._p, tokens, namespace, exclude_last, pool, hold)
+
+    @staticmethod
+    def release(m: CacheMatch) -> None:
+        """Give up the pages a ``match(hold=True)`` holds (no load will read them)."""
+        release_held(m)
 
     def lock(self, node) -> None:
         """Pin the matched path; pass ``m.node`` (its locks follow ``m`` through ``load``)."""

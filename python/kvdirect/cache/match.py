@@ -1,4 +1,12 @@
-"""The match: one index match plus at most one batched existence query to the pool."""
+"""The match: one index match plus at most one batched existence query to the pool.
+
+A match may instead *hold* the pages it finds (``hold=True``, stores with
+``hold_at_match``): the read session a layer-wise load reads through is opened in
+place of the existence query (the same one round trip, and it answers which pages
+exist). The load then reads through it (``take_held``), so a hit costs one round
+trip to the pool's master instead of two. Whoever matched with ``hold`` must hand the
+match to a load or ``release_held`` it: the session pins pages until it ends.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +17,9 @@ from kvdirect.cache.health import STORE_FAILURES
 from kvdirect.cache.indexing import NodeHandle
 from kvdirect.cache.inputs import as_tokens
 from kvdirect.cache.parts import CacheParts
+from kvdirect.cache.transfer import first_failure
+from kvdirect.errors import StoreError
+from kvdirect.stores.base import NOT_FOUND, status_name
 
 
 @dataclass
@@ -24,12 +35,17 @@ class CacheMatch:
     loaded_len: int = 0      # tokens load() brought in
     _digests: np.ndarray | None = None  # page digests [pages from 0 .. device+pool), uint8 x 32
     _index_pool_pages: int = 0          # pool pages the index knew without asking the store
+    _held: object | None = None         # read session over the queried pages (match with hold=True)
 
 
 def _exists_prefix(p: CacheParts, digests: np.ndarray) -> int:
     """How many leading pages the pool holds; a store failure is a miss, never a crash."""
     keys = p.keys.pool_keys(digests)
     p.stats.add(query_keys=len(keys))
+    return _exists_keys(p, keys)
+
+
+def _exists_keys(p: CacheParts, keys: list) -> int:
     try:
         found = int(p.store.exists_prefix(keys))
         p.health.recovered()
@@ -39,8 +55,62 @@ def _exists_prefix(p: CacheParts, digests: np.ndarray) -> int:
         return 0
 
 
+def _held_prefix(p: CacheParts, digests: np.ndarray):
+    """Open the read session over these pages: (leading pages the pool holds, the session
+    holding them, or None when it holds none). A store failure is a miss, never a crash."""
+    keys = p.keys.pool_keys(digests)
+    p.stats.add(query_keys=len(keys))
+    try:
+        session = p.transfer.open_layerwise(keys)
+    except STORE_FAILURES as e:
+        p.health.failed("exists", e)
+        return 0, None
+    if session is None:  # this transfer reads these pages whole: no session to hold
+        return _exists_keys(p, keys), None
+    st = session.status
+    found = first_failure(st)
+    if found == 0 and st[0] != NOT_FOUND:
+        # no answer for the first page (master gone, deadline): a failure, as exists() raises
+        end_held(session)
+        p.health.failed("exists", StoreError(f"read session over {len(keys)} pages: {status_name(st[0])}"))
+        return 0, None
+    p.health.recovered()
+    if found == 0:
+        end_held(session)
+        return 0, None
+    return found, session
+
+
+def end_held(session) -> None:
+    """End a held read session nobody will read (counts no reads). Ending is local to the
+    client (no round trip), so a caller may open a session over the same keys right after:
+    Mooncake keeps one session per key and client, and a late end would end the new one."""
+    session.narrow(0)
+    session.end()
+
+
+def release_held(m: CacheMatch) -> None:
+    """End the read session a match with ``hold=True`` opened, if no load took it."""
+    session, m._held = m._held, None
+    if session is not None:
+        end_held(session)
+
+
+def take_held(m: CacheMatch, keys: list):
+    """The match's held session narrowed to the load's ``keys`` (the first pages it
+    opened), or None (then the load opens its own); the match no longer holds it."""
+    session, m._held = m._held, None
+    if session is None:
+        return None
+    if len(keys) > len(session.keys) or session.keys[:len(keys)] != keys:
+        end_held(session)
+        return None
+    session.narrow(len(keys))
+    return session
+
+
 def match(p: CacheParts, tokens, namespace: str | None, exclude_last: bool = False,
-          pool: bool = True) -> CacheMatch:
+          pool: bool = True, hold: bool = False) -> CacheMatch:
     t = as_tokens(tokens)
     n_all = len(t)
     if exclude_last and n_all:
@@ -55,7 +125,7 @@ def match(p: CacheParts, tokens, namespace: str | None, exclude_last: bool = Fal
     query = pool and p.health.available() and full - known >= max(p.config.min_query_pages, 1)
     upto = min(full, known + p.config.max_query_pages) if query else known
     digests = None
-    found = 0
+    found, held = 0, None
     if upto > dev_pages:
         if query and getattr(p.store, "local_lookup", False):
             # a local pool answers one key at once: ask for the first unknown page before
@@ -65,7 +135,9 @@ def match(p: CacheParts, tokens, namespace: str | None, exclude_last: bool = Fal
                 query = False
         if query or digests is None:
             digests = p.keys.digests(t, namespace, r.node, known, upto)
-        if query:
+        if query and hold and idx_pool_pages == 0 and getattr(p.store, "hold_at_match", False):
+            found, held = _held_prefix(p, digests[known:upto])
+        elif query:
             found = _exists_prefix(p, digests[known:upto])
     pool_pages = idx_pool_pages + found
     if p.tp_reduce is not None:
@@ -74,5 +146,8 @@ def match(p: CacheParts, tokens, namespace: str | None, exclude_last: bool = Fal
         pool_pages = max(0, min(pool_pages, agreed - dev_pages))
     p.stats.add(match_calls=1, device_hit_tokens=r.device_len, pool_hit_tokens=pool_pages * P,
                 miss_tokens=n_all - r.device_len - pool_pages * P)
-    return CacheMatch(t, namespace, r.device_len, r.device_slots, pool_pages * P, NodeHandle(r.node),
-                      _digests=digests, _index_pool_pages=idx_pool_pages)
+    m = CacheMatch(t, namespace, r.device_len, r.device_slots, pool_pages * P, NodeHandle(r.node),
+                   _digests=digests, _index_pool_pages=idx_pool_pages, _held=held)
+    if held is not None and pool_pages == 0:
+        release_held(m)  # the TP ranks agreed on none of them
+    return m

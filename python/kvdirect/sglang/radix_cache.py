@@ -136,6 +136,8 @@ class KVDirectRadixCache(BasePrefixCache):
                                 tp_reduce_min=tp_reduce_min, forward_stream=forward_stream)
         self._epoch = 0
         self._markers: dict[Any, tuple[CacheMatch, int]] = {}
+        # matches holding their pool pages (read sessions opened by the match, see match_prefix)
+        self._holding: list[CacheMatch] = []
         self._empty = torch.empty((0,), dtype=torch.int64, device=self.device)
         # unlocked nodes handed to the scheduler; protected while init_load_back evicts
         self._handed: weakref.WeakSet = weakref.WeakSet()
@@ -155,6 +157,11 @@ class KVDirectRadixCache(BasePrefixCache):
         """Finish layer-wise loads still in flight before the index is changed."""
         if self.layer_loads is not None and self.layer_loads.pending:
             self.layer_loads.settle()
+
+    def _release_held(self) -> None:
+        """End the read sessions of matches no load took (requests matched, not admitted)."""
+        while self._holding:
+            self.kv.release(self._holding.pop())
 
     def _settle_sharing(self, tokens: np.ndarray, namespace) -> None:
         """Finish the layer-wise loads in flight that bring a page of ``tokens`` (so a match
@@ -209,6 +216,7 @@ class KVDirectRadixCache(BasePrefixCache):
 
     # ---- match / load --------------------------------------------------------
     def reset(self):
+        self._release_held()
         self._settle()
         self.kv.reset()
         self._markers.clear()
@@ -229,19 +237,29 @@ class KVDirectRadixCache(BasePrefixCache):
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         if self.disable or len(params.key) == 0:
             return self._result(self.root_node)
+        # SGLang matches a request and, if it admits it, loads it at once (init_load_back):
+        # pages a previous match held were not taken by then, and must be free before this
+        # match opens a session (one session per key and store client)
+        self._release_held()
         self.kv.poll()
         tokens, ns = self._key_tokens(params.key)
         if len(tokens) == 0:
             return self._result(self.root_node)
         self._settle_sharing(tokens, ns)
-        m = self.kv.match(tokens, ns, pool=not self.offload_only)
+        req = params.req
+        # layer-wise, a match for a request holds the pages it finds (stores where that costs
+        # the one round trip an existence query costs): init_load_back then needs no second one
+        hold = self.layer_loads is not None and req is not None and not self.offload_only
+        m = self.kv.match(tokens, ns, pool=not self.offload_only, hold=hold)
         node = self._node(tokens[: m.device_len], ns, m.node, m.device_slots)
         if not node.is_root:
             self._handed.add(node)
-        req = params.req
         if m.pool_len <= 0 or req is None:
             # a probe match (no request) never promises a load it cannot hand over
+            self.kv.release(m)
             return self._result(node)
+        if m._held is not None:
+            self._holding.append(m)
         m.tokens = m.tokens.copy()  # the request's fill ids keep growing under the view
         self._markers[self._handle(req)] = (m, self._epoch, self._version)
         return self._result(node, host_hit=m.pool_len)
@@ -258,15 +276,20 @@ class KVDirectRadixCache(BasePrefixCache):
         node = params.best_match_node
         marker = self._markers.pop(self._handle(params.req), None) if params.req is not None else None
         want = int(params.host_hit_length)
-        if marker is None or want <= 0:
+        if marker is None:
             return 0, node
         m, epoch, version = marker
+        self._holding = [h for h in self._holding if h is not m]  # this call loads it or gives it up
+        if want <= 0:
+            self.kv.release(m)
+            return 0, node
         layerwise = self.layer_loads is not None
         if layerwise:
             # a load in flight of pages this match shares: finish it, then they are on device
             self._settle_sharing(m.tokens, m.namespace)
         if epoch != self._epoch or (layerwise and version != self._version):
             # evicted (or, layer-wise, inserted) since the match: match again
+            self.kv.release(m)
             m = self.kv.match(m.tokens, m.namespace)
             if m.device_len != node.length or m.pool_len < want:
                 return 0, node
@@ -276,6 +299,7 @@ class KVDirectRadixCache(BasePrefixCache):
             self._evict_protecting_matches(want - allocator.available_size())
         slots = allocator.alloc(want)
         if slots is None:
+            self.kv.release(m)
             return 0, node
         m.pool_len = want
         slots_np = slots.to("cpu", torch.int64).numpy()
@@ -490,6 +514,7 @@ class KVDirectRadixCache(BasePrefixCache):
 
     def release_aborted_request(self, handle: CacheRequestHandle) -> None:
         self._markers.pop(handle, None)
+        self._release_held()
 
     def on_release(self, req, *, checkpointed: bool) -> None:
         self._markers.pop(self._handle(req), None)
@@ -521,6 +546,7 @@ class KVDirectRadixCache(BasePrefixCache):
         return d
 
     def shutdown(self) -> None:
+        self._release_held()
         self._settle()
         self.kv.close()
 

@@ -80,6 +80,7 @@ class FlakyStore(Store):
         self.fail_from_piece = int(fail_from_piece)
         if piecewise and hasattr(inner, "open_read"):
             self.open_read = self._open_read
+        self.hold_at_match = bool(piecewise and getattr(inner, "hold_at_match", False))
 
     # -------------------------------------------------------------- injection
 
@@ -235,6 +236,10 @@ class _FlakyRead:
             self._bad[:m] |= fail
             if self._o.garbage:
                 FlakyStore._scribble(scatter, np.flatnonzero(fail))
+
+    def narrow(self, n: int) -> None:
+        self._rd.narrow(n)
+        self._bad = self._bad[:n]
 
     def end(self) -> np.ndarray:
         return self._mark(self._rd.end())

@@ -175,6 +175,11 @@ class Store(abc.ABC):
     #: may then ask about a request's first unknown page alone before hashing the rest
     #: (a miss costs one page hash); remote stores get one batched query instead.
     local_lookup: bool = False
+    #: True when opening a read session (``open_read``) costs the one round trip an
+    #: existence query costs and reports per key whether it exists; its sessions have
+    #: ``narrow(n)``. A cache may then open the session at the match (the pages are held
+    #: from then on) and the load reads through it: one round trip instead of two.
+    hold_at_match: bool = False
 
     @abc.abstractmethod
     def exists(self, keys: Sequence[str]) -> np.ndarray:

@@ -151,6 +151,7 @@ class MooncakeStore(RemoteStore):
     """Mooncake Store client behind kvdirect's Store interface (see the module docstring)."""
 
     scheme = "mooncake"
+    hold_at_match = True  # batch_get_session_start answers per key, as batch_is_exist does
     label = "Mooncake"
     codes, put_codes = _CODES, _PUT_CODES
 
@@ -317,11 +318,13 @@ class MooncakeRead:
     ``read(scatter)`` reads the next bytes of the first ``len(scatter)`` keys (one batched
     ranged call); ``end()`` ends the session and returns the final status: OK only for
     keys whose pieces all arrived whole and cover the object. Always call ``end()`` (or
-    use it as a context manager).
+    use it as a context manager). ``narrow(n)`` keeps the first ``n`` keys (a session
+    opened at a match, then used by a load of fewer pages).
     """
 
     def __init__(self, store: MooncakeStore, keys: list[str], object_sizes):
         self._store, self.keys = store, keys
+        self._opened = keys  # the session ends over every key it opened, also after narrow()
         n = len(keys)
         self._sizes = np.ascontiguousarray(object_sizes, dtype=np.uint64)
         if self._sizes.shape != (n,):
@@ -339,6 +342,17 @@ class MooncakeRead:
         # a call that answered opened a session for these keys (also for keys it found absent)
         self._started = not np.isin(st, (base.TIMEOUT, base.UNAVAILABLE)).all()
         return st
+
+    def narrow(self, n: int) -> None:
+        """Keep only the first ``n`` keys: ``status``, reads, ``end()``'s result and the read
+        counters cover them alone (``narrow(0)``: a session given up unread counts nothing).
+        Before any read only."""
+        if not 0 <= n <= len(self.keys):
+            raise ConfigError(f"open_read: narrow({n}) of a session over {len(self.keys)} keys")
+        if self._final is not None or self._done.any():
+            raise ConfigError("open_read: narrow() after a read or end()")
+        self.keys, self.status = self.keys[:n], self.status[:n]
+        self._sizes, self._done = self._sizes[:n], self._done[:n]
 
     def read(self, scatter: ScatterList) -> None:
         m = len(scatter)
@@ -365,7 +379,7 @@ class MooncakeRead:
         if self._final is None:
             if self._started:
                 try:
-                    self._store._call("batch_get_session_end", self.keys)
+                    self._store._call("batch_get_session_end", self._opened)
                 except (CallTimeout, CallUnavailable, RuntimeError) as e:  # the reads are over either way
                     log.warning("mooncake batch_get_session_end: %s", e)
             final = self.status.copy()
