@@ -48,7 +48,11 @@ Piecewise reads (``open_read``, used by layer-by-layer loads): a get session
 (``batch_get_session_start``: the master is asked for the replicas once) and then one
 ``batch_get_into_multi_buffer_ranges`` call per piece (a layer of every page), each
 key's range starting where its previous piece ended; ``batch_get_session_end`` at the
-end. A key counts as delivered only when every piece delivered exactly its bytes and
+end. The session start answers per key whether it exists (-704 for an absent key), in
+the one round trip an existence query costs, so a cache may open it at its match
+(``hold_at_match``) and narrow it to the pages it then loads. Ending is local to the
+client, and the client keeps one session per key: two sessions over one key end
+together, so a session given up is ended before another one over its keys opens. A key counts as delivered only when every piece delivered exactly its bytes and
 the pieces cover its whole object; a range past the end of a smaller object fails
 (INVALID_ARGUMENT). An object larger than expected under the same key is not
 detected by ranged reads (keys carry the layout fingerprint, so only a fingerprint
