@@ -909,25 +909,19 @@ def mooncake_url():
         yield svc.store_url, svc
 
 
-class CountingClient:
-    """Wraps a store's client: the names of the calls made through it, in order."""
-
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-
-    def __getattr__(self, name):
-        fn = getattr(self.inner, name)
-
-        def counted(*args, **kwargs):
-            self.calls.append(name)
-            return fn(*args, **kwargs)
-        return counted
+def _counted(cache):
+    from kvdirect.stores._testing import CountingClient
+    return CountingClient.install(cache._p.store)
 
 
-def _counted(cache) -> CountingClient:
-    store = cache._p.store
-    store._client = CountingClient(store._client)
-    return store._client
+def _pool_holding(url, P, pages, seed):
+    """A writer cache that wrote ``pages`` pages of tokens to the pool at url, and a fresh reader."""
+    a, b = Device(P), Device(P)
+    ca, cb = make(a, url), make(b, url)
+    toks = tokens_of(pages * P, seed)
+    serve(ca, a, toks)
+    ca.flush()
+    return b, ca, cb, toks
 
 
 @pytest.mark.mooncake
@@ -937,11 +931,7 @@ def test_a_held_match_loads_through_its_session_one_round_trip(mooncake_url):
     loads: one call to the master for match and load, reads counted for loaded pages only."""
     url, _ = mooncake_url
     P = 4
-    a, b = Device(P), Device(P)
-    ca, cb = make(a, url), make(b, url)
-    toks = tokens_of(8 * P, 61)
-    serve(ca, a, toks)
-    ca.flush()
+    b, ca, cb, toks = _pool_holding(url, P, 8, 61)
     calls = _counted(cb)
     half = np.concatenate([toks[: 4 * P], tokens_of(4 * P, 62)])
     m = cb.match(half, hold=True)
@@ -974,11 +964,7 @@ def test_a_held_match_given_up_ends_its_session_at_once(mooncake_url):
     next load's session over the same pages), and it counts no reads."""
     url, _ = mooncake_url
     P = 4
-    a, b = Device(P), Device(P)
-    ca, cb = make(a, url), make(b, url)
-    toks = tokens_of(6 * P, 63)
-    serve(ca, a, toks)
-    ca.flush()
+    b, ca, cb, toks = _pool_holding(url, P, 6, 63)
     calls = _counted(cb)
     m = cb.match(toks, hold=True)
     assert m.pool_len == 6 * P
@@ -1010,11 +996,7 @@ def test_a_held_match_without_a_master_is_a_miss(mooncake_url):
     existence query is; nothing held."""
     url, svc = mooncake_url
     P = 4
-    a, b = Device(P), Device(P)
-    ca, cb = make(a, url), make(b, url)
-    toks = tokens_of(4 * P, 64)
-    serve(ca, a, toks)
-    ca.flush()
+    b, ca, cb, toks = _pool_holding(url, P, 4, 64)
     svc.stop()
     m = cb.match(toks, hold=True)
     assert m.pool_len == 0 and m._held is None

@@ -559,28 +559,9 @@ def test_a_request_sharing_pages_in_flight_finds_them_on_device(pool_url, monkey
         c.cache.shutdown()
 
 
-class _CountingClient:
-    """A store client that counts the calls made through it (round trips to the pool's master)."""
-
-    def __init__(self, inner):
-        self._inner, self.calls = inner, []
-
-    def __getattr__(self, name):
-        fn = getattr(self._inner, name)
-
-        def counted(*args, **kwargs):
-            self.calls.append((name, len(args[0]) if args and isinstance(args[0], list) else None))
-            return fn(*args, **kwargs)
-        return counted
-
-    def count(self, name):
-        return sum(1 for n, _ in self.calls if n == name)
-
-
 def _count_store_calls(engine):
-    store = engine.cache.kv._p.store
-    store._client = _CountingClient(store._client)
-    return store._client
+    from kvdirect.stores._testing import CountingClient
+    return CountingClient.install(engine.cache.kv._p.store)
 
 
 @pytest.mark.parametrize("hold", [True, False])
@@ -608,7 +589,7 @@ def test_a_match_holds_the_pages_its_load_reads_mooncake(mooncake_url, monkeypat
     starts, exists = calls.count("batch_get_session_start"), calls.count("batch_is_exist")
     assert (starts, exists) == ((2, 0) if hold else (1, 2))
     if hold:  # the waiting request's session ended before the admitted one's opened
-        names = [n for n, _ in calls.calls if n.startswith("batch_get_session")]
+        names = [n for n in calls.calls if n.startswith("batch_get_session")]
         assert names[:3] == ["batch_get_session_start", "batch_get_session_end", "batch_get_session_start"]
     out = b.prefill([rx])
     assert _same_kv(ref[0]["kv"], out[0]["kv"], 12 * P)

@@ -510,3 +510,28 @@ class FakeMemcacheModule:
 
     def is_device(self, region) -> bool:
         return region[0] in self._device_starts
+
+
+class CountingClient:
+    """Wraps a remote store's client (``store._client``) and records the name of every call
+    made through it, in order: how many round trips a cache operation costs (tests only)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.inner, name)
+
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+        return counted
+
+    def count(self, name: str) -> int:
+        return self.calls.count(name)
+
+    @classmethod
+    def install(cls, store) -> "CountingClient":
+        """Count the calls of ``store`` (a MooncakeStore or MemcacheStore) from now on."""
+        store._client = cls(store._client)
+        return store._client
