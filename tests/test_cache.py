@@ -1001,8 +1001,12 @@ def test_a_held_match_without_a_master_is_a_miss(mooncake_url):
     m = cb.match(toks, hold=True)
     assert m.pool_len == 0 and m._held is None
     assert cb.stats()["failures"]["exists"] == 1 and not cb._p.health.available()
-    for x in (cb, ca):
-        x.close()
+    # a master on the same ports again, so the clients close without waiting for Mooncake's RPC timeouts
+    from kvdirect.services import start_mooncake_master
+    with start_mooncake_master(rpc_port=svc.ports["rpc"], http_port=svc.ports["http"],
+                               metrics_port=svc.ports["metrics"]):
+        for x in (cb, ca):
+            x.close()
 
 
 def test_layerwise_load_stops_at_a_bad_page(url):
