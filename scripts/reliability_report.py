@@ -261,6 +261,12 @@ Notes:
   its pages pinned until the Mooncake client has returned (it may still be reading
   them): an engine with a small device pool waits for those pages (allocation
   stalls).
+* A Mooncake client keeps one get session per key: a second session over a key
+  shares it, and the first end (local, no round trip) ends it for both, so the
+  other load's next ranged read fails and its request is aborted (503). The radix
+  backend never has two over one key: a match finishes the loads in flight whose
+  pages it shares before it opens its own, and ends the session a previous match
+  held but no load took (`tests/sglang/test_plugin.py::test_a_match_holds_the_pages_its_load_reads_mooncake`).
 
 ## Concurrency
 
