@@ -263,10 +263,11 @@ Notes:
   stalls).
 * A Mooncake client keeps one get session per key: a second session over a key
   shares it, and the first end (local, no round trip) ends it for both, so the
-  other load's next ranged read fails and its request is aborted (503). The radix
-  backend never has two over one key: a match finishes the loads in flight whose
-  pages it shares before it opens its own, and ends the session a previous match
-  held but no load took (`tests/sglang/test_plugin.py::test_a_match_holds_the_pages_its_load_reads_mooncake`).
+  other load's next ranged read would fail and its request be aborted (503).
+  kvdirect's Mooncake adapter counts the open sessions of each key and ends a key's
+  only with the last one (`tests/test_stores_mooncake.py::test_two_read_sessions_over_one_key_end_separately`
+  fails without the count); the radix backend also ends the session a match held
+  but no load took before the next match opens one.
 
 ## Concurrency
 

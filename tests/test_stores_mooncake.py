@@ -95,6 +95,33 @@ def test_single_segment_round_trip(store):
 
 
 @needs_mooncake
+def test_two_read_sessions_over_one_key_end_separately(store):
+    """The client keeps one get session per key, and its first end ends it for every reader;
+    the adapter counts sessions per key, so ending one leaves the other readable (two
+    layer-wise loads, or a match's held session and a load, over the same pages)."""
+    src = Pages(store, 3, layers=2, seg=1024, fill=4)
+    k = keys("twosess", 3)
+    assert (store.put(k, src.scatter) == base.OK).all()
+    sizes = np.full(3, 2 * 1024, np.uint64)
+    first, second = store.open_read(k, sizes), store.open_read(k[1:], sizes[1:])
+    assert (first.status == base.OK).all() and (second.status == base.OK).all()
+    first.narrow(0)  # given up unread (a match's held session no load took)
+    first.end()
+    dst = Pages(store, 2, layers=2, seg=1024)
+    for layer in range(2):  # piece by piece, as a layer-wise load reads
+        second.read(ScatterList(np.ascontiguousarray(dst.scatter.addrs[:, layer:layer + 1]),
+                                np.ascontiguousarray(dst.scatter.sizes[:, layer:layer + 1])))
+    assert (second.end() == base.OK).all()
+    assert all(np.array_equal(dst.page_bytes(i), src.page_bytes(i + 1)) for i in range(2))
+    assert not store._session_keys  # every session ended: nothing counted
+    # and one that is ended again, or ended after the other, ends nothing twice
+    third = store.open_read(k[:1], sizes[:1])
+    third.end()
+    third.end()
+    assert not store._session_keys
+
+
+@needs_mooncake
 def test_exists_and_prefix(store):
     src = Pages(store, 4, layers=2, seg=512, fill=3)
     k = keys("ex", 4)

@@ -83,8 +83,7 @@ def _held_prefix(p: CacheParts, digests: np.ndarray):
 
 def end_held(session) -> None:
     """End a held read session nobody will read (counts no reads). Ending is local to the
-    client (no round trip), so a caller may open a session over the same keys right after:
-    Mooncake keeps one session per key and client, and a late end would end the new one."""
+    client (no round trip), so it is done at once, before the caller opens other sessions."""
     session.narrow(0)
     session.end()
 

@@ -51,8 +51,9 @@ key's range starting where its previous piece ended; ``batch_get_session_end`` a
 end. The session start answers per key whether it exists (-704 for an absent key), in
 the one round trip an existence query costs, so a cache may open it at its match
 (``hold_at_match``) and narrow it to the pages it then loads. Ending is local to the
-client, and the client keeps one session per key: two sessions over one key end
-together, so a session given up is ended before another one over its keys opens. A key counts as delivered only when every piece delivered exactly its bytes and
+client (no round trip), and the client keeps one session per key, which its first end
+ends for every reader: the adapter counts the open sessions of each key and ends a
+key's only with the last of them, so two loads over the same pages never cut each other off. A key counts as delivered only when every piece delivered exactly its bytes and
 the pieces cover its whole object; a range past the end of a smaller object fails
 (INVALID_ARGUMENT). An object larger than expected under the same key is not
 detected by ranged reads (keys carry the layout fingerprint, so only a fingerprint
@@ -73,6 +74,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import Counter
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -169,6 +172,10 @@ class MooncakeStore(RemoteStore):
         self.require_registered = (protocol != "tcp") if require_registered is None else bool(require_registered)
         self.supports_device_memory = bool(device_memory)
         self._init_remote(timeout_s, workers, client)
+        # the client keeps one get session per key, ended by the first end over it: open sessions
+        # per key, so a session ends a key only when no other one still reads it
+        self._session_keys: Counter = Counter()
+        self._session_lock = threading.Lock()
         if client is not None:  # an already set-up client (tests, or a caller sharing one)
             return
         cls = import_client()
@@ -341,10 +348,15 @@ class MooncakeRead:
     def _start(self) -> np.ndarray:
         if not self.keys:
             return np.zeros(0, np.int32)
-        st = self._store._batch_statuses(len(self.keys), lambda: map_codes(
-            self._store._call("batch_get_session_start", self.keys), _GET_CODES, base.IO_ERROR), "get session")
+        store = self._store
+        with store._session_lock:  # counted first: an end elsewhere leaves these keys' session open
+            store._session_keys.update(self.keys)
+        st = store._batch_statuses(len(self.keys), lambda: map_codes(
+            store._call("batch_get_session_start", self.keys), _GET_CODES, base.IO_ERROR), "get session")
         # a call that answered opened a session for these keys (also for keys it found absent)
         self._started = not np.isin(st, (base.TIMEOUT, base.UNAVAILABLE)).all()
+        if not self._started:
+            self._end_keys()  # an end that skipped these keys for this session's sake is owed
         return st
 
     def narrow(self, n: int) -> None:
@@ -382,15 +394,31 @@ class MooncakeRead:
     def end(self) -> np.ndarray:
         if self._final is None:
             if self._started:
-                try:
-                    self._store._call("batch_get_session_end", self._opened)
-                except (CallTimeout, CallUnavailable, RuntimeError) as e:  # the reads are over either way
-                    log.warning("mooncake batch_get_session_end: %s", e)
+                self._end_keys()  # (a session that did not start ended its count in _start)
             final = self.status.copy()
             final[(final == base.OK) & (self._done != self._sizes)] = base.IO_ERROR  # not read whole
             self._store._count("get", final, self._sizes)
             self._final = final
         return self._final
+
+    def _end_keys(self) -> None:
+        """Drop this session's count of its keys and end the client's session over those no
+        other session of this store still reads."""
+        store = self._store
+        with store._session_lock:
+            count = store._session_keys
+            last = []
+            for k in self._opened:
+                count[k] -= 1
+                if count[k] <= 0:
+                    del count[k]
+                    last.append(k)
+            if not last:
+                return
+            try:  # local to the client (no round trip); under the lock, so no start slips in between
+                store._call("batch_get_session_end", last)
+            except (CallTimeout, CallUnavailable, RuntimeError) as e:  # the reads are over either way
+                log.warning("mooncake batch_get_session_end: %s", e)
 
     def __enter__(self):
         return self
