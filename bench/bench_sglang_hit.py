@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,7 +78,6 @@ def main(argv=None) -> int:
     asks = [{m: np.concatenate([d[:shared], rng.integers(0, 30000, n - shared + 1)]) for m in MODES} for d in docs]
 
     def engine(url, size, layerwise):
-        import os
         os.environ["KVDIRECT_CONFIG"] = json.dumps({"store": url, "allow_no_store": False, "layerwise": layerwise})
         e = driver.Engine(P, size=size, max_context=n + 2 * P)
         plugin.register()

@@ -238,8 +238,7 @@ class KVDirectRadixCache(BasePrefixCache):
         if self.disable or len(params.key) == 0:
             return self._result(self.root_node)
         # SGLang matches a request and, if it admits it, loads it at once (init_load_back):
-        # pages a previous match held were not taken by then, and must be free before this
-        # match opens a session (one session per key and store client)
+        # pages a previous match held were not taken by then; unpin them
         self._release_held()
         self.kv.poll()
         tokens, ns = self._key_tokens(params.key)

@@ -52,8 +52,9 @@ end. The session start answers per key whether it exists (-704 for an absent key
 the one round trip an existence query costs, so a cache may open it at its match
 (``hold_at_match``) and narrow it to the pages it then loads. Ending is local to the
 client (no round trip), and the client keeps one session per key, which its first end
-ends for every reader: the adapter counts the open sessions of each key and ends a
-key's only with the last of them, so two loads over the same pages never cut each other off. A key counts as delivered only when every piece delivered exactly its bytes and
+ends for every reader: the adapter ends a key's session only when no other open
+session of the store holds the key, so two loads over the same pages never cut each
+other off. A key counts as delivered only when every piece delivered exactly its bytes and
 the pieces cover its whole object; a range past the end of a smaller object fails
 (INVALID_ARGUMENT). An object larger than expected under the same key is not
 detected by ranged reads (keys carry the layout fingerprint, so only a fingerprint
@@ -75,7 +76,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import Counter
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -172,9 +172,9 @@ class MooncakeStore(RemoteStore):
         self.require_registered = (protocol != "tcp") if require_registered is None else bool(require_registered)
         self.supports_device_memory = bool(device_memory)
         self._init_remote(timeout_s, workers, client)
-        # the client keeps one get session per key, ended by the first end over it: open sessions
-        # per key, so a session ends a key only when no other one still reads it
-        self._session_keys: Counter = Counter()
+        # the client keeps one get session per key, ended by the first end over it: the keys of
+        # each open session, so a session ends a key only when no other one still holds it
+        self._session_keys: dict[MooncakeRead, frozenset] = {}
         self._session_lock = threading.Lock()
         if client is not None:  # an already set-up client (tests, or a caller sharing one)
             return
@@ -335,7 +335,6 @@ class MooncakeRead:
 
     def __init__(self, store: MooncakeStore, keys: list[str], object_sizes):
         self._store, self.keys = store, keys
-        self._opened = keys  # the session ends over every key it opened, also after narrow()
         n = len(keys)
         self._sizes = np.ascontiguousarray(object_sizes, dtype=np.uint64)
         if self._sizes.shape != (n,):
@@ -349,8 +348,8 @@ class MooncakeRead:
         if not self.keys:
             return np.zeros(0, np.int32)
         store = self._store
-        with store._session_lock:  # counted first: an end elsewhere leaves these keys' session open
-            store._session_keys.update(self.keys)
+        with store._session_lock:  # registered first: an end elsewhere leaves these keys' session open
+            store._session_keys[self] = frozenset(self.keys)  # every key it opens, also after narrow()
         st = store._batch_statuses(len(self.keys), lambda: map_codes(
             store._call("batch_get_session_start", self.keys), _GET_CODES, base.IO_ERROR), "get session")
         # a call that answered opened a session for these keys (also for keys it found absent)
@@ -394,7 +393,7 @@ class MooncakeRead:
     def end(self) -> np.ndarray:
         if self._final is None:
             if self._started:
-                self._end_keys()  # (a session that did not start ended its count in _start)
+                self._end_keys()  # (a session that did not start was unregistered in _start)
             final = self.status.copy()
             final[(final == base.OK) & (self._done != self._sizes)] = base.IO_ERROR  # not read whole
             self._store._count("get", final, self._sizes)
@@ -402,21 +401,16 @@ class MooncakeRead:
         return self._final
 
     def _end_keys(self) -> None:
-        """Drop this session's count of its keys and end the client's session over those no
-        other session of this store still reads."""
+        """Unregister this session and end the client's session over its keys that no other
+        open session of this store holds (set operations: no Python loop over the keys)."""
         store = self._store
         with store._session_lock:
-            count = store._session_keys
-            last = []
-            for k in self._opened:
-                count[k] -= 1
-                if count[k] <= 0:
-                    del count[k]
-                    last.append(k)
+            mine = store._session_keys.pop(self, frozenset())
+            last = mine.difference(*store._session_keys.values())
             if not last:
                 return
             try:  # local to the client (no round trip); under the lock, so no start slips in between
-                store._call("batch_get_session_end", last)
+                store._call("batch_get_session_end", list(last))
             except (CallTimeout, CallUnavailable, RuntimeError) as e:  # the reads are over either way
                 log.warning("mooncake batch_get_session_end: %s", e)
 
