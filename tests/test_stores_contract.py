@@ -276,6 +276,11 @@ def test_bad_input_raises_config_error(store):
         store.remove([""])
     with pytest.raises(ConfigError):
         store.get_bytes("")
+    with pytest.raises(ConfigError, match="1..255 bytes, got 256"):  # the limit is bytes, not characters
+        store.exists(["fine", "\u00e9" * 128])
+    with pytest.raises(ConfigError, match="must be str"):  # one bad key among good ones is named
+        store.exists(["fine", 7, "also-fine"])
+    assert not store.exists(["\u00e9" * 127]).any()  # 254 bytes: a valid key, absent
     assert store.put_bytes("x" * 255, b"v")  # the limit itself is fine
     assert store.get_bytes("x" * 255) == b"v"
 

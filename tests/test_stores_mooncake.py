@@ -292,6 +292,61 @@ class _SlowClient:
         return fn
 
 
+class _RecordingClient:
+    """Wraps the real client; records (method, keys) of each batch_get_session_end call."""
+
+    def __init__(self, real):
+        self.real, self.ended = real, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.real, name)
+        if name == "batch_get_session_end":
+            def end(keys):
+                out = fn(keys)
+                self.ended.append(sorted(keys))
+                return out
+            return end
+        return fn
+
+
+@needs_mooncake
+def test_a_session_ends_at_once_while_the_master_hangs():
+    """Ending a read session is local to the client, so it runs on the caller's thread: with
+    the master stopped and the only worker stuck in a call to it, the end still reaches the
+    client at once (through the deadline runner it was refused: the keys stayed in session)."""
+    import signal
+    import time
+
+    from kvdirect.services import start_mooncake_master
+
+    svc = start_mooncake_master(store_params=dict(segment="16MiB", buffer="4MiB", timeout=0.3))
+    real = open_store(svc.store_url)
+    rec = _RecordingClient(real._client)
+    s = mc_mod.MooncakeStore(real.master, real.metadata, client=rec, timeout_s=0.3, workers=1)
+    stopped = False
+    try:
+        k = keys("endlocal", 2)
+        assert all(s.put_bytes(x, b"v" * 64) for x in k)
+        held = s.open_read(k, np.full(2, 64, np.uint64))
+        assert (held.status == base.OK).all()
+        os.kill(svc.pid, signal.SIGSTOP)
+        stopped = True
+        stuck = s.open_read(keys("endlocal-other", 2), np.full(2, 64, np.uint64))  # times out, stays in the client
+        assert (stuck.status == base.TIMEOUT).all() and s.stats()["abandoned_calls"] == 1
+        t0 = time.perf_counter()
+        held.narrow(0)
+        held.end()
+        assert time.perf_counter() - t0 < 0.2
+        assert sorted(k) in rec.ended
+    finally:
+        if stopped:
+            os.kill(svc.pid, signal.SIGCONT)
+        s.quiesce(30)
+        s.close()
+        real.close()
+        svc.stop()
+
+
 @needs_mooncake
 def test_call_deadline_reports_timeout_and_fails_fast_while_stuck(master, store):
     src = Pages(store, 2, layers=2, seg=256, fill=9)
@@ -459,6 +514,11 @@ def test_status_mapping_tables():
                             [4096, 4096, 4096, 10, 10, 10, 10, 10, 4096, 10])
     assert get.tolist() == [base.OK, base.CORRUPT, base.CORRUPT, base.NOT_FOUND, base.NOT_FOUND,
                             base.INVALID_ARGUMENT, base.IO_ERROR, base.UNAVAILABLE, base.CORRUPT, base.IO_ERROR]
+    # a batch of one code (the common case, mapped without a pass per code) maps the same
+    for code, want in ((0, base.OK), (-705, base.OK), (-900, base.UNAVAILABLE), (-12345, base.IO_ERROR)):
+        assert mc_mod.put_status([code] * 3).tolist() == [want] * 3
+    assert mc_mod.get_status([-704] * 4, [10] * 4).tolist() == [base.NOT_FOUND] * 4
+    assert mc_mod.put_status([]).tolist() == []
 
 
 # ----------------------------------------------------------------------------- system libraries missing

@@ -134,6 +134,13 @@ class ObjectChecks:
 def check_keys(keys: Sequence[str]) -> list[str]:
     """Validate page keys once at the boundary; returns them as a list."""
     keys = list(keys)
+    if not keys:
+        return keys
+    # C-level passes over the keys (an ASCII key has one byte per character); the per-key
+    # loop below only runs to name a bad key (or for non-ASCII keys)
+    if (set(map(type, keys)) == {str} and all(map(str.isascii, keys))
+            and 0 < min(map(len, keys)) and max(map(len, keys)) <= MAX_KEY_BYTES):
+        return keys
     for k in keys:
         if not isinstance(k, str):
             raise ConfigError(f"store keys must be str, got {type(k).__name__}")

@@ -353,7 +353,7 @@ class MooncakeRead:
         st = store._batch_statuses(len(self.keys), lambda: map_codes(
             store._call("batch_get_session_start", self.keys), _GET_CODES, base.IO_ERROR), "get session")
         # a call that answered opened a session for these keys (also for keys it found absent)
-        self._started = not np.isin(st, (base.TIMEOUT, base.UNAVAILABLE)).all()
+        self._started = not ((st == base.TIMEOUT) | (st == base.UNAVAILABLE)).all()
         if not self._started:
             self._end_keys()  # an end that skipped these keys for this session's sake is owed
         return st
@@ -383,7 +383,7 @@ class MooncakeRead:
         for lo, hi in _slices(idx.size, scatter.addrs.shape[1]):
             rows = idx[lo:hi]
             sub = scatter.take(rows)
-            keys = [self.keys[i] for i in rows]
+            keys = self.keys[lo:hi] if idx.size == m else list(map(self.keys.__getitem__, rows.tolist()))
             st[rows] = self._store._batch_statuses(hi - lo, lambda: get_status(self._store._call(
                 "batch_get_into_multi_buffer_ranges", keys, sub.addrs.tolist(), sub.sizes.tolist(),
                 offsets[rows].tolist()), sub.object_sizes), "ranged get")
@@ -409,8 +409,8 @@ class MooncakeRead:
             last = mine.difference(*store._session_keys.values())
             if not last:
                 return
-            try:  # local to the client (no round trip); under the lock, so no start slips in between
-                store._call("batch_get_session_end", list(last))
+            try:  # under the lock, so no start slips in between
+                store._call_local("batch_get_session_end", list(last))
             except (CallTimeout, CallUnavailable, RuntimeError) as e:  # the reads are over either way
                 log.warning("mooncake batch_get_session_end: %s", e)
 
