@@ -11,11 +11,15 @@ prefixes come from the pool. ``baseline`` is a fresh server with SGLang's own ca
 device). Reported per mode, from bench_serving's own result: request throughput, TTFT
 p50 / p99, and the cache hit rate (``--cache-report``: cached / prompt tokens).
 Modes run one after another (two servers at a time), in an order rotated per round.
+``--repeats N`` runs the measured benchmark N times per round on the same servers, the
+device cache flushed (``/flush_cache``) before each, so every repeat loads its prefixes
+from the pool again (``baseline``: a fresh cache each time, ``ideal`` right after it);
+the summary gives the median of every run and the quartiles.
 
 Usage (from a clone; the SGLang environment comes from scripts/sglang-env.sh):
   python bench/bench_sglang_serving.py [--modes baseline,kvdirect,...] [--model-size small|default|transfer]
       [--groups 8] [--prompts-per-group 8] [--system-len 2048] [--question-len 128] [--output-len 16]
-      [--concurrency 4] [--page-size 64] [--rounds 1] [--json PATH]
+      [--concurrency 4] [--page-size 64] [--rounds 1] [--repeats 1] [--json PATH]
 """
 import argparse
 import json
@@ -75,7 +79,7 @@ def settle(timers: "D.Timers", quiet_s: float = 3.0, timeout: float = 600) -> fl
     return timers.since(start).get("put", (0.0, 0))[0]
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", default=",".join(m for m in SGLANG_MODES))
     ap.add_argument("--model-size", default="small", choices=sorted(SIZES))
@@ -87,13 +91,22 @@ def main():
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measured runs per mode and round, the device cache flushed before each")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--sglang-env", default=None)
     ap.add_argument("--sglang-attention", default="prefix", choices=sorted(D.ATTENTION),
                     help="as kvdirect demo --engine sglang (default: the benchmark-only prefix_attention patch)")
     ap.add_argument("--json", default=None)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
+    for name in ("groups", "prompts_per_group", "system_len", "question_len", "output_len", "concurrency",
+                 "page_size", "rounds", "repeats"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    unknown = [m for m in modes if m not in SGLANG_MODES]
+    if unknown or not modes:
+        ap.error(f"--modes: unknown {unknown or 'none given'}; choose from {', '.join(SGLANG_MODES)}")
     if a.concurrency < 4:
         print("note: the comparison is meant for --concurrency >= 4", file=sys.stderr)
     prompt_len = a.system_len + a.question_len
@@ -165,22 +178,23 @@ def main():
                     names = ["sglang"] if mode == "baseline" else [D.WRITERS[mode], mode]
                     s = servers.start({n: specs[n] for n in names})
                     print(f"[round {rnd + 1}] {mode}: running", flush=True)
-                    if mode == "baseline":
-                        res = bench(python, s["sglang"].url, tokenizer, a, work / "out.jsonl", a.seed)
-                        results["baseline"].append(res)
-                        if "ideal" in results:  # the same prompts again: every prefix on the device
-                            results["ideal"].append(bench(python, s["sglang"].url, tokenizer, a, work / "out.jsonl",
-                                                          a.seed))
-                    else:
+                    measured = s["sglang" if mode == "baseline" else mode]
+                    if mode != "baseline":
                         w = names[0]
                         bench(python, s[w].url, tokenizer, a, work / "out.jsonl", a.seed)  # the writer: same prompts
                         put_ms = settle(servers.timers[w])  # its pool writes are over
-                        res = bench(python, s[mode].url, tokenizer, a, work / "out.jsonl", a.seed)
-                        res["writer_put_ms"] = put_ms
+                    for rep in range(a.repeats):
+                        D._flush(measured)  # every repeat starts from an empty device cache (a fresh server: no-op)
+                        res = bench(python, measured.url, tokenizer, a, work / "out.jsonl", a.seed)
+                        res.update(round=rnd + 1, repeat=rep + 1)
+                        if mode != "baseline":
+                            res["writer_put_ms"] = put_ms
                         results[mode].append(res)
-                    print(f"[round {rnd + 1}] {mode}: {results[mode][-1]['request_throughput']:.3f} req/s, TTFT p50 "
-                          f"{results[mode][-1]['ttft_p50_ms']:.0f} ms, hit rate "
-                          f"{100 * results[mode][-1]['hit_rate']:.1f}%", flush=True)
+                        if mode == "baseline" and "ideal" in results:  # the same prompts again: all on the device
+                            results["ideal"].append(dict(bench(python, measured.url, tokenizer, a, work / "out.jsonl",
+                                                               a.seed), round=rnd + 1, repeat=rep + 1))
+                        print(f"[round {rnd + 1}.{rep + 1}] {mode}: {res['request_throughput']:.3f} req/s, TTFT p50 "
+                              f"{res['ttft_p50_ms']:.0f} ms, hit rate {100 * res['hit_rate']:.1f}%", flush=True)
                 except Exception as e:  # noqa: BLE001 - recorded with the server logs' tail, never dropped
                     failures.append({"round": rnd + 1, "mode": mode, "error": str(e)[-3000:]})
                     why = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
@@ -201,12 +215,17 @@ def main():
             continue
         summary[mode] = {k: float(np.median([r[k] for r in rs])) for k in ("request_throughput", "ttft_p50_ms",
                                                                           "ttft_p99_ms", "hit_rate")}
+        summary[mode]["runs"] = len(rs)
+        summary[mode]["request_throughput_quartiles"] = [float(q) for q in np.percentile(
+            [r["request_throughput"] for r in rs], [25, 75])]
     best_other = max((v["request_throughput"] for m, v in summary.items() if not m.startswith(("kvdirect", "linker"))
                       and m != "ideal"), default=None)
-    print(f"\n{'mode':>18}  {'req/s':>8}  {'TTFT p50 ms':>12}  {'TTFT p99 ms':>12}  {'hit rate':>8}")
+    print(f"\n{'mode':>18}  {'req/s':>8}  {'quartiles':>15}  {'TTFT p50 ms':>12}  {'TTFT p99 ms':>12}  "
+          f"{'hit rate':>8}  runs")
     for mode, v in summary.items():
-        print(f"{mode:>18}  {v['request_throughput']:>8.3f}  {v['ttft_p50_ms']:>12.0f}  {v['ttft_p99_ms']:>12.0f}  "
-              f"{100 * v['hit_rate']:>7.1f}%")
+        q = v["request_throughput_quartiles"]
+        print(f"{mode:>18}  {v['request_throughput']:>8.3f}  {q[0]:>7.3f}-{q[1]:<7.3f}  {v['ttft_p50_ms']:>12.0f}  "
+              f"{v['ttft_p99_ms']:>12.0f}  {100 * v['hit_rate']:>7.1f}%  {v['runs']}")
     if best_other:
         for mode, v in summary.items():
             if mode.startswith(("kvdirect", "linker")):

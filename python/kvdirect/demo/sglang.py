@@ -297,7 +297,10 @@ def server_specs(cfg: SGLangDemoConfig, pool: str | None, mooncake_url: str | No
                    args=["--enable-hierarchical-cache", "--hicache-io-backend", "direct", "--hicache-mem-layout",
                          "page_first_direct", "--hicache-write-policy", "write_through",
                          "--hicache-storage-prefetch-policy", "wait_complete", "--hicache-storage-backend",
-                         "mooncake"])
+                         "mooncake",
+                         # the host tier at twice the device pool, stated: SGLang's auto-sizing keeps 10 GiB of
+                         # the host free and refused HiCache once eleven servers were up (no host memory left)
+                         "--hicache-ratio", "2"])
     if "sglang_linker" in modes:
         specs["W-sglang-linker"] = dict(sgl_linker)
     if "hicache" in modes:
