@@ -5,7 +5,8 @@ Per mode (the modes of ``kvdirect demo --engine sglang``, same servers, same
 benchmark-only patches): the mode's writer runs the benchmark first (computing every
 prompt and writing it to the pool), then the reader -- the second server, the one
 measured -- runs exactly the same benchmark (same seed, so the same prompts), so its
-prefixes come from the pool. ``baseline`` is a fresh server with SGLang's own cache
+prefixes come from the pool. SGLang's linker and HiCache are their own writers, as in
+the demo: their device (and host) caches are flushed before the measured run. ``baseline`` is a fresh server with SGLang's own cache
 (within the run, later prompts of a group hit the system prompt on the device);
 ``ideal`` is that same server running the benchmark a second time (everything on the
 device). Reported per mode, from bench_serving's own result: request throughput, TTFT
@@ -175,7 +176,7 @@ def main(argv=None):
                     one = D.SGLangDemoConfig(prompts=1, prompt_len=prompt_len, page_size=a.page_size,
                                              modes=("baseline", mode) if mode != "baseline" else ("baseline",))
                     specs = D.server_specs(one, pool, mc_url, env, max_tokens)
-                    names = ["sglang"] if mode == "baseline" else [D.WRITERS[mode], mode]
+                    names = ["sglang"] if mode == "baseline" else list(dict.fromkeys([D.WRITERS[mode], mode]))
                     s = servers.start({n: specs[n] for n in names})
                     print(f"[round {rnd + 1}] {mode}: running", flush=True)
                     measured = s["sglang" if mode == "baseline" else mode]

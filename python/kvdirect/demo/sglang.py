@@ -4,7 +4,13 @@ Servers (``python -m sglang.launch_server`` on CPU, one model with seeded random
 weights written locally), all up at once: ONE phase, and for each prompt of each
 reuse level every mode in an order rotated from prompt to prompt, so that drift on
 the machine hits every mode alike. Each mode's number is its reader's *first*
-request for the prompt, after a writer (another server) served the prompt's document:
+request for the prompt, after a writer served the prompt's document and its pages
+reached the pool, and with the reader's device cache flushed (every reader, every
+prompt: none pays for evicting earlier prompts). The writer of kvdirect's modes is
+another server; SGLang's linker and HiCache are their own writers (their device and
+host caches flushed before the measured request, so the hit comes from the pool):
+eleven servers did not fit in 24 GiB (SGLang's scheduler, tokenizer and detokenizer
+processes hold about 1.8 GB per server here; the kernel's OOM killer stopped a run).
 
 * **baseline**: SGLang's own radix cache, prefix not resident (flushed);
 * **ideal**: the same server with the shared prefix already on the device;
@@ -70,15 +76,17 @@ ATTENTION = {"prefix": "torch_native + prefix_attention patch", "torch_native": 
 ATTENTION_PATCHES = {"prefix": ["prefix_attention"], "torch_native": []}
 #: pool-backed modes: the writer that serves each prompt's document first
 WRITERS = {"kvdirect": "W-shm", "linker": "W-shm", "kvdirect_mooncake": "W-mooncake",
-           "linker_mooncake": "W-mooncake", "sglang_linker": "W-sglang-linker", "hicache": "W-hicache"}
+           "linker_mooncake": "W-mooncake", "sglang_linker": "sglang_linker", "hicache": "hicache"}
 MOONCAKE_MODES = ("kvdirect_mooncake", "linker_mooncake", "sglang_linker", "hicache")
 #: server-side timers that make up the load time on the request path
 REQUEST_PATH = ("match", "load_back", "layer_wait", "finish", "prefetch")
 #: where a linker load's time goes, off the request path: started -> layer 0 / last layer
 #: complete, and started -> the forward first asks for a layer (same counter class, both linkers)
 LINKER_SPANS = ("linker_l0", "linker_all", "linker_reach")
-#: memory of one SGLang server on CPU besides its KV pool (measured: ~1.3 GB RSS)
-SERVER_BYTES = 1400 << 20
+#: memory of one SGLang server on CPU besides its KV pool: its scheduler, tokenizer (HTTP) and
+#: detokenizer processes (measured with eleven servers up: 0.73-0.89 + 0.60-0.61 GB RSS for the
+#: first two, ~0.3 GB the third)
+SERVER_BYTES = 1850 << 20
 
 
 @dataclass
@@ -301,10 +309,6 @@ def server_specs(cfg: SGLangDemoConfig, pool: str | None, mooncake_url: str | No
                          # the host tier at twice the device pool, stated: SGLang's auto-sizing keeps 10 GiB of
                          # the host free and refused HiCache once eleven servers were up (no host memory left)
                          "--hicache-ratio", "2"])
-    if "sglang_linker" in modes:
-        specs["W-sglang-linker"] = dict(sgl_linker)
-    if "hicache" in modes:
-        specs["W-hicache"] = dict(hicache)
     specs["sglang"] = dict(radix="sglang", **common)  # baseline and ideal
     readers = {"kvdirect": radix(pool, write_back=False, layerwise=True),
                "kvdirect_mooncake": radix(mooncake_url, write_back=False, layerwise=True),
@@ -320,9 +324,8 @@ def server_specs(cfg: SGLangDemoConfig, pool: str | None, mooncake_url: str | No
 def memory_estimate(cfg: SGLangDemoConfig, specs: dict, kv_token: int, max_tokens: int, pool_bytes: int,
                     segment_bytes: int) -> int:
     """Bytes the run needs: servers, their KV pools, the shm pool, Mooncake segments, HiCache host pools."""
-    n_mc = sum(1 for name in specs if name in MOONCAKE_MODES or name in ("W-mooncake", "W-sglang-linker",
-                                                                          "W-hicache"))
-    n_hic = sum(1 for name in specs if name in ("hicache", "W-hicache"))
+    n_mc = sum(1 for name in specs if name in MOONCAKE_MODES or name == "W-mooncake")
+    n_hic = sum(1 for name in specs if name == "hicache")
     return (len(specs) * (SERVER_BYTES + weight_bytes(cfg.spec) + max_tokens * kv_token)
             + (pool_bytes if "W-shm" in specs else 0)
             + n_mc * segment_bytes + n_hic * 2 * max_tokens * kv_token)
@@ -423,6 +426,7 @@ def run_demo(cfg: SGLangDemoConfig, *, progress: bool = True) -> dict:
                             _gen(s["sglang"], prompt[:keep + 1], 1)  # the shared prefix is now on device
                         recs[mode][li][i] = _gen(s["sglang"], prompt, cfg.output_len)
                         continue
+                    _flush(s[mode])  # the pages come from the pool (a self-writer holds the document)
                     mark = servers.timers[mode].mark()
                     rec = _gen(s[mode], prompt, cfg.output_len)
                     t = servers.timers[mode].since(mark)
