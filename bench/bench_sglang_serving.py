@@ -6,8 +6,9 @@ benchmark-only patches): the mode's writer runs the benchmark first (computing e
 prompt and writing it to the pool), then the reader -- the second server, the one
 measured -- runs exactly the same benchmark (same seed, so the same prompts), so its
 prefixes come from the pool. SGLang's linker and HiCache are their own writers, as in
-the demo: their device (and host) caches are flushed before the measured run. ``baseline`` is a fresh server with SGLang's own cache
-(within the run, later prompts of a group hit the system prompt on the device);
+the demo: their device (and host) caches are flushed before the measured run.
+``baseline`` is a fresh server with SGLang's own cache (within the run, later prompts
+of a group hit the system prompt on the device);
 ``ideal`` is that same server running the benchmark a second time (everything on the
 device). Reported per mode, from bench_serving's own result: request throughput, TTFT
 p50 / p99, and the cache hit rate (``--cache-report``: cached / prompt tokens).

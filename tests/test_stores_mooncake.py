@@ -293,7 +293,7 @@ class _SlowClient:
 
 
 class _RecordingClient:
-    """Wraps the real client; records (method, keys) of each batch_get_session_end call."""
+    """Wraps the real client; records the keys of each batch_get_session_end call."""
 
     def __init__(self, real):
         self.real, self.ended = real, []

@@ -53,11 +53,11 @@ the one round trip an existence query costs, so a cache may open it at its match
 (``hold_at_match``) and narrow it to the pages it then loads. Ending is local to the
 client (no round trip: with the master stopped and a call stuck in the client it still
 returns at once), so it runs on the caller's thread, without the deadline runner's
-hand-off; the client keeps one session per key, which its first end
-ends for every reader: the adapter ends a key's session only when no other open
-session of the store holds the key, so two loads over the same pages never cut each
-other off. A key counts as delivered only when every piece delivered exactly its bytes and
-the pieces cover its whole object; a range past the end of a smaller object fails
+hand-off. The client keeps one session per key, which its first end ends for every
+reader: the adapter ends a key's session only when no other open session of the store
+holds the key, so two loads over the same pages never cut each other off. A key counts
+as delivered only when every piece delivered exactly its bytes and the pieces cover its
+whole object; a range past the end of a smaller object fails
 (INVALID_ARGUMENT). An object larger than expected under the same key is not
 detected by ranged reads (keys carry the layout fingerprint, so only a fingerprint
 collision could produce one).
