@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -315,7 +316,6 @@ def test_a_session_ends_at_once_while_the_master_hangs():
     the master stopped and the only worker stuck in a call to it, the end still reaches the
     client at once (through the deadline runner it was refused: the keys stayed in session)."""
     import signal
-    import time
 
     from kvdirect.services import start_mooncake_master
 
@@ -345,6 +345,57 @@ def test_a_session_ends_at_once_while_the_master_hangs():
         s.close()
         real.close()
         svc.stop()
+
+
+class _GatedStartClient:
+    """Wraps the real client: batch_get_session_start waits until released (a slow master);
+    records in order each session start that returned and each end, with their keys."""
+
+    def __init__(self, real):
+        self.real, self.release, self.events = real, threading.Event(), []
+
+    def __getattr__(self, name):
+        fn = getattr(self.real, name)
+        if name == "batch_get_session_start":
+            def start(keys):
+                self.release.wait(30)
+                out = fn(keys)
+                self.events.append(("start", sorted(keys)))
+                return out
+            return start
+        if name == "batch_get_session_end":
+            def end(keys):
+                self.events.append(("end", sorted(keys)))
+                return fn(keys)
+            return end
+        return fn
+
+
+@needs_mooncake
+def test_a_timed_out_session_start_ends_its_keys_once_it_returns(store):
+    """A session start past its deadline reads as TIMEOUT, but the abandoned call may still
+    open the keys in the client when the master answers: they are ended after it returns,
+    not before (an end before the late start would leave them in session until the lease)."""
+    k = keys("latestart", 2)
+    assert all(store.put_bytes(x, b"v" * 64) for x in k)
+    gated = _GatedStartClient(store._client)
+    s = mc_mod.MooncakeStore(store.master, store.metadata, client=gated, timeout_s=0.2, workers=2)
+    try:
+        late = s.open_read(k, np.full(2, 64, np.uint64))
+        assert (late.status == base.TIMEOUT).all()
+        late.end()
+        assert gated.events == []  # nothing ended while the start may still open the keys
+        gated.release.set()
+        assert s.quiesce(30)
+        deadline = time.monotonic() + 5
+        while len(gated.events) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gated.events == [("start", sorted(k)), ("end", sorted(k))]
+        assert s._session_keys == {}
+    finally:
+        gated.release.set()
+        s.quiesce(30)
+        s.close()
 
 
 @needs_mooncake

@@ -68,7 +68,9 @@ class DeadlineRunner:
         """Calls that timed out and are still running inside the client."""
         return self._abandoned
 
-    def call(self, fn, *args, timeout_s: float | None = None, **kwargs):
+    def call(self, fn, *args, timeout_s: float | None = None, on_late=None, **kwargs):
+        """``fn(*args, **kwargs)`` within the deadline, else CallTimeout; ``on_late()`` then runs
+        once the abandoned call has returned (on its worker thread), e.g. to undo what it did."""
         if self._pool is None:
             return fn(*args, **kwargs)
         with self._lock:
@@ -84,6 +86,8 @@ class DeadlineRunner:
                 self._abandoned += 1
                 self.timeouts += 1
             fut.add_done_callback(self._release)  # runs at once if the call finished meanwhile
+            if on_late is not None:
+                fut.add_done_callback(lambda _fut: on_late())
             raise CallTimeout(f"store call {getattr(fn, '__name__', fn)} exceeded "
                               f"{self.timeout_s if timeout_s is None else timeout_s:g}s") from None
 
@@ -285,10 +289,10 @@ class RemoteStore(Store):
         """Where the pool is, for messages ("" or "; master HOST:PORT")."""
         return ""
 
-    def _call(self, name: str, *args, **kwargs):
+    def _call(self, name: str, *args, on_late=None, **kwargs):
         if self._closed:
             raise CallUnavailable("store is closed")
-        return self._runner.call(getattr(self._client, name), *args, **kwargs)
+        return self._runner.call(getattr(self._client, name), *args, on_late=on_late, **kwargs)
 
     def _call_local(self, name: str, *args):
         """A client call that never waits for a peer (it changes the client's own state only):

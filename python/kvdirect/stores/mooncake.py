@@ -55,7 +55,9 @@ client (no round trip: with the master stopped and a call stuck in the client it
 returns at once), so it runs on the caller's thread, without the deadline runner's
 hand-off. The client keeps one session per key, which its first end ends for every
 reader: the adapter ends a key's session only when no other open session of the store
-holds the key, so two loads over the same pages never cut each other off. A key counts
+holds the key, so two loads over the same pages never cut each other off. A session
+start that runs past the deadline keeps its keys counted until the abandoned call returns
+and ends them then (it may still open them in the client). A key counts
 as delivered only when every piece delivered exactly its bytes and the pieces cover its
 whole object; a range past the end of a smaller object fails
 (INVALID_ARGUMENT). An object larger than expected under the same key is not
@@ -353,11 +355,14 @@ class MooncakeRead:
         with store._session_lock:  # registered first: an end elsewhere leaves these keys' session open
             store._session_keys[self] = frozenset(self.keys)  # every key it opens, also after narrow()
         st = store._batch_statuses(len(self.keys), lambda: map_codes(
-            store._call("batch_get_session_start", self.keys), _GET_CODES, base.IO_ERROR), "get session")
+            store._call("batch_get_session_start", self.keys, on_late=self._end_keys), _GET_CODES,
+            base.IO_ERROR), "get session")
         # a call that answered opened a session for these keys (also for keys it found absent)
         self._started = not ((st == base.TIMEOUT) | (st == base.UNAVAILABLE)).all()
-        if not self._started:
-            self._end_keys()  # an end that skipped these keys for this session's sake is owed
+        if (st == base.UNAVAILABLE).all():
+            self._end_keys()  # not tried; an end that skipped these keys for this session's sake is owed
+        # timed out: the abandoned start may still open these keys in the client, so they stay
+        # registered and end once it returns (on_late), not now
         return st
 
     def narrow(self, n: int) -> None:
