@@ -76,11 +76,12 @@ def bar_plot(path: str, groups: list[str], series: dict, *, xlabel: str, ylabel:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    # beside the axes: inside, a legend of many modes covers the short bars it names
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     if footnote:
         fig.text(0.01, 0.01, footnote, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
