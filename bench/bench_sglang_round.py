@@ -9,13 +9,24 @@ finish waiting), for two behaviours in one run, the order rotated per round:
 
 * ``sharing``: kvdirect as shipped: a match settles only the in-flight loads whose
   pages it shares; the round's loads run side by side;
-* ``all`` (control: the behaviour before): every match settles every load in flight,
+* ``all`` (the behaviour before): every match settles every load in flight,
   so each request's whole load runs on the scheduler thread before the next is matched.
+
+A third run per round, ``control``, repeats the behaviour before: its figures must match it.
+
+``--device-full``: the device pool starts full of the reader's own (unlocked) pages, as
+in a server that has run for a while, so every load-back evicts first; the two
+behaviours are then
+
+* ``keep``: kvdirect as shipped: an eviction leaves the loads in flight in flight;
+* ``evict_settles`` (the behaviour before): an eviction first finishes every
+  load in flight, so under memory pressure each load ran whole on the scheduler thread.
 
 Run it in the SGLang environment (scripts/sglang-env.sh)::
 
     ~/.cache/kvdirect/sglang-venv/bin/python bench/bench_sglang_round.py --store shm
     ~/.cache/kvdirect/sglang-venv/bin/python bench/bench_sglang_round.py --store mooncake
+    ~/.cache/kvdirect/sglang-venv/bin/python bench/bench_sglang_round.py --store mooncake --device-full
 """
 from __future__ import annotations
 
@@ -43,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=3584, help="tokens per document")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--heads", type=int, default=8, help="KV heads (2 layers, head dim 128, fp32)")
+    ap.add_argument("--device-full", action="store_true",
+                    help="start with the device pool full of other pages: every load-back evicts")
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args(argv)
     for name in ("requests", "tokens", "rounds", "heads"):
@@ -77,14 +90,31 @@ def main(argv=None) -> int:
         for d in docs:
             writer.serve(d)
         writer.cache.kv.flush()
-        sharing = KVDirectRadixCache._settle_sharing
-        times = {"sharing": [], "all": []}
+        sharing, evict = KVDirectRadixCache._settle_sharing, KVDirectRadixCache.evict
+
+        def evict_settles(self, params):
+            self._settle()
+            return evict(self, params)
+
+        patches = ({"keep": {}, "evict_settles": {"evict": evict_settles}} if a.device_full else
+                   {"sharing": {}, "all": {"_settle_sharing": lambda self, t, ns: self.layer_loads.settle()}})
+        new, before = patches
+        patches["control"] = patches[before]  # the behaviour before once more: must match it
+        times = {m: [] for m in patches}
+        fillers = [np.random.default_rng(10_000 + i).integers(0, 30000, n + 1) for i in range(a.requests + 1)]
         try:
             for r in range(a.rounds):
-                for mode in (("sharing", "all") if r % 2 == 0 else ("all", "sharing")):
-                    KVDirectRadixCache._settle_sharing = (
-                        sharing if mode == "sharing" else (lambda self, t, ns: self.layer_loads.settle()))
+                order = list(patches)
+                for mode in order[r % 3:] + order[:r % 3]:  # the order rotated per round
+                    for name, fn in (("_settle_sharing", sharing), ("evict", evict)):
+                        setattr(KVDirectRadixCache, name, patches[mode].get(name, fn))
                     b = engine(a.requests * (n + P) + 4096, True)
+                    if a.device_full:  # the reader's own pages fill the pool, unlocked and written back
+                        for f in fillers:
+                            if b.allocator.available_size() < n + P:
+                                break
+                            b.serve(f)
+                        b.cache.kv.flush()
                     t0 = time.perf_counter()
                     admitted = [b.admit(d) for d in docs[a.requests * r: a.requests * (r + 1)]]
                     t1 = time.perf_counter()
@@ -98,37 +128,46 @@ def main(argv=None) -> int:
                     times[mode].append([(t - t0) * 1e3 for t in (t1, t2, t3)])
                     b.cache.shutdown()
         finally:
-            KVDirectRadixCache._settle_sharing = sharing
+            KVDirectRadixCache._settle_sharing, KVDirectRadixCache.evict = sharing, evict
             writer.cache.shutdown()
-        return times
+        return times, new, before
 
     if a.store == "shm":
         from kvdirect.stores.shm import destroy_pool
         name = f"kvd-round-{uuid.uuid4().hex[:8]}"
         url = f"shm://{name}?size={pool_bytes >> 20}MiB"
         try:
-            times = run()
+            times, new, before = run()
         finally:
             destroy_pool(name, missing_ok=True)
     else:
         from kvdirect.services import start_mooncake_master
         with start_mooncake_master(store_params=dict(segment=f"{pool_bytes >> 20}MiB", buffer="256MiB")) as svc:
             url = svc.store_url
-            times = run()
+            times, new, before = run()
 
     p50 = {m: np.median(np.asarray(v[1:]), axis=0).round(2).tolist() for m, v in times.items()}  # round 0: warm-up
     from kvdirect.cache import transfer
     print(f"{describe()}; {a.store}; {a.requests} hits x {n} tokens ({per_doc / 2**20:.0f} MiB each) in one round, "
-          f"{transfer.READER_THREADS} reader threads; p50 of {a.rounds - 1} rounds, ms from the first match")
-    print(f"{'settle':<10}{'admitted':>10}{'layer 0 in':>12}{'all layers in':>15}")
-    for m in ("all", "sharing"):
-        print(f"{m:<10}" + "".join(f"{x:>{w}.1f}" for x, w in zip(p50[m], (10, 12, 15))))
-    ratio = [s / b for s, b in zip(p50["sharing"], p50["all"])]
-    print(f"{'ratio':<10}" + "".join(f"{x:>{w}.2f}" for x, w in zip(ratio, (10, 12, 15))))
+          f"{transfer.READER_THREADS} reader threads"
+          f"{'; device pool full: every load-back evicts' if a.device_full else ''}; "
+          f"p50 of {a.rounds - 1} rounds, ms from the first match")
+    print(f"{'settle':<14}{'admitted':>10}{'layer 0 in':>12}{'all layers in':>15}")
+    for m in (before, new):
+        print(f"{m:<14}" + "".join(f"{x:>{w}.1f}" for x, w in zip(p50[m], (10, 12, 15))))
+    print(f"{'control':<14}" + "".join(f"{x:>{w}.1f}" for x, w in zip(p50["control"], (10, 12, 15))))
+    # ratios within each round (the three runs of a round are neighbours in time), then their median
+    ratios = {m: np.median(np.asarray(times[m][1:]) / np.asarray(times[before][1:]), axis=0).round(3).tolist()
+              for m in (new, "control")}
+    print("median of the per-round ratios:")
+    for label, m in ((f"{new}/{before}", new), (f"control/{before}", "control")):
+        print(f"{label:<22}" + "".join(f"{x:>{w}.2f}" for x, w in zip(ratios[m], (2, 12, 15))))
     if a.json:
         Path(a.json).write_text(json.dumps(dict(machine=describe(), store=a.store, requests=a.requests, tokens=n,
+                                                device_full=a.device_full, behaviours=[new, before],
                                                 reader_threads=transfer.READER_THREADS, rounds=a.rounds,
-                                                p50_ms=p50, samples_ms=times), indent=1))
+                                                p50_ms=p50, per_round_ratio_p50=ratios, samples_ms=times),
+                                           indent=1))
     return 0
 
 

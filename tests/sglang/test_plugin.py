@@ -532,6 +532,58 @@ def test_layerwise_loads_of_one_round_stay_in_flight_together(pool_url, monkeypa
         c.cache.shutdown()
 
 
+@pytest.mark.parametrize("device_pages", [0, 3])
+def test_an_eviction_does_not_wait_for_a_layerwise_load_in_flight(pool_url, monkeypatch, device_pages):
+    """With the device pool full, SGLang evicts while it builds the batch (and a later
+    request's load-back evicts for its own slots): that eviction frees other pages at once
+    and leaves a layer-wise load in flight (before, it finished every load on the scheduler
+    thread first, so under memory pressure no load overlapped the forward). The pages in
+    flight are not in the index, so no eviction can take them, and the device prefix the
+    load extends is locked by its request; the forward still reads the bytes server a
+    computed."""
+    import threading
+    import time
+
+    from kvdirect.stores.shm import PiecewiseRead
+
+    P = 4
+    x, w = toks(12 * P + 1, 37), toks(10 * P + 1, 38)
+    a, b, ref = _pool_with(monkeypatch, pool_url, P, [x])
+    b.serve(np.concatenate([w, toks(2, 45)]))           # b's own pages, unlocked: evictable
+    if device_pages:                                     # the load extends a prefix on b's device
+        b.serve(x[: device_pages * P + 1])
+    b.cache.kv.flush()                                   # (once written back)
+    evictable = b.cache.evictable_size()
+    assert evictable >= (10 + device_pages) * P
+    gate, read = threading.Event(), PiecewiseRead.read
+
+    def gated_read(self, scatter):                       # the reader thread stops in layer 0
+        gate.wait(10)
+        read(self, scatter)
+
+    monkeypatch.setattr(PiecewiseRead, "read", gated_read)
+    try:
+        rx = b.admit(np.concatenate([x, toks(2, 46)]))
+        counter = b.cache.layer_loads
+        assert rx["device_hit"] == device_pages * P
+        assert rx["loaded"] == (12 - device_pages) * P and len(counter.pending) == 1
+        t0 = time.perf_counter()
+        freed = b.cache.evict(EvictParams(num_tokens=b.size)).num_tokens_evicted
+        assert time.perf_counter() - t0 < 2.0, "the eviction waited for the load in flight"
+        assert freed == evictable - device_pages * P     # all but the locked prefix and the pages in flight
+        assert len(counter.pending) == 1 and not counter.pending[0].done
+    finally:
+        gate.set()
+    out = b.prefill([rx])
+    assert not counter.pending
+    assert _same_kv(ref[0]["kv"], out[0]["kv"], 12 * P)
+    b.cache.kv.flush()
+    assert b.cache.protected_size() == 0
+    assert b.allocator.available_size() + b.cache.evictable_size() == b.size
+    for c in (a, b):
+        c.cache.shutdown()
+
+
 @pytest.mark.parametrize("shared_pages", [12, 2])
 def test_a_request_sharing_pages_in_flight_finds_them_on_device(pool_url, monkeypatch, shared_pages):
     """The second request of a round shares pages the first is still loading (the same

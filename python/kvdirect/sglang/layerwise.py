@@ -16,7 +16,10 @@ inserted into the index) before that layer is read, so no load outlives the
 forward pass that consumes it. Loads of several requests admitted in one round
 stay in flight together: a match or load-back settles only the pending loads
 that bring pages it shares (so it finds them on device, not in the pool); the
-hooks that change the index (insert, checkpoint, evict, reset) settle them all.
+hooks that insert into the index or reset it (insert, checkpoint, reset) settle
+them all. An eviction settles none: pages in flight are not in the index until
+their load finishes, so it cannot take them, and SGLang evicts while it builds
+every batch once the device pool is full (waiting there made loads synchronous).
 
 Failures. A load promises tokens only after the store pinned every page (a
 read session opened, before any byte moves; stores without ranged reads: every

@@ -493,7 +493,9 @@ class KVDirectRadixCache(BasePrefixCache):
     def evict(self, params: EvictParams) -> EvictResult:
         if self.disable:
             return EvictResult()
-        self._settle()
+        # loads in flight stay in flight: their pages join the index only when they finish,
+        # so no eviction can take them, and waiting here (SGLang evicts while it builds the
+        # batch once the device pool is full) would make every layer-wise load synchronous
         self.kv.poll()
         n = self.kv.evict(int(params.num_tokens)) if params.num_tokens > 0 else 0
         if n:
