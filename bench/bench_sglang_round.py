@@ -73,6 +73,12 @@ def main(argv=None) -> int:
     P, n = 64, a.tokens // 64 * 64
     per_doc = n * 2 * 2 * a.heads * 128 * 4
     pool_bytes = per_doc * a.requests * a.rounds * 2 + (256 << 20)
+    # the pool, the writer's device pool (every document) and a reader's, all in this host's memory
+    from kvdirect.runtime import available_memory
+    need = pool_bytes + per_doc * (n + P + 64) // n * (a.requests * a.rounds + a.requests + 1)
+    if need > 0.8 * available_memory():
+        ap.error(f"{a.rounds} rounds of {a.requests} hits need about {need / 2**30:.1f} GiB (pool and device "
+                 f"pools), {available_memory() / 2**30:.1f} GiB are available: use fewer --rounds or --requests")
 
     def engine(size, layerwise):
         cfg = {"store": url, "allow_no_store": False, "layerwise": layerwise}
