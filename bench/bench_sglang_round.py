@@ -110,8 +110,8 @@ def main(argv=None) -> int:
         fillers = [np.random.default_rng(10_000 + i).integers(0, 30000, n + 1) for i in range(a.requests + 1)]
         try:
             for r in range(a.rounds):
-                order = list(patches)
-                for mode in order[r % 3:] + order[:r % 3]:  # the order rotated per round
+                order, k = list(patches), r % len(patches)
+                for mode in order[k:] + order[:k]:  # the order rotated per round
                     for name, fn in (("_settle_sharing", sharing), ("evict", evict)):
                         setattr(KVDirectRadixCache, name, patches[mode].get(name, fn))
                     b = engine(a.requests * (n + P) + 4096, True)
@@ -158,16 +158,19 @@ def main(argv=None) -> int:
           f"{transfer.READER_THREADS} reader threads"
           f"{'; device pool full: every load-back evicts' if a.device_full else ''}; "
           f"p50 of {a.rounds - 1} rounds, ms from the first match")
-    print(f"{'settle':<14}{'admitted':>10}{'layer 0 in':>12}{'all layers in':>15}")
-    for m in (before, new):
-        print(f"{m:<14}" + "".join(f"{x:>{w}.1f}" for x, w in zip(p50[m], (10, 12, 15))))
-    print(f"{'control':<14}" + "".join(f"{x:>{w}.1f}" for x, w in zip(p50["control"], (10, 12, 15))))
     # ratios within each round (the three runs of a round are neighbours in time), then their median
     ratios = {m: np.median(np.asarray(times[m][1:]) / np.asarray(times[before][1:]), axis=0).round(3).tolist()
               for m in (new, "control")}
+
+    def row(label, vals, fmt):
+        print(f"{label:<22}" + "".join(f"{x:>{w}{fmt}}" for x, w in zip(vals, (10, 12, 15))))
+
+    print(f"{'settle':<22}{'admitted':>10}{'layer 0 in':>12}{'all layers in':>15}")
+    for m in (before, new, "control"):
+        row(m, p50[m], ".1f")
     print("median of the per-round ratios:")
-    for label, m in ((f"{new}/{before}", new), (f"control/{before}", "control")):
-        print(f"{label:<22}" + "".join(f"{x:>{w}.2f}" for x, w in zip(ratios[m], (2, 12, 15))))
+    for m in (new, "control"):
+        row(f"{m}/{before}", ratios[m], ".2f")
     if a.json:
         Path(a.json).write_text(json.dumps(dict(machine=describe(), store=a.store, requests=a.requests, tokens=n,
                                                 device_full=a.device_full, behaviours=[new, before],
